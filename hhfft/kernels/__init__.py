@@ -1,0 +1,1 @@
+"""Kernels, one folder per op: ``naive.py`` (pure-torch reference), Triton kernels, README.md (the maths)."""

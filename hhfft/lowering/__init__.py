@@ -1,0 +1,1 @@
+"""Op definitions (torch.library) and the torch.compile backend."""
