@@ -1,6 +1,8 @@
 """``hhfft::fftconv`` and its kernel-gradient primitive ``hhfft::fftconv_corr``.
 
-Both are torch.library ops (schema, fake, CPU implementation in plain torch). Differentiation goes through two
+Both are ``torch.library.triton_op``s (schema, fake): on CUDA they run the Monarch Triton kernels
+(``hhfft/kernels/fftconv/monarch.py``) for fp16/bf16/fp32 inputs up to the kernels' largest FFT size, elsewhere (CPU,
+fp64, longer sequences) their plain-torch implementation. Differentiation goes through two
 ``torch.autograd.Function`` wrappers whose backward and jvp are written with the same two functions, so the set is
 closed under differentiation: double backward (``loss.backward(create_graph=True)``) and forward-over-reverse
 (``torch.func.jvp(torch.func.grad(f))``) both work. Graph rewrites insert :func:`fftconv`, the wrapper.
@@ -18,6 +20,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+try:  # the Monarch kernels need triton; without it every device uses the torch.fft implementation
+    from hhfft.kernels.fftconv import monarch as _monarch
+except ImportError:  # pragma: no cover - triton is an optional dependency
+    _monarch = None
 
 __all__ = ["fftconv", "fftconv_corr", "fft_size"]
 
@@ -89,7 +96,19 @@ def _fftconv_corr_torch(g, v, shift, K) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------- the ops
-@torch.library.custom_op("hhfft::fftconv", mutates_args=())
+# Both ops are torch.library.triton_op: Inductor traces into them, so on CUDA the compiled code calls the Monarch
+# Triton kernels directly (no graph break, CUDA graphs work). The device branch is static at trace time, so on the
+# CPU the traced body holds only torch.fft ops and no Triton kernel reaches Inductor's CPU codegen.
+def _use_kernels(x: Tensor, *others: Optional[Tensor]) -> bool:
+    return (
+        _monarch is not None
+        and x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and all(o is None or o.dtype != torch.float64 for o in others)
+    )
+
+
+@torch.library.triton_op("hhfft::fftconv", mutates_args=())
 def _fftconv_op(
     u: Tensor,
     k: Tensor,
@@ -100,6 +119,12 @@ def _fftconv_op(
     pregate: Optional[Tensor] = None,
     postgate: Optional[Tensor] = None,
 ) -> Tensor:
+    if _use_kernels(u, k, bias, skip, pregate, postgate):
+        N = _monarch.plan(u.shape[-1], k.shape[-1], out_len)
+        if _monarch.supported(u, N):
+            return _monarch.fftconv_fwd(
+                u, k, shift, out_len, bias=bias, skip=skip, pregate=pregate, postgate=postgate
+            )
     return _fftconv_torch(u, k, shift, out_len, bias, skip, pregate, postgate)
 
 
@@ -108,8 +133,10 @@ def _(u, k, shift, out_len, bias=None, skip=None, pregate=None, postgate=None):
     return u.new_empty(u.shape[0], u.shape[1], out_len)
 
 
-@torch.library.custom_op("hhfft::fftconv_corr", mutates_args=())
+@torch.library.triton_op("hhfft::fftconv_corr", mutates_args=())
 def _fftconv_corr_op(g: Tensor, v: Tensor, shift: int, K: int) -> Tensor:
+    if _use_kernels(g, v) and _monarch.plan(g.shape[-1], v.shape[-1], 0) <= _monarch.MAX_FUSED_N:
+        return _monarch.fftconv_corr_fwd(g, v, shift, K)
     return _fftconv_corr_torch(g, v, shift, K)
 
 

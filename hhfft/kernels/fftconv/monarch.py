@@ -1,0 +1,481 @@
+"""Monarch FFT convolution in Triton (the maths is in README.md beside this file).
+
+A row of N = N1 * N2 complex values lives in registers as an [N1, N2] tile (n = n1 * N2 + n2). The FFT is
+    A = F_N1 @ X,  A *= W_N^(k1 n2),  C = A @ F_N2        (C[k1, k2] = X_f[k1 + N1 k2]: the permuted order)
+and the inverse runs the same steps backwards with conjugate matrices, so the kernel spectrum is prepared once
+per call in the permuted order and no transpose or bit reversal is ever done. Two real rows of one channel
+(batch b and b + 1) travel as the real and imaginary parts of one complex row: the kernel k is real, so
+conv(u0 + i u1, k) = conv(u0, k) + i conv(u1, k), and a real FFT of size N costs one complex FFT of size N per
+two rows.
+
+Paths:
+- fused (N <= MAX_FUSED_N): one program per (pair of rows, channel) does load + gates, FFT, product with the
+  spectrum, inverse FFT, epilogue (postgate, bias, skip) and store.
+- four-step (MAX_FUSED_N < N <= MAX_FOURSTEP_N): N = P * Q. A column pass does the size-P DFTs of the [P, Q]
+  view (plus twiddles) into an fp32 scratch, the fused row machinery does FFT_Q, spectrum product and inverse on
+  each of the P rows, and a second column pass does the inverse size-P DFTs and the epilogue.
+- dk (``fftconv_corr``): one program per (channel, batch slice) accumulates conj(G) * V over its pairs of rows in
+  registers, inverse-transforms once and writes its partial sum of lags; the slices are summed on the host.
+
+Dot precision: "tf32" for bf16 inputs, "tf32x3" (split precision, fp32-like) for fp16 and fp32 inputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = [
+    "MAX_FUSED_N",
+    "MAX_FOURSTEP_N",
+    "MIN_N",
+    "plan",
+    "supported",
+    "fftconv_fwd",
+    "fftconv_corr_fwd",
+]
+
+MIN_N = 256  # tl.dot needs every tile side >= 16
+MAX_FUSED_N = 8192  # [64, 128] complex fp32 tiles: the largest row that stays in registers
+MAX_FOURSTEP_N = 128 * MAX_FUSED_N  # column DFTs up to P = 128
+
+_INTERPRET = triton.runtime.interpreter.InterpretedFunction if hasattr(triton.runtime, "interpreter") else ()
+
+
+# ------------------------------------------------------------------------------------------------------ planning
+def _split(n: int) -> tuple[int, int]:
+    """n = n1 * n2, powers of two, n1 <= n2, n1 as large as possible (square-ish tiles)."""
+    e = n.bit_length() - 1
+    return 1 << (e // 2), 1 << (e - e // 2)
+
+
+def plan(L: int, K: int, out_len: int) -> int:
+    """FFT size: the smallest power of two >= max(L + K - 1, out_len, MIN_N)."""
+    need = max(L + K - 1, out_len, MIN_N)
+    return 1 << (need - 1).bit_length()
+
+
+def supported(u: Tensor, N: int) -> bool:
+    """Whether the Triton kernels handle this call (else the op uses its plain-torch implementation)."""
+    return u.dtype in (torch.float16, torch.bfloat16, torch.float32) and N <= MAX_FOURSTEP_N
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "tf32" if dtype == torch.bfloat16 else "tf32x3"
+
+
+def _num_warps(n1: int, n2: int) -> int:
+    return 4 if n1 * n2 <= 1024 else 8 if n1 * n2 <= 4096 else 16
+
+
+def _tracing(x: Tensor) -> bool:
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode([x]) is not None
+
+
+_TABLES: dict = {}
+
+
+def _twiddles(rows: int, cols: int, n: int, sign: float, device) -> Tensor:
+    """[2, rows, cols] fp32: exp(sign * 2 pi i * (r * c mod n) / n) as real/imag planes (angles reduced exactly)."""
+    r = torch.arange(rows, device=device, dtype=torch.int64)
+    c = torch.arange(cols, device=device, dtype=torch.int64)
+    ang = ((r[:, None] * c[None, :]) % n).to(torch.float64) * (sign * 2 * math.pi / n)
+    return torch.stack([torch.cos(ang), torch.sin(ang)]).to(torch.float32).contiguous()
+
+
+def _cached(key, like: Tensor, make):
+    """Tables are cached per device in eager mode; under tracing they are rebuilt as graph ops (never cached fakes)."""
+    if _tracing(like):
+        return make()
+    if key not in _TABLES:
+        _TABLES[key] = make()
+    return _TABLES[key]
+
+
+def _tables(n1: int, n2: int, device, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """DFT matrices F_n1 [2, n1, n1], F_n2 [2, n2, n2] and twiddles W_N^(k1 n2) [2, n1, n2] (forward sign)."""
+    return _cached(
+        (n1, n2, str(device)),
+        like,
+        lambda: (
+            _twiddles(n1, n1, n1, -1.0, device),
+            _twiddles(n2, n2, n2, -1.0, device),
+            _twiddles(n1, n2, n1 * n2, -1.0, device),
+        ),
+    )
+
+
+def _launch(kernel, grid, x: Tensor, **kwargs) -> None:
+    """Launch through wrap_triton on CUDA (so Inductor sees the kernel); directly under the interpreter."""
+    if x.is_cuda and not isinstance(kernel, _INTERPRET):
+        torch.library.wrap_triton(kernel)[grid](**kwargs)
+    else:
+        kernel[grid](**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _cdot(ar, ai, br, bi, PREC: tl.constexpr):
+    # (ar + i ai) @ (br + i bi)
+    cr = tl.dot(ar, br, input_precision=PREC) - tl.dot(ai, bi, input_precision=PREC)
+    ci = tl.dot(ar, bi, input_precision=PREC) + tl.dot(ai, br, input_precision=PREC)
+    return cr, ci
+
+
+@triton.jit
+def _load_plane(p, R: tl.constexpr, C: tl.constexpr):
+    o_r = tl.arange(0, R)
+    o_c = tl.arange(0, C)
+    o = o_r[:, None] * C + o_c[None, :]
+    return tl.load(p + o), tl.load(p + R * C + o)
+
+
+@triton.jit
+def _monarch_fwd(xr, xi, p_f1, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
+    # x [N1, N2] natural order -> X_f [N1, N2] with X_f[k1, k2] = fft(x)[k1 + N1 k2]
+    f1r, f1i = _load_plane(p_f1, N1, N1)
+    ar, ai = _cdot(f1r, f1i, xr, xi, PREC)
+    twr, twi = _load_plane(p_tw, N1, N2)
+    ar, ai = ar * twr - ai * twi, ar * twi + ai * twr
+    f2r, f2i = _load_plane(p_f2, N2, N2)
+    return _cdot(ar, ai, f2r, f2i, PREC)
+
+
+@triton.jit
+def _monarch_inv(cr, ci, p_f1, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
+    # inverse of _monarch_fwd without the 1/N (folded into the spectrum): conjugate matrices, steps reversed
+    f2r, f2i = _load_plane(p_f2, N2, N2)
+    dr, di = _cdot(cr, ci, f2r, -f2i, PREC)
+    twr, twi = _load_plane(p_tw, N1, N2)
+    dr, di = dr * twr + di * twi, di * twr - dr * twi
+    f1r, f1i = _load_plane(p_f1, N1, N1)
+    return _cdot(f1r, -f1i, dr, di, PREC)
+
+
+# ------------------------------------------------------------------------------------------------- fused kernel
+@triton.jit
+def fftconv_fwd_kernel(
+    p_u, p_pre, p_post, p_bias, p_skip, p_kf, p_f1, p_f2, p_tw, p_y,
+    B, H, L, T, LO, HI,
+    N1: tl.constexpr, N2: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_p, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b0 = 2 * i_p
+    i_b1 = i_b0 + 1
+    o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]  # [N1, N2]
+    m_1 = i_b1 < B
+    m_u = o_n < L
+    p_u0 = p_u + (i_b0 * H + i_h) * L + o_n
+    p_u1 = p_u + (i_b1 * H + i_h) * L + o_n
+    b_u0 = tl.load(p_u0, mask=m_u, other=0.0).to(tl.float32)
+    b_u1 = tl.load(p_u1, mask=m_u & m_1, other=0.0).to(tl.float32)
+    b_xr, b_xi = b_u0, b_u1
+    if HAS_PRE:
+        b_xr = b_xr * tl.load(p_pre + (i_b0 * H + i_h) * L + o_n, mask=m_u, other=0.0).to(tl.float32)
+        b_xi = b_xi * tl.load(p_pre + (i_b1 * H + i_h) * L + o_n, mask=m_u & m_1, other=0.0).to(tl.float32)
+    b_cr, b_ci = _monarch_fwd(b_xr, b_xi, p_f1, p_f2, p_tw, N1, N2, PREC)
+    b_kr, b_ki = _load_plane(p_kf + i_h * 2 * N1 * N2, N1, N2)
+    b_cr, b_ci = b_cr * b_kr - b_ci * b_ki, b_cr * b_ki + b_ci * b_kr
+    b_yr, b_yi = _monarch_inv(b_cr, b_ci, p_f1, p_f2, p_tw, N1, N2, PREC)
+    # epilogue: conv part only where t + shift is inside the linear convolution's support
+    m_c = (o_n >= LO) & (o_n <= HI)
+    b_yr = tl.where(m_c, b_yr, 0.0)
+    b_yi = tl.where(m_c, b_yi, 0.0)
+    m_t = o_n < T
+    if HAS_POST:
+        b_yr = b_yr * tl.load(p_post + (i_b0 * H + i_h) * T + o_n, mask=m_t, other=0.0).to(tl.float32)
+        b_yi = b_yi * tl.load(p_post + (i_b1 * H + i_h) * T + o_n, mask=m_t & m_1, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_bias = tl.load(p_bias + i_h).to(tl.float32)
+        b_yr += b_bias
+        b_yi += b_bias
+    if HAS_SKIP:
+        b_skip = tl.load(p_skip + i_h).to(tl.float32)
+        b_yr += b_skip * b_u0
+        b_yi += b_skip * b_u1
+    p_y0 = p_y + (i_b0 * H + i_h) * T + o_n
+    p_y1 = p_y + (i_b1 * H + i_h) * T + o_n
+    tl.store(p_y0, b_yr.to(p_y.dtype.element_ty), mask=m_t)
+    tl.store(p_y1, b_yi.to(p_y.dtype.element_ty), mask=m_t & m_1)
+
+
+# -------------------------------------------------------------------------------------------- four-step kernels
+@triton.jit
+def fftconv_col_fwd_kernel(
+    p_u, p_pre, p_fp, p_tw, p_s,
+    B, H, L,
+    P: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, NQB: tl.constexpr,
+    HAS_PRE: tl.constexpr, PREC: tl.constexpr,
+):
+    # s[pair, h, :, k_p, q] = W_N^(q k_p) * sum_p x[p Q + q] W_P^(p k_p)    (x = u[b0] + i u[b1], gated)
+    i_r, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_p = i_r // H
+    i_h = i_r % H
+    i_b0 = 2 * i_p
+    i_b1 = i_b0 + 1
+    m_1 = i_b1 < B
+    o_p = tl.arange(0, P)
+    o_q = tl.arange(0, BQ)
+    f_r, f_i = _load_plane(p_fp, P, P)
+    for i_q in range(i_s, Q // BQ, NQB):
+        o_c = i_q * BQ + o_q
+        o_n = o_p[:, None] * Q + o_c[None, :]  # [P, BQ]
+        m_u = o_n < L
+        b_xr = tl.load(p_u + (i_b0 * H + i_h) * L + o_n, mask=m_u, other=0.0).to(tl.float32)
+        b_xi = tl.load(p_u + (i_b1 * H + i_h) * L + o_n, mask=m_u & m_1, other=0.0).to(tl.float32)
+        if HAS_PRE:
+            b_xr = b_xr * tl.load(p_pre + (i_b0 * H + i_h) * L + o_n, mask=m_u, other=0.0).to(tl.float32)
+            b_xi = b_xi * tl.load(p_pre + (i_b1 * H + i_h) * L + o_n, mask=m_u & m_1, other=0.0).to(tl.float32)
+        b_ar, b_ai = _cdot(f_r, f_i, b_xr, b_xi, PREC)
+        o_t = o_p[:, None] * Q + o_c[None, :]
+        b_tr = tl.load(p_tw + o_t)
+        b_ti = tl.load(p_tw + P * Q + o_t)
+        b_ar, b_ai = b_ar * b_tr - b_ai * b_ti, b_ar * b_ti + b_ai * b_tr
+        tl.store(p_s + i_r * 2 * P * Q + o_t, b_ar)
+        tl.store(p_s + i_r * 2 * P * Q + P * Q + o_t, b_ai)
+
+
+@triton.jit
+def fftconv_row_kernel(
+    p_s, p_kf, p_f1, p_f2, p_tw,
+    H,
+    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr,
+):
+    # one row k_p of s: FFT_Q, times the spectrum row, inverse FFT_Q, in place
+    i_r, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_h = i_r % H
+    Q: tl.constexpr = N1 * N2
+    o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    p_row = p_s + i_r * 2 * P * Q + i_k * Q + o_n
+    b_xr = tl.load(p_row)
+    b_xi = tl.load(p_row + P * Q)
+    b_cr, b_ci = _monarch_fwd(b_xr, b_xi, p_f1, p_f2, p_tw, N1, N2, PREC)
+    b_kr, b_ki = _load_plane(p_kf + (i_h * P + i_k) * 2 * Q, N1, N2)
+    b_cr, b_ci = b_cr * b_kr - b_ci * b_ki, b_cr * b_ki + b_ci * b_kr
+    b_yr, b_yi = _monarch_inv(b_cr, b_ci, p_f1, p_f2, p_tw, N1, N2, PREC)
+    tl.store(p_row, b_yr)
+    tl.store(p_row + P * Q, b_yi)
+
+
+@triton.jit
+def fftconv_col_inv_kernel(
+    p_s, p_u, p_post, p_bias, p_skip, p_fp, p_tw, p_y,
+    B, H, L, T, LO, HI,
+    P: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, NQB: tl.constexpr,
+    HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, PREC: tl.constexpr,
+):
+    # y[p Q + q] = sum_kp W_P^(-p k_p) W_N^(-q k_p) s[k_p, q], then the epilogue of the fused kernel
+    i_r, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_p = i_r // H
+    i_h = i_r % H
+    i_b0 = 2 * i_p
+    i_b1 = i_b0 + 1
+    m_1 = i_b1 < B
+    o_p = tl.arange(0, P)
+    o_q = tl.arange(0, BQ)
+    f_r, f_i = _load_plane(p_fp, P, P)
+    for i_q in range(i_s, Q // BQ, NQB):
+        o_c = i_q * BQ + o_q
+        o_t = o_p[:, None] * Q + o_c[None, :]  # [P, BQ]: k_p rows in, p rows out
+        b_dr = tl.load(p_s + i_r * 2 * P * Q + o_t)
+        b_di = tl.load(p_s + i_r * 2 * P * Q + P * Q + o_t)
+        b_tr = tl.load(p_tw + o_t)
+        b_ti = tl.load(p_tw + P * Q + o_t)
+        b_dr, b_di = b_dr * b_tr + b_di * b_ti, b_di * b_tr - b_dr * b_ti
+        b_yr, b_yi = _cdot(f_r, -f_i, b_dr, b_di, PREC)
+        o_n = o_t
+        m_c = (o_n >= LO) & (o_n <= HI)
+        b_yr = tl.where(m_c, b_yr, 0.0)
+        b_yi = tl.where(m_c, b_yi, 0.0)
+        m_t = o_n < T
+        if HAS_POST:
+            b_yr = b_yr * tl.load(p_post + (i_b0 * H + i_h) * T + o_n, mask=m_t, other=0.0).to(tl.float32)
+            b_yi = b_yi * tl.load(p_post + (i_b1 * H + i_h) * T + o_n, mask=m_t & m_1, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b_bias = tl.load(p_bias + i_h).to(tl.float32)
+            b_yr += b_bias
+            b_yi += b_bias
+        if HAS_SKIP:
+            b_skip = tl.load(p_skip + i_h).to(tl.float32)
+            m_u = o_n < L
+            b_yr += b_skip * tl.load(p_u + (i_b0 * H + i_h) * L + o_n, mask=m_u, other=0.0).to(tl.float32)
+            b_yi += b_skip * tl.load(p_u + (i_b1 * H + i_h) * L + o_n, mask=m_u & m_1, other=0.0).to(tl.float32)
+        tl.store(p_y + (i_b0 * H + i_h) * T + o_n, b_yr.to(p_y.dtype.element_ty), mask=m_t)
+        tl.store(p_y + (i_b1 * H + i_h) * T + o_n, b_yi.to(p_y.dtype.element_ty), mask=m_t & m_1)
+
+
+# -------------------------------------------------------------------------------------------------- dk kernel
+@triton.jit
+def fftconv_corr_kernel(
+    p_g, p_v, p_f1, p_f2, p_tw, p_dk,
+    B, H, T, L, K, SHIFT, NS,
+    N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr,
+):
+    # dk_s[h, j] = sum_{pairs in slice s} Re ifft(conj(G) V)[shift - j]  (conj(G0 + iG1)(V0 + iV1) has real
+    # inverse transform corr(g0, v0) + corr(g1, v1): the cross terms are purely imaginary in time)
+    i_h, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    N: tl.constexpr = N1 * N2
+    o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    m_g = o_n < T
+    m_v = o_n < L
+    b_sr = tl.zeros([N1, N2], dtype=tl.float32)
+    b_si = tl.zeros([N1, N2], dtype=tl.float32)
+    for i_p in range(i_s, (B + 1) // 2, NS):
+        i_b0 = 2 * i_p
+        i_b1 = i_b0 + 1
+        m_1 = i_b1 < B
+        b_gr = tl.load(p_g + (i_b0 * H + i_h) * T + o_n, mask=m_g, other=0.0).to(tl.float32)
+        b_gi = tl.load(p_g + (i_b1 * H + i_h) * T + o_n, mask=m_g & m_1, other=0.0).to(tl.float32)
+        b_gr, b_gi = _monarch_fwd(b_gr, b_gi, p_f1, p_f2, p_tw, N1, N2, PREC)
+        b_vr = tl.load(p_v + (i_b0 * H + i_h) * L + o_n, mask=m_v, other=0.0).to(tl.float32)
+        b_vi = tl.load(p_v + (i_b1 * H + i_h) * L + o_n, mask=m_v & m_1, other=0.0).to(tl.float32)
+        b_vr, b_vi = _monarch_fwd(b_vr, b_vi, p_f1, p_f2, p_tw, N1, N2, PREC)
+        b_sr += b_gr * b_vr + b_gi * b_vi
+        b_si += b_gr * b_vi - b_gi * b_vr
+    b_cr, b_ci = _monarch_inv(b_sr, b_si, p_f1, p_f2, p_tw, N1, N2, PREC)
+    # lag m of circular index n: n (n < L) or n - N (n > N - T); dk index j = shift - m
+    o_m = tl.where(o_n < L, o_n, o_n - N)
+    m_lag = (o_n < L) | (o_n > N - T)
+    o_j = SHIFT - o_m
+    m_j = m_lag & (o_j >= 0) & (o_j < K)
+    tl.store(p_dk + (i_s * H + i_h) * K + o_j, b_cr * (1.0 / N), mask=m_j)
+
+
+# ---------------------------------------------------------------------------------------------------- host side
+def _spectrum(k: Tensor, shift: int, N: int, rows: tuple[int, ...]) -> Tensor:
+    """fft(k') / N in the kernels' order as fp32 planes, k'[m] = k[m + shift] circularly (taps before 0 wrap).
+
+    rows = (N1, N2): fused layout [H, 2, N1, N2] with [k1, k2] = f[k1 + N1 k2].
+    rows = (P, Q1, Q2): four-step layout [H, P, 2, Q1, Q2] with [kp, k1, k2] = f[kp + P (k1 + Q1 k2)].
+    """
+    H, K = k.shape
+    kp = F.pad(k.to(torch.float32), (0, N - K))
+    kp = torch.roll(kp, -(shift % N), dims=-1) if shift % N else kp
+    f = torch.fft.fft(kp, dim=-1) * (1.0 / N)
+    f = torch.stack([f.real, f.imag], dim=1)  # [H, 2, N]
+    if len(rows) == 2:
+        n1, n2 = rows
+        return f.view(H, 2, n2, n1).transpose(-1, -2).contiguous()
+    p, q1, q2 = rows
+    return f.view(H, 2, q2, q1, p).permute(0, 4, 1, 3, 2).contiguous()
+
+
+def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
+    return like if x is None else x.contiguous()
+
+
+def fftconv_fwd(
+    u: Tensor,
+    k: Tensor,
+    shift: int,
+    out_len: int,
+    bias: Optional[Tensor] = None,
+    skip: Optional[Tensor] = None,
+    pregate: Optional[Tensor] = None,
+    postgate: Optional[Tensor] = None,
+    *,
+    precision: Optional[str] = None,
+    max_fused_n: int = MAX_FUSED_N,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """The fftconv contract (see hhfft.lowering.fftconv.fftconv) by the Monarch kernels.
+
+    Args:
+        u: [B, H, L] fp16/bf16/fp32, k: [H, K], bias/skip: [H], pregate: [B, H, L], postgate: [B, H, out_len]
+        precision: tl.dot input precision ("tf32", "tf32x3", "ieee"); default by u's dtype
+        max_fused_n: largest N done by the fused kernel (smaller values force the four-step path, for tests)
+        out: optional contiguous [B, H, out_len] buffer of u's dtype to write y into
+    Returns:
+        y: [B, H, out_len] in u's dtype
+    """
+    B, H, L = u.shape
+    K = k.shape[-1]
+    N = plan(L, K, out_len)
+    if not supported(u, N):
+        raise ValueError(
+            f"fftconv_fwd: expected u in fp16/bf16/fp32 and FFT size <= {MAX_FOURSTEP_N}, got {u.dtype} and N={N}; "
+            "use hhfft.lowering.fftconv.fftconv, which falls back to torch.fft"
+        )
+    prec = precision or _precision(u.dtype)
+    u = u.contiguous()
+    y = torch.empty(B, H, out_len, device=u.device, dtype=u.dtype) if out is None else out
+    if tuple(y.shape) != (B, H, out_len) or y.dtype != u.dtype or not y.is_contiguous():
+        raise ValueError(f"fftconv_fwd: out must be a contiguous {(B, H, out_len)} {u.dtype} tensor, got {y.shape} {y.dtype}")
+    flags = dict(HAS_POST=postgate is not None, HAS_BIAS=bias is not None, HAS_SKIP=skip is not None, PREC=prec)
+    common = dict(
+        p_u=u, p_post=_empty_if_none(postgate, u), p_bias=_empty_if_none(bias, u),
+        p_skip=_empty_if_none(skip, u), p_y=y, B=B, H=H, L=L, T=out_len, LO=-shift, HI=L + K - 2 - shift,
+    )
+    pairs = (B + 1) // 2
+    if N <= max_fused_n:
+        n1, n2 = _split(N)
+        f1, f2, tw = _tables(n1, n2, u.device, u)
+        _launch(
+            fftconv_fwd_kernel, (pairs, H), u, **common, p_pre=_empty_if_none(pregate, u),
+            p_kf=_spectrum(k, shift, N, (n1, n2)), p_f1=f1, p_f2=f2, p_tw=tw,
+            N1=n1, N2=n2, HAS_PRE=pregate is not None, num_warps=_num_warps(n1, n2), **flags,
+        )
+        return y
+    Q = min(max_fused_n, N // 16)
+    P = N // Q
+    if P > 128:
+        raise ValueError(f"fftconv_fwd: N={N} needs a column DFT of size {P} > 128 with max_fused_n={max_fused_n}")
+    q1, q2 = _split(Q)
+    fq1, fq2, twq = _tables(q1, q2, u.device, u)
+    fp = _tables(P, P, u.device, u)[0]
+    tw = _cached(("tw", P, Q, str(u.device)), u, lambda: _twiddles(P, Q, N, -1.0, u.device))
+    s = torch.empty(pairs * H, 2, P, Q, device=u.device, dtype=torch.float32)
+    bq = min(Q, 64 if P <= 64 else 32)
+    nqb = max(1, min(Q // bq, 8))
+    nw = 4 if P * bq <= 2048 else 8
+    _launch(
+        fftconv_col_fwd_kernel, (pairs * H, nqb), u, p_u=u, p_pre=_empty_if_none(pregate, u), p_fp=fp,
+        p_tw=tw, p_s=s, B=B, H=H, L=L, P=P, Q=Q, BQ=bq, NQB=nqb, HAS_PRE=pregate is not None, PREC=prec,
+        num_warps=nw,
+    )
+    _launch(
+        fftconv_row_kernel, (pairs * H, P), u, p_s=s, p_kf=_spectrum(k, shift, N, (P, q1, q2)),
+        p_f1=fq1, p_f2=fq2, p_tw=twq, H=H, P=P, N1=q1, N2=q2, PREC=prec, num_warps=_num_warps(q1, q2),
+    )
+    _launch(
+        fftconv_col_inv_kernel, (pairs * H, nqb), u, **common, p_s=s, p_fp=fp, p_tw=tw, P=P, Q=Q, BQ=bq,
+        NQB=nqb, num_warps=nw, **flags,
+    )
+    return y
+
+
+def fftconv_corr_fwd(g: Tensor, v: Tensor, shift: int, K: int, *, precision: Optional[str] = None) -> Tensor:
+    """dk[h, j] = sum_{b,t} g[b,h,t] v[b,h,t+shift-j], j in [0, K), by the Monarch kernels.
+
+    Args:
+        g: [B, H, T], v: [B, H, L] (fp16/bf16/fp32); FFT size N = plan(T, L, 0) <= MAX_FUSED_N
+    Returns:
+        dk: [H, K] fp32
+    """
+    B, H, T = g.shape
+    L = v.shape[-1]
+    N = plan(T, L, 0)
+    if N > MAX_FUSED_N or g.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"fftconv_corr_fwd: expected N <= {MAX_FUSED_N} and fp16/bf16/fp32, got N={N}, {g.dtype}; "
+            "use hhfft.lowering.fftconv.fftconv_corr, which falls back to torch.fft"
+        )
+    prec = precision or _precision(torch.promote_types(g.dtype, v.dtype))
+    n1, n2 = _split(N)
+    f1, f2, tw = _tables(n1, n2, g.device, g)
+    pairs = (B + 1) // 2
+    ns = max(1, min(pairs, -(-264 // H)))
+    part = torch.zeros(ns, H, K, device=g.device, dtype=torch.float32)
+    _launch(
+        fftconv_corr_kernel, (H, ns), g, p_g=g.contiguous(), p_v=v.contiguous(), p_f1=f1, p_f2=f2, p_tw=tw,
+        p_dk=part, B=B, H=H, T=T, L=L, K=K, SHIFT=shift, NS=ns, N1=n1, N2=n2, PREC=prec,
+        num_warps=_num_warps(n1, n2),
+    )
+    return part.sum(0)

@@ -1,0 +1,106 @@
+"""Monarch FFT-convolution kernels against naive.py in fp64 (CPU: through the Triton interpreter, tiny grids).
+
+Tolerance (STYLE.md): the kernel's max error against the fp64 reference is at most 2x the max error of the same
+computation done by PyTorch at the kernel's dtype (torch.fft in fp32 on inputs of that dtype, output in that dtype).
+Outputs start as NaN. Precision "ieee" under the interpreter (it has no tf32); the GPU tests cover the defaults.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hhfft.kernels.fftconv.monarch import fftconv_corr_fwd, fftconv_fwd, plan
+from hhfft.kernels.fftconv.naive import fftconv_corr_naive, fftconv_naive
+from hhfft.lowering.fftconv import _fftconv_corr_torch, _fftconv_torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PREC = None if torch.cuda.is_available() else "ieee"
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref).abs().max().item()
+
+
+def assert_within_torch_error(out, ref64, torch_out, what: str, factor: float = 2.0) -> None:
+    """out's error vs the fp64 reference <= factor x torch's own error at the same dtype."""
+    assert not torch.isnan(out).any(), f"{what}: NaN in the output (an element was not written)"
+    err, base = max_err(out, ref64), max_err(torch_out, ref64)
+    assert err <= factor * base, f"{what}: error {err:.3e} > {factor} x torch's {base:.3e} (scale {ref64.abs().max():.3e})"
+
+
+# (B, H, L, K, shift, out_len, max_fused_n, gates): N = 256, 1024, 4096 fused, 4096 by the four-step path
+CASES = [
+    pytest.param(3, 2, 129, 100, 0, 129, 8192, True, id="N256-B3-H2-L129-K100-causal-gates"),
+    pytest.param(2, 1, 601, 301, 150, 601, 8192, False, id="N1024-B2-H1-L601-K301-same"),
+    pytest.param(1, 1, 2049, 1500, 7, 2000, 8192, True, id="N4096-B1-H1-L2049-K1500-shift7-T2000-gates"),
+    pytest.param(2, 1, 3001, 1001, 0, 3001, 256, True, id="N4096-fourstep-P16-Q256-B2-H1-L3001-K1001-gates"),
+]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+
+
+def _inputs(B, H, L, K, T, gates, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    u, k = r(B, H, L), r(H, K) / K**0.5
+    extra = dict(bias=r(H), skip=r(H), pregate=r(B, H, L), postgate=r(B, H, T)) if gates else {}
+    return u, k, extra
+
+
+def _cast(d, dtype):
+    return {n: x.to(DEVICE, dtype) for n, x in d.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,L,K,shift,T,max_fused_n,gates", CASES)
+def test_forward(B, H, L, K, shift, T, max_fused_n, gates, dtype):
+    u, k, extra = _inputs(B, H, L, K, T, gates)
+    ref = fftconv_naive(u, k, shift, T, **extra)
+    u_d, k_d, extra_d = u.to(DEVICE, dtype), k.to(DEVICE, torch.float32), _cast(extra, dtype)
+    y = torch.full((B, H, T), float("nan"), device=DEVICE, dtype=dtype)
+    fftconv_fwd(u_d, k_d, shift, T, **extra_d, precision=PREC, max_fused_n=max_fused_n, out=y)
+    y_torch = _fftconv_torch(u_d, k_d, shift, T, extra_d.get("bias"), extra_d.get("skip"),
+                             extra_d.get("pregate"), extra_d.get("postgate"))
+    assert_within_torch_error(y.cpu(), ref, y_torch.cpu(), f"forward N={plan(L, K, T)}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,L,K,shift,T,max_fused_n,gates", CASES)
+def test_backward(B, H, L, K, shift, T, max_fused_n, gates, dtype):
+    """du = pregate * conv(dy * postgate, flip(k); K-1-shift) + skip * dy (the same kernel) and dk (the corr kernel)."""
+    u, k, extra = _inputs(B, H, L, K, T, gates, seed=1)
+    dy = torch.randn(B, H, T, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    u_, k_ = u.clone().requires_grad_(), k.clone().requires_grad_()
+    du_ref, dk_ref = torch.autograd.grad(fftconv_naive(u_, k_, shift, T, **extra), (u_, k_), dy)
+
+    c = lambda x: x.to(DEVICE, dtype)  # noqa: E731
+    g = c(dy) if not gates else c(dy) * c(extra["postgate"])
+    v = c(u) if not gates else c(u) * c(extra["pregate"])
+    k32 = k.to(DEVICE, torch.float32)
+    post_du = dict(postgate=c(extra["pregate"]), skip=None) if gates else {}
+    dv = torch.full((B, H, L), float("nan"), device=DEVICE, dtype=dtype)
+    fftconv_fwd(g, k32.flip(-1), K - 1 - shift, L, **post_du, precision=PREC, max_fused_n=max_fused_n, out=dv)
+    dv_torch = _fftconv_torch(g, k32.flip(-1), K - 1 - shift, L, None, None, None, post_du.get("postgate"))
+    if gates:  # the skip path adds skip * dy, outside the convolution
+        add = c(extra["skip"])[:, None] * c(dy)[..., :L] if T >= L else None
+        add = torch.nn.functional.pad(c(extra["skip"])[:, None] * c(dy), (0, L - T)) if add is None else add
+        dv, dv_torch = dv + add, dv_torch + add
+    assert_within_torch_error(dv.cpu(), du_ref, dv_torch.cpu(), "du")
+
+    if plan(T, L, 0) <= max_fused_n:
+        dk = fftconv_corr_fwd(g, v, shift, K, precision=PREC)
+        dk_torch = _fftconv_corr_torch(g, v, shift, K)
+        assert_within_torch_error(dk.cpu(), dk_ref, dk_torch.cpu(), "dk")
+
+
+def test_corr_matches_naive_odd_batch():
+    g = torch.randn(3, 2, 77, dtype=torch.float64)
+    v = torch.randn(3, 2, 90, dtype=torch.float64)
+    ref = fftconv_corr_naive(g, v, 5, 40)
+    dk = fftconv_corr_fwd(g.float().to(DEVICE), v.float().to(DEVICE), 5, 40, precision=PREC)
+    assert_within_torch_error(dk.cpu(), ref, _fftconv_corr_torch(g.float(), v.float(), 5, 40), "dk odd batch")
+
+
+def test_fwd_rejects_bad_out():
+    u, k = torch.randn(1, 1, 10, device=DEVICE), torch.randn(1, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="out must be"):
+        fftconv_fwd(u, k, 0, 10, out=torch.empty(1, 1, 9, device=DEVICE))
