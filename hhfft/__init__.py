@@ -8,8 +8,21 @@ Importing hhfft registers the ``hhfft::*`` ops and the ``"hhfft"`` backend (also
 ``torch_dynamo_backends`` entry point without importing hhfft). It never initialises CUDA and prints nothing.
 """
 from hhfft.lowering import ops  # noqa: F401  (registers hhfft::* ops)
+from hhfft.lowering.backend import Options, explain, hhfft_backend, last_report
 from hhfft.lowering.ops import fftconv
+from hhfft.passes.report import Report, Site
 
 __version__ = "0.1.0"
 
-__all__ = ["fftconv", "__version__"]
+__all__ = ["Options", "Report", "Site", "explain", "fftconv", "hhfft_backend", "last_report", "__version__"]
+
+
+def _register_backend() -> None:
+    # For checkouts used without an install (no entry point): make backend="hhfft" resolve after `import hhfft`.
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "hhfft" not in _COMPILER_FNS:
+        register_backend(name="hhfft")(hhfft_backend)
+
+
+_register_backend()

@@ -1,0 +1,167 @@
+"""The ``"hhfft"`` torch.compile backend: hhfft's passes on the Dynamo graph, then Inductor.
+
+    torch.compile(model, backend="hhfft", options={"min_kernel_size": 32, "attention": "keep"})
+
+Registered under the ``torch_dynamo_backends`` entry point (found without importing hhfft) and, for checkouts used
+without an install, when ``hhfft`` is imported. Inductor runs through ``compile_fx`` with per-compile
+``config_patches``; no global config is touched.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional
+
+import torch
+import torch.fx as fx
+
+from hhfft.passes.report import Report
+
+__all__ = ["Options", "hhfft_backend", "run_passes", "last_report", "explain"]
+
+_graph_ids = itertools.count(1)
+_recent: collections.deque[Report] = collections.deque(maxlen=32)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Backend options, given as ``torch.compile(..., options={...})``.
+
+    min_kernel_size: convolutions with a kernel shorter than this stay as they are (direct convolution wins there).
+    longconv: rewrite long convolutions to ``hhfft::fftconv``.
+    attention: "canonical" rewrites every proved softmax attention to F.scaled_dot_product_attention; "keep" only
+        reports it.
+    linearize: sites whose owner module carries Hedgehog feature maps (``hhfft.convert``) become
+        ``hhfft::linear_attention``.
+    compiler: "inductor" (default) compiles the rewritten graph with Inductor; "eager" runs it as it is (the passes
+        without Inductor: fast to compile, used by the property tests).
+    """
+
+    min_kernel_size: int = 64
+    longconv: bool = True
+    attention: Literal["canonical", "keep"] = "canonical"
+    linearize: bool = True
+    compiler: Literal["inductor", "eager"] = "inductor"
+
+    @classmethod
+    def parse(cls, options: Optional[dict] = None) -> "Options":
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        if not isinstance(options, dict):
+            raise TypeError(f"hhfft: options must be a dict, got {type(options).__name__}")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key, value in options.items():
+            if key not in names:
+                raise ValueError(f"hhfft: unknown option {key!r}; valid options are: {', '.join(names)}")
+            hint = hints[key]
+            if typing.get_origin(hint) is Literal:
+                if value not in typing.get_args(hint):
+                    raise ValueError(f"hhfft: option {key!r} must be one of {typing.get_args(hint)}, got {value!r}")
+            elif hint is bool and not isinstance(value, bool):
+                raise TypeError(f"hhfft: option {key!r} must be True or False, got {value!r}")
+            elif hint is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"hhfft: option {key!r} must be a positive int, got {value!r}")
+        return cls(**options)
+
+
+def _passes(opts: Options) -> list[Callable[[fx.GraphModule, Options, Report], None]]:
+    """The pass pipeline for these options, in order. Each pass mutates the graph and records sites in the report."""
+    from hhfft.passes import longconv
+
+    pipeline = [longconv.run] if opts.longconv else [longconv.analyze]
+    try:
+        from hhfft.passes import attention
+    except ImportError:
+        attention = None
+    if attention is not None:
+        pipeline.append(attention.run)
+    try:
+        from hhfft.passes import linearize
+    except ImportError:
+        linearize = None
+    if linearize is not None and opts.linearize:
+        pipeline.append(linearize.run)
+    return pipeline
+
+
+def run_passes(gm: fx.GraphModule, opts: Options) -> Report:
+    """Run hhfft's passes on a Dynamo graph in place; return what they found."""
+    report = Report()
+    graph_id = next(_graph_ids)
+    for p in _passes(opts):
+        p(gm, opts, report)
+    for site in report:
+        site.graph_id = graph_id
+    gm.graph.lint()
+    gm.recompile()
+    return report
+
+
+def last_report() -> Report:
+    """Sites of the graphs the backend compiled most recently (up to 32 graphs), newest last."""
+    merged = Report()
+    for r in _recent:
+        merged.extend(r)
+    return merged
+
+
+def _config_patches(opts: Options, example_inputs: list) -> dict:
+    """Inductor config for this compile only."""
+    return {}
+
+
+def hhfft_backend(
+    gm: fx.GraphModule,
+    example_inputs: list,
+    options: Optional[dict] = None,
+    *,
+    report_sink: Optional[Callable[[Report], None]] = None,
+):
+    """torch.compile backend: passes, then Inductor (or the rewritten graph as is, with compiler="eager")."""
+    opts = Options.parse(options)
+    report = run_passes(gm, opts)
+    _recent.append(report)
+    if report_sink is not None:
+        report_sink(report)
+    if opts.compiler == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=_config_patches(opts, example_inputs))
+
+
+def explain(model: Callable, *example_inputs: Any, **options: Any) -> Report:
+    """Every long-convolution and attention site hhfft finds in ``model``, and what it would do with each.
+
+    Runs the model once through Dynamo with hhfft's passes (no Inductor), on the given inputs. Options are the
+    backend options (``min_kernel_size=32``, ``attention="keep"``, ...).
+
+    Example:
+        >>> import torch, hhfft
+        >>> conv = torch.nn.Conv1d(8, 8, 129, padding=64, groups=8)
+        >>> print(hhfft.explain(conv, torch.randn(2, 8, 256)).count("longconv", "rewritten"))
+        1
+    """
+    opts = dataclasses.replace(Options.parse(options), compiler="eager")
+    reports: list[Report] = []
+
+    def backend(gm, example_inputs):
+        return hhfft_backend(gm, example_inputs, options=dataclasses.asdict(opts), report_sink=reports.append)
+
+    # A fresh Dynamo cache entry: compile with this capturing backend even if the model was compiled before.
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=backend)(*example_inputs)
+    finally:
+        torch._dynamo.reset()
+    merged = Report()
+    for r in reports:
+        merged.extend(r)
+    return merged
