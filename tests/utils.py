@@ -1,0 +1,47 @@
+"""Test helpers shared by the suite: the STYLE.md tolerance rule.
+
+A result computed at some dtype passes when its error against an fp64 reference is at most ``factor`` times the
+error that PyTorch itself makes computing the same thing at that dtype (its ``baseline``), plus a floor of a few
+units in the last place for the case where PyTorch happens to be exact.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["rel_err", "assert_within_baseline", "ulp"]
+
+
+def ulp(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in fp64 (NaN anywhere gives inf, so it never passes)."""
+    x64, r64 = x.detach().double(), ref.detach().double()
+    if not torch.isfinite(x64).all():
+        return float("inf")
+    den = r64.norm().item()
+    num = (x64 - r64).norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_within_baseline(
+    name: str,
+    out: torch.Tensor,
+    ref64: torch.Tensor,
+    baselines: Sequence[torch.Tensor],
+    factor: float = 2.0,
+    floor_ulps: float = 4.0,
+    dtype: Optional[torch.dtype] = None,
+) -> None:
+    """Assert rel_err(out) <= factor * max(rel_err(b) for b in baselines) + floor_ulps * eps(dtype)."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    dtype = dtype or out.dtype
+    err = rel_err(out, ref64)
+    base = max(rel_err(b, ref64) for b in baselines)
+    bound = factor * base + floor_ulps * ulp(dtype)
+    assert err <= bound, (
+        f"{name}: relative error {err:.3e} > {factor} x PyTorch's {base:.3e} + {floor_ulps} ulp ({dtype}) = {bound:.3e}"
+    )
