@@ -1,0 +1,149 @@
+"""The AdaHessian update for a list of parameters: a compiled multi-tensor step and its readable eager twin.
+
+Both compute, per parameter (maths in the state's dtype: fp32, or fp64 for fp64 parameters),
+
+    t = t + 1
+    m = b1 m + (1 - b1) g
+    v = b2 v + (1 - b2) Dbar^2
+    p = p - lr * (m / (1 - b1^t) / (sqrt(v)^k / sqrt(1 - b2^t)^k + eps) + wd * p)
+
+with ``t`` and ``lr`` 0-d tensors, so neither a new step count nor a new learning rate changes the compiled graph.
+The fused step is ``torch.compile(fullgraph=True, dynamic=False)`` over ``torch._foreach_*`` ops: Inductor turns
+the whole chain into a few horizontally fused kernels that read p, g, Dbar, m, v once and write p, m, v once.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List
+
+import torch
+from torch import Tensor
+
+__all__ = ["adahessian_update", "adahessian_update_fused"]
+
+
+def _foreach_update(
+    params: List[Tensor],
+    grads: List[Tensor],
+    hessian: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_hessian_diag_sqs: List[Tensor],
+    steps: List[Tensor],
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    hessian_power: float,
+) -> None:
+    torch._foreach_add_(steps, 1.0)
+    g = [x.to(m.dtype) for x, m in zip(grads, exp_avgs)]
+    h = [x.to(m.dtype).expand_as(m) for x, m in zip(hessian, exp_avgs)]
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, g, alpha=1 - beta1)
+    torch._foreach_mul_(exp_hessian_diag_sqs, beta2)
+    torch._foreach_addcmul_(exp_hessian_diag_sqs, h, h, value=1 - beta2)
+
+    bias_correction1 = [1 - beta1**t for t in steps]
+    bias_correction2_k = [(1 - beta2**t).sqrt() for t in steps]
+    denom = torch._foreach_sqrt(exp_hessian_diag_sqs)
+    if hessian_power != 1.0:
+        torch._foreach_pow_(denom, hessian_power)
+        bias_correction2_k = torch._foreach_pow(bias_correction2_k, hessian_power)
+    torch._foreach_div_(denom, bias_correction2_k)
+    torch._foreach_add_(denom, eps)
+
+    update = torch._foreach_div(exp_avgs, bias_correction1)
+    torch._foreach_div_(update, denom)
+    p32 = [p.to(m.dtype) for p, m in zip(params, exp_avgs)]
+    if weight_decay != 0.0:
+        torch._foreach_add_(update, p32, alpha=weight_decay)
+    torch._foreach_mul_(update, lr)
+    torch._foreach_sub_(p32, update)
+    for p, q in zip(params, p32):
+        if q is not p:
+            p.copy_(q)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_update():
+    return torch.compile(_foreach_update, fullgraph=True, dynamic=False)
+
+
+def _check_lists(params, grads, hessian, exp_avgs, exp_hessian_diag_sqs, steps) -> None:
+    n = len(params)
+    lengths = [len(grads), len(hessian), len(exp_avgs), len(exp_hessian_diag_sqs), len(steps)]
+    if any(k != n for k in lengths):
+        raise ValueError(
+            f"adahessian_update: every list must have one entry per parameter ({n}), got lengths {lengths} for "
+            "grads, hessian, exp_avgs, exp_hessian_diag_sqs, steps"
+        )
+
+
+@torch.no_grad()
+def adahessian_update(
+    params: List[Tensor],
+    grads: List[Tensor],
+    hessian: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_hessian_diag_sqs: List[Tensor],
+    steps: List[Tensor],
+    lr: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    hessian_power: float,
+) -> None:
+    """Eager reference update, one parameter at a time (the ``fused=False`` path). Updates everything in place.
+
+    Args:
+        params: [*] each, any float dtype; grads: same shapes and dtypes
+        hessian: Dbar per parameter, broadcastable to its parameter ([O, I, 1, 1] for a conv weight, say)
+        exp_avgs, exp_hessian_diag_sqs: [*] each, fp32 (fp64 for fp64 parameters)
+        steps: 0-d tensors, the steps already taken (incremented here)
+        lr: 0-d tensor
+    """
+    _check_lists(params, grads, hessian, exp_avgs, exp_hessian_diag_sqs, steps)
+    k = hessian_power
+    for p, g, d, m, v, t in zip(params, grads, hessian, exp_avgs, exp_hessian_diag_sqs, steps):
+        t.add_(1)
+        d = d.to(m.dtype)
+        m.mul_(beta1).add_(g.to(m.dtype), alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
+        bias_correction1 = 1 - beta1**t
+        bias_correction2 = 1 - beta2**t
+        denom = (v.sqrt() ** k) / (bias_correction2.sqrt() ** k) + eps
+        p32 = p.to(m.dtype)
+        p.copy_(p32 - lr * (m / bias_correction1 / denom + weight_decay * p32))
+
+
+@torch.no_grad()
+def adahessian_update_fused(
+    params: List[Tensor],
+    grads: List[Tensor],
+    hessian: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_hessian_diag_sqs: List[Tensor],
+    steps: List[Tensor],
+    lr: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    hessian_power: float,
+) -> None:
+    """The same update as :func:`adahessian_update`, as one compiled multi-tensor step (same arguments).
+
+    All tensors of one call must be on one device. ``lr`` and ``steps`` are tensors, so changing the learning rate
+    or taking another step reuses the compiled graph; the float hyperparameters are compile-time constants.
+    """
+    _check_lists(params, grads, hessian, exp_avgs, exp_hessian_diag_sqs, steps)
+    if not params:
+        return
+    _compiled_update()(
+        params, grads, hessian, exp_avgs, exp_hessian_diag_sqs, steps, lr,
+        float(beta1), float(beta2), float(eps), float(weight_decay), float(hessian_power),
+    )

@@ -1,0 +1,314 @@
+"""AdaHessian (Yao et al., 2021): Adam whose second moment is the square of a Hutchinson estimate of diag(H).
+
+The maths, the official code it follows and the defects it does not copy are in ``hhfft/kernels/adahessian/README.md``.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from hhfft.kernels.adahessian.step import adahessian_update, adahessian_update_fused
+from hhfft.optim.hutchinson import HutchinsonResult, _average_over_ranks, _count_hvp, rademacher
+
+__all__ = ["AdaHessian"]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def average_curvature(d: Tensor, block_length: Optional[int], dtype: torch.dtype) -> Tensor:
+    """Dbar from the raw Hutchinson D: |D|, averaged over the kernel dims of conv weights (ndim >= 3, kept as size-1
+    dims so it broadcasts), over blocks of ``block_length`` consecutive entries of 2-D tensors if given."""
+    a = d.detach().to(dtype).abs()
+    if a.dim() >= 3:
+        return a.mean(dim=tuple(range(2, a.dim())), keepdim=True)
+    if a.dim() == 2 and block_length is not None:
+        blocks = a.reshape(-1, block_length).mean(dim=1, keepdim=True)
+        return blocks.expand(-1, block_length).reshape(a.shape)
+    return a
+
+
+class AdaHessian(torch.optim.Optimizer):
+    """AdaHessian with a Hutchinson curvature estimate and a compiled, fused update.
+
+    Per parameter: D = mean_s z_s * (H z_s) with Rademacher z from the optimizer's own generator; Dbar = |D| averaged
+    over the kernel dims of conv weights (any rank) or over ``block_length`` blocks of 2-D weights;
+    m = b1 m + (1-b1) g, v = b2 v + (1-b2) Dbar^2, p -= lr * (m_hat / (v_hat^(k/2) + eps) + weight_decay * p).
+
+    Curvature, three ways:
+
+    1. official usage: ``loss.backward(create_graph=True); opt.step()`` (H z by ``torch.autograd.grad``);
+    2. closure: ``opt.step(closure)`` where the closure zeroes grads, calls ``backward(create_graph=True)``, returns loss;
+    3. functional, for models compiled with ``backend="hhfft"`` (which cannot be double-backwarded):
+       ``res = hhfft.optim.hutchinson(loss_fn, params, generator=opt.generator, n_samples=opt.n_samples,
+       backend="hhfft"); opt.step(hessian=res)``.
+
+    With ``update_each=k`` the curvature is computed on every k-th step only and reused in between; check
+    ``opt.hessian_due`` to know whether the next step needs a graph (``loss.backward(create_graph=opt.hessian_due)``).
+
+    Distributed data parallel (torchrun): do not wrap the model in DDP for the curvature step (DDP's reducer rejects
+    ``backward(create_graph=True)``). Broadcast the initial parameters once; then under an initialised process
+    group ``step()`` averages the gradients and D over the ranks (one all-reduce each), and the probes are the same
+    on every rank (the default generator's seed is broadcast from rank 0). The functional path averages in
+    :func:`hutchinson` instead.
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups
+        lr: learning rate (a float; kept in a device tensor, so changing it never recompiles the fused step)
+        betas: coefficients of the running averages of g and Dbar^2
+        eps: added to the denominator
+        weight_decay: decoupled weight decay (``p -= lr * weight_decay * p``)
+        hessian_power: k in ``v_hat^(k/2)``, in [0, 1]
+        update_each: compute the curvature every ``update_each`` steps, reuse it in between
+        n_samples: probes averaged per curvature estimate
+        block_length: average |D| of 2-D parameters over blocks of this many consecutive entries (fairseq variant)
+        generator: ``torch.Generator`` for the probes; default: one on the parameters' device seeded with
+            ``torch.initial_seed()`` (of rank 0 under torch.distributed)
+        fused: run the update as one compiled multi-tensor step (True) or the eager per-parameter reference (False)
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = AdaHessian(model.parameters(), lr=0.1, fused=False)
+        >>> loss = model(torch.randn(8, 4)).pow(2).mean()
+        >>> loss.backward(create_graph=True)
+        >>> opt.step()
+        >>> opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.15,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        hessian_power: float = 1.0,
+        update_each: int = 1,
+        n_samples: int = 1,
+        block_length: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        fused: bool = True,
+    ) -> None:
+        if isinstance(lr, Tensor) or not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr!r} (expected a float >= 0)")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps} (expected >= 0)")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Invalid betas: {betas} (expected two floats in [0, 1))")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay} (expected >= 0)")
+        if not 0.0 <= hessian_power <= 1.0:
+            raise ValueError(f"Invalid Hessian power value: {hessian_power} (expected a float in [0, 1])")
+        if not isinstance(update_each, int) or update_each < 1:
+            raise ValueError(f"Invalid update_each: {update_each!r} (expected an int >= 1)")
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"Invalid n_samples: {n_samples!r} (expected an int >= 1)")
+        if block_length is not None and (not isinstance(block_length, int) or block_length < 1):
+            raise ValueError(f"Invalid block_length: {block_length!r} (expected None or an int >= 1)")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {fused!r}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            hessian_power=hessian_power, block_length=block_length,
+        )
+        self.update_each = update_each
+        self.n_samples = n_samples
+        self.fused = fused
+        self._generator = generator
+        self._hessian_step = 0  # steps taken; the curvature is computed when this is a multiple of update_each
+        self._lr_tensors: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------------------------------- param groups
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        b = group["block_length"]
+        if b is None:
+            return
+        for p in group["params"]:
+            if p.dim() == 2 and p.numel() % b != 0:
+                raise ValueError(
+                    f"block_length={b} does not divide the {p.numel()} entries of a parameter of shape "
+                    f"{tuple(p.shape)}; choose a divisor of every 2-D parameter's size, or block_length=None"
+                )
+
+    # --------------------------------------------------------------------------------------------- generator
+    @property
+    def generator(self) -> torch.Generator:
+        """The probes' generator (created on first use when none was given)."""
+        if self._generator is None:
+            device = next(p.device for g in self.param_groups for p in g["params"])
+            seed = torch.initial_seed()
+            if _distributed():
+                box = [seed]
+                dist.broadcast_object_list(box, src=0)
+                seed = box[0]
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(seed % (2**63))
+        return self._generator
+
+    @property
+    def hessian_due(self) -> bool:
+        """Whether the next ``step()`` computes the curvature (so the gradient must carry a graph)."""
+        if self._hessian_step % self.update_each == 0:
+            return True
+        return any(
+            p.requires_grad and "hessian_diag" not in self.state.get(p, {})
+            for g in self.param_groups for p in g["params"]
+        )
+
+    # ----------------------------------------------------------------------------------------------- curvature
+    def _hutchinson(self, params: List[Tensor], grads: List[Tensor]) -> List[Tensor]:
+        with_graph = [i for i, g in enumerate(grads) if g.grad_fn is not None]
+        if not with_graph:
+            raise ValueError(
+                "AdaHessian.step() needs the curvature on this step but the gradients carry no graph: call "
+                "loss.backward(create_graph=True) (or pass a closure that does), or compute it with "
+                "hhfft.optim.hutchinson(...) and call step(hessian=result)"
+            )
+        total = [torch.zeros_like(p) for p in params]
+        for s in range(self.n_samples):
+            zs = rademacher(params, self.generator)
+            hz = torch.autograd.grad(
+                [grads[i] for i in with_graph],
+                [params[i] for i in with_graph],
+                grad_outputs=[zs[i] for i in with_graph],
+                retain_graph=s < self.n_samples - 1,
+                allow_unused=True,
+            )
+            _count_hvp()
+            for i, h in zip(with_graph, hz):
+                if h is not None:
+                    total[i].add_(zs[i] * h.detach())
+        if self.n_samples > 1:
+            total = [d / self.n_samples for d in total]
+        return total
+
+    @staticmethod
+    def _given_hessian(hessian: Any, params: List[Tensor]) -> List[Tensor]:
+        by_param: Mapping[Tensor, Tensor]
+        if isinstance(hessian, HutchinsonResult):
+            by_param = hessian.hessian_by_param
+        elif isinstance(hessian, Mapping):
+            by_param = hessian
+        else:
+            raise TypeError(
+                f"hessian must be a HutchinsonResult or a mapping {{parameter: D}}, got {type(hessian).__name__}"
+            )
+        missing = [tuple(p.shape) for p in params if p not in by_param]
+        if missing:
+            raise ValueError(
+                f"hessian has no entry for {len(missing)} parameter(s) with a gradient (shapes {missing[:3]}...): "
+                "compute it over every parameter the optimizer updates"
+            )
+        return [by_param[p] for p in params]
+
+    # ---------------------------------------------------------------------------------------------------- step
+    def step(self, closure: Optional[Callable[[], Tensor]] = None, *, hessian: Any = None) -> Optional[Tensor]:
+        """One AdaHessian step.
+
+        Args:
+            closure: re-evaluates the model: zero the grads, ``loss.backward(create_graph=True)``, return the loss
+            hessian: precomputed D per parameter (a :class:`HutchinsonResult` or ``{parameter: D}``), for the
+                functional path; the gradients are then read from ``.grad`` as usual
+        Returns:
+            the closure's loss, if a closure was given
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        entries = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not entries:
+            return loss
+        params = [p for _, p in entries]
+        grads = [p.grad for p in params]
+
+        due = self.hessian_due
+        if hessian is not None:
+            raw = [d.detach() for d in self._given_hessian(hessian, params)]
+        elif due:
+            raw = self._hutchinson(params, grads)
+        else:
+            raw = None
+        # Detach the gradients: a create_graph gradient keeps the whole double-backward graph (and a reference cycle).
+        for p in params:
+            if p.grad.grad_fn is not None or p.grad.requires_grad:
+                p.grad = p.grad.detach()
+        grads = [p.grad for p in params]
+        if hessian is None and _distributed():
+            grads = _average_over_ranks(grads)
+            if raw is not None:
+                raw = _average_over_ranks(raw)
+
+        buckets: Dict[Tuple[int, torch.device, torch.dtype], Dict[str, list]] = {}
+        for i, (group, p) in enumerate(entries):
+            state = self.state[p]
+            sdt = _state_dtype(p)
+            if len(state) == 0 or "exp_avg" not in state:
+                state["step"] = torch.zeros((), dtype=sdt, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+                state["exp_hessian_diag_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+            if raw is not None:
+                dbar = average_curvature(raw[i], group["block_length"], sdt)
+                if self.update_each > 1:
+                    state["hessian_diag"] = dbar
+            else:
+                dbar = state["hessian_diag"]
+            key = (id(group), p.device, sdt)
+            b = buckets.setdefault(key, {"group": group, "lists": ([], [], [], [], [], [])})
+            for lst, x in zip(
+                b["lists"], (p, grads[i], dbar, state["exp_avg"], state["exp_hessian_diag_sq"], state["step"])
+            ):
+                lst.append(x)
+
+        update = adahessian_update_fused if self.fused else adahessian_update
+        for (_, device, sdt), b in buckets.items():
+            group = b["group"]
+            lr = self._lr_tensors.get((device, sdt))
+            if lr is None:
+                lr = self._lr_tensors[(device, sdt)] = torch.zeros((), dtype=sdt, device=device)
+            lr.fill_(group["lr"])
+            beta1, beta2 = group["betas"]
+            update(
+                *b["lists"], lr,
+                beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
+            )
+        self._hessian_step += 1
+        return loss
+
+    # ---------------------------------------------------------------------------------------------- state dict
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super().state_dict()
+        sd["hhfft"] = {"hessian_step": self._hessian_step, "generator_state": self.generator.get_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        sd = dict(state_dict)
+        extra = sd.pop("hhfft", {})
+        super().load_state_dict(sd)
+        # torch.optim casts floating state to the parameter's dtype; AdaHessian keeps fp32 state for fp16/bf16
+        # parameters, so take the saved tensors again, moved but not cast.
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in sd["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for sid, p in zip(saved_ids, params):
+            for k, v in sd["state"].get(sid, {}).items():
+                if isinstance(v, Tensor):
+                    self.state[p][k] = v.detach().to(device=p.device).clone()
+        self._hessian_step = int(extra.get("hessian_step", 0))
+        if "generator_state" in extra:
+            self.generator.set_state(extra["generator_state"])

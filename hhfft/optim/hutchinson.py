@@ -1,0 +1,181 @@
+"""Hutchinson's estimator of the Hessian diagonal, D = E[z * (H z)] over Rademacher probes z.
+
+Two ways to get H z:
+- from a gradient built with ``loss.backward(create_graph=True)``: ``torch.autograd.grad(g, p, z)`` (reverse over
+  reverse; what :class:`hhfft.optim.AdaHessian` does inside ``step()``);
+- :func:`hutchinson`: ``torch.func.jvp(torch.func.grad(f))`` (forward over reverse), optionally compiled. This is the
+  path for models compiled with ``backend="hhfft"``: AOTAutograd cannot double-backward a compiled graph, but Dynamo
+  can trace jvp-of-grad and hand the whole forward-over-reverse computation to the backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+__all__ = ["rademacher", "hutchinson", "HutchinsonResult"]
+
+
+def rademacher(tensors: Sequence[Tensor], generator: Optional[torch.Generator] = None) -> List[Tensor]:
+    """One Rademacher probe per tensor (entries exactly +1 or -1, equally likely), in the tensors' dtypes and devices.
+
+    The probes for all tensors come from ONE draw of ``sum(numel)`` values from ``generator`` (on the generator's
+    device), in the order given, so the same generator state gives the same probes in every code path and on every
+    rank.
+
+    Args:
+        tensors: [*] each
+        generator: a ``torch.Generator``; None uses the global RNG of the first tensor's device
+    Returns:
+        list of probes, ``z[i]`` shaped and typed like ``tensors[i]``
+    """
+    tensors = list(tensors)
+    if not tensors:
+        return []
+    device = generator.device if generator is not None else tensors[0].device
+    total = sum(t.numel() for t in tensors)
+    flat = torch.randint(0, 2, (total,), generator=generator, device=device, dtype=torch.float32)
+    flat.mul_(2).sub_(1)
+    out, offset = [], 0
+    for t in tensors:
+        z = flat[offset : offset + t.numel()].view(t.shape)
+        offset += t.numel()
+        out.append(z.to(device=t.device, dtype=t.dtype))
+    return out
+
+
+def _count_hvp(n: int = 1) -> None:
+    torch._dynamo.utils.counters["hhfft"]["adahessian_hvp"] += n
+
+
+def _forward_over_reverse(loss_fn: Callable, params: Any, probe: Any):
+    (grads, loss), (hz, _) = torch.func.jvp(
+        torch.func.grad_and_value(loss_fn), (params,), (probe,)
+    )
+    return loss, grads, hz
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_forward_over_reverse(backend: str):
+    return torch.compile(_forward_over_reverse, backend=backend, dynamic=False)
+
+
+@dataclasses.dataclass
+class HutchinsonResult:
+    """What :func:`hutchinson` returns; ``grads`` and ``hessian`` have the structure of the ``params`` it was given.
+
+    Attributes:
+        loss: the loss value (0-d, detached)
+        grads: dL/dp per parameter
+        hessian: D = mean over probes of z * (H z) per parameter (raw: no absolute value, no spatial averaging)
+        params: the parameter tensors, flattened in pytree order (``hessian_by_param`` keys)
+    """
+
+    loss: Tensor
+    grads: Any
+    hessian: Any
+    params: List[Tensor]
+
+    @property
+    def hessian_by_param(self) -> Dict[Tensor, Tensor]:
+        """``{parameter: D}``, the form :meth:`AdaHessian.step` takes as ``hessian=``."""
+        return dict(zip(self.params, pytree.tree_leaves(self.hessian)))
+
+
+def hutchinson(
+    loss_fn: Callable[[Any], Tensor],
+    params: Any,
+    *,
+    generator: Optional[torch.Generator] = None,
+    n_samples: int = 1,
+    probes: Optional[Sequence[Any]] = None,
+    backend: Optional[str] = "inductor",
+    set_grad: bool = True,
+) -> HutchinsonResult:
+    """Loss, gradient and Hutchinson diagonal D = mean_s z_s * (H z_s) by forward-over-reverse differentiation.
+
+    ``H z`` is ``torch.func.jvp(torch.func.grad(loss_fn), (params,), (z,))``, compiled with ``backend`` (one graph
+    computes loss, gradient and H z). Use ``backend="hhfft"`` for a model meant to run through the hhfft rewrites:
+    call the model inside ``loss_fn`` with ``torch.func.functional_call`` (a module already wrapped by
+    ``torch.compile`` is traced through, so the outer backend decides).
+
+    Args:
+        loss_fn: ``loss_fn(params) -> 0-d loss``; ``params`` arrives with the structure given here
+        params: a dict ``{name: tensor}`` or a sequence of tensors (e.g. ``dict(model.named_parameters())``)
+        generator: source of the Rademacher probes (pass ``opt.generator`` to share the optimizer's stream)
+        n_samples: number of probes averaged
+        probes: explicit probes instead of drawing them: ``n_samples`` pytrees shaped like ``params``
+        backend: torch.compile backend, or None to run eagerly
+        set_grad: accumulate the gradient into each parameter's ``.grad`` (like ``backward()``)
+    Returns:
+        :class:`HutchinsonResult`. Under torch.distributed with more than one rank the gradient and D are averaged
+        over the ranks, so that each rank holds the values of the global batch.
+
+    Example:
+        >>> w = torch.randn(3, requires_grad=True)
+        >>> res = hutchinson(lambda ps: (ps["w"] ** 4).sum(), {"w": w}, backend=None)
+        >>> torch.allclose(res.hessian["w"], 12 * w.detach() ** 2)
+        True
+    """
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"hutchinson: n_samples must be an int >= 1, got {n_samples!r}")
+    leaves, spec = pytree.tree_flatten(params)
+    if not leaves or not all(isinstance(x, Tensor) and x.is_floating_point() for x in leaves):
+        raise TypeError("hutchinson: params must be a non-empty dict or sequence of floating-point tensors")
+    if probes is not None:
+        probes = list(probes)
+        if len(probes) != n_samples:
+            n_samples = len(probes)
+    fn = _forward_over_reverse if backend is None else _compiled_forward_over_reverse(backend)
+    detached = pytree.tree_unflatten([p.detach() for p in leaves], spec)
+    loss = grads = None
+    total: Optional[List[Tensor]] = None
+    for s in range(n_samples):
+        z = pytree.tree_flatten(probes[s])[0] if probes is not None else rademacher(leaves, generator)
+        loss_s, g, hz = fn(loss_fn, detached, pytree.tree_unflatten(list(z), spec))
+        _count_hvp()
+        d = [zi * hi for zi, hi in zip(z, pytree.tree_leaves(hz))]
+        total = d if total is None else [a + b for a, b in zip(total, d)]
+        if s == 0:
+            loss, grads = loss_s.detach(), [x.detach() for x in pytree.tree_leaves(g)]
+    hess = [d / n_samples for d in total]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        grads, hess = _average_over_ranks(grads), _average_over_ranks(hess)
+    if set_grad:
+        for p, g in zip(leaves, grads):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
+    return HutchinsonResult(
+        loss=loss,
+        grads=pytree.tree_unflatten(grads, spec),
+        hessian=pytree.tree_unflatten(hess, spec),
+        params=leaves,
+    )
+
+
+def _average_over_ranks(tensors: List[Tensor]) -> List[Tensor]:
+    """Mean over the default process group, one all-reduce per (device, dtype) bucket."""
+    if not tensors:
+        return tensors
+    world = dist.get_world_size()
+    out: List[Optional[Tensor]] = [None] * len(tensors)
+    buckets: Dict[Any, List[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.device, t.dtype), []).append(i)
+    for idx in buckets.values():
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for i in idx:
+            n = tensors[i].numel()
+            out[i] = flat[offset : offset + n].view(tensors[i].shape)
+            offset += n
+    return out  # type: ignore[return-value]

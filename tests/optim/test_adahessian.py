@@ -1,0 +1,242 @@
+"""AdaHessian against the transcription of the official algorithm (hhfft/kernels/adahessian/naive.py), and its API."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hhfft.kernels.adahessian.naive import adahessian_step_naive, average_curvature_naive, hutchinson_naive
+from hhfft.optim import AdaHessian, rademacher
+
+
+class AllConvs(nn.Module):
+    """Linear, Conv1d, Conv2d, Conv3d, all with biases: every branch of the spatial averaging."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(1, 2, 3)
+        self.c2 = nn.Conv2d(1, 2, 3)
+        self.c3 = nn.Conv3d(1, 2, 3)
+        self.fc1 = nn.Linear(10 + 18 + 16, 4)
+        self.fc2 = nn.Linear(4, 1)
+
+    def forward(self, x1, x2, x3):
+        h = torch.cat([self.c1(x1).flatten(1), self.c2(x2).flatten(1), self.c3(x3).flatten(1)], dim=1)
+        return self.fc2(torch.tanh(self.fc1(torch.tanh(h))))
+
+
+def make_data(batch=6, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = (torch.randn(batch, 1, 7, generator=g), torch.randn(batch, 1, 5, 5, generator=g),
+          torch.randn(batch, 1, 4, 4, 4, generator=g))
+    y = torch.randn(batch, 1, generator=g)
+    return tuple(x.to(dtype) for x in xs), y.to(dtype)
+
+
+def make_model(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return AllConvs().to(dtype)
+
+
+def loss_of(model, xs, y):
+    return (model(*xs) - y).pow(2).mean()
+
+
+def groups_of(model, block_length):
+    # fc2.weight has 4 entries: its own group without block averaging when blocks are asked for.
+    if block_length is None:
+        return list(model.parameters())
+    first = [p for n, p in model.named_parameters() if not n.startswith("fc2")]
+    return [{"params": first, "block_length": block_length}, {"params": list(model.fc2.parameters()), "block_length": None}]
+
+
+CONFIGS = {
+    "defaults": dict(lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0, hessian_power=1.0, n_samples=1,
+                     block_length=None),
+    "wd-k0.5-S2-block2": dict(lr=0.05, betas=(0.8, 0.99), eps=1e-3, weight_decay=1e-2, hessian_power=0.5,
+                              n_samples=2, block_length=2),
+}
+
+
+def run_naive(model, data, steps, cfg, seed):
+    """The official loop: backward(create_graph=True), Hutchinson, spatial average, per-parameter update."""
+    gen = torch.Generator().manual_seed(seed)
+    named = dict(model.named_parameters())
+    block_of = {n: (None if (cfg["block_length"] is None or n.startswith("fc2")) else cfg["block_length"])
+                for n in named}
+    state = {n: {} for n in named}
+    history = []
+    for t in range(steps):
+        xs, y = data[t % len(data)]
+        for p in named.values():
+            p.grad = None
+        loss_of(model, xs, y).backward(create_graph=True)
+        params = list(named.values())
+        grads = [p.grad for p in params]
+        probes = [rademacher(params, gen) for _ in range(cfg["n_samples"])]
+        D = hutchinson_naive(grads, params, probes)
+        for (n, p), g, d in zip(named.items(), grads, D):
+            dbar = average_curvature_naive(d.detach(), block_of[n])
+            adahessian_step_naive(p, g.detach(), dbar, state[n], lr=cfg["lr"], betas=cfg["betas"], eps=cfg["eps"],
+                                  weight_decay=cfg["weight_decay"], hessian_power=cfg["hessian_power"])
+        history.append({n: p.detach().clone() for n, p in named.items()})
+    return history
+
+
+_HISTORIES: dict = {}
+
+
+def naive_history(cfg_name, steps, seed):
+    """The naive trajectory, computed once per configuration and shared by the fused and eager tests."""
+    key = (cfg_name, steps, seed)
+    if key not in _HISTORIES:
+        _HISTORIES[key] = run_naive(make_model(), DATA, steps, CONFIGS[cfg_name], seed)
+    return _HISTORIES[key]
+
+
+DATA = [make_data(seed=s) for s in range(5)]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+def test_follows_naive_50_steps(fused, cfg_name):
+    cfg = CONFIGS[cfg_name]
+    steps, seed, data = 50, 1234, DATA
+    history = naive_history(cfg_name, steps, seed)
+    model = make_model()
+
+    opt_cfg = {k: v for k, v in cfg.items() if k != "block_length"}
+    opt = AdaHessian(groups_of(model, cfg["block_length"]), generator=torch.Generator().manual_seed(seed),
+                     fused=fused, **opt_cfg)
+    for t in range(steps):
+        xs, y = data[t % len(data)]
+        opt.zero_grad()
+        loss_of(model, xs, y).backward(create_graph=True)
+        opt.step()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(
+                p.detach(), history[t][n], rtol=1e-6, atol=1e-6,
+                msg=lambda m, n=n, t=t: f"step {t + 1}, parameter {n}: {m}",
+            )
+
+
+def train(model, opt, data, steps, *, start=0):
+    for t in range(start, start + steps):
+        xs, y = data[t % len(data)]
+        opt.zero_grad()
+        loss_of(model, xs, y).backward(create_graph=opt.hessian_due)
+        opt.step()
+
+
+def test_closure_form_equals_official_usage():
+    a, b = make_model(), make_model()
+    opt_a = AdaHessian(a.parameters(), generator=torch.Generator().manual_seed(3), fused=False)
+    opt_b = AdaHessian(b.parameters(), generator=torch.Generator().manual_seed(3), fused=False)
+    train(a, opt_a, DATA, 4)
+    for t in range(4):
+        xs, y = DATA[t]
+
+        def closure():
+            opt_b.zero_grad()
+            loss = loss_of(b, xs, y)
+            loss.backward(create_graph=True)
+            return loss
+
+        loss = opt_b.step(closure)
+        assert loss.shape == ()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_state_dict_round_trip_resumes_identically():
+    model = make_model()
+    opt = AdaHessian(model.parameters(), update_each=2, generator=torch.Generator().manual_seed(5), fused=False)
+    train(model, opt, DATA, 5)  # odd: the resumed run starts on a step that reuses the stored curvature
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(model, opt, DATA, 6, start=5)
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    resumed = make_model(seed=99)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = AdaHessian(resumed.parameters(), update_each=2, generator=torch.Generator().manual_seed(77), fused=False)
+    opt2.load_state_dict(ckpt["opt"])
+    train(resumed, opt2, DATA, 6, start=5)
+    for (n, p), q in zip(model.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=lambda m, n=n: f"{n} after resuming: {m}")
+
+
+@pytest.mark.parametrize("update_each", [1, 3])
+def test_update_each_counts_hvps(update_each):
+    model = make_model()
+    opt = AdaHessian(model.parameters(), update_each=update_each, fused=False)
+    steps = 12
+    train(model, opt, DATA, steps)
+    assert torch._dynamo.utils.counters["hhfft"]["adahessian_hvp"] == steps // update_each
+
+
+def test_step_without_graph_says_how_to_fix():
+    model = make_model()
+    opt = AdaHessian(model.parameters(), fused=False)
+    xs, y = DATA[0]
+    loss_of(model, xs, y).backward()
+    with pytest.raises(ValueError, match="create_graph=True"):
+        opt.step()
+
+
+def test_changing_lr_does_not_recompile():
+    model, ref = make_model(), make_model()
+    opt = AdaHessian(model.parameters(), generator=torch.Generator().manual_seed(8), fused=True)
+    opt_ref = AdaHessian(ref.parameters(), generator=torch.Generator().manual_seed(8), fused=False)
+    counters = torch._dynamo.utils.counters
+    for t, lr in enumerate([0.1, 0.02, 0.3, 0.05]):
+        for o in (opt, opt_ref):
+            for g in o.param_groups:
+                g["lr"] = lr
+        train(model, opt, DATA, 1, start=t)
+        train(ref, opt_ref, DATA, 1, start=t)
+        if t == 0:
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs >= 1
+    assert counters["stats"]["unique_graphs"] == graphs, "a new learning rate recompiled the fused step"
+    for (n, p), q in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_low_precision_params_keep_fp32_state():
+    model = make_model(dtype=torch.bfloat16)
+    opt = AdaHessian(model.parameters(), fused=False)
+    data = [make_data(dtype=torch.bfloat16)]
+    train(model, opt, data, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    opt2 = AdaHessian(model.parameters(), fused=False)
+    opt2.load_state_dict(sd)
+    for o in (opt, opt2):
+        for p in model.parameters():
+            st = o.state[p]
+            assert p.dtype == torch.bfloat16
+            assert st["exp_avg"].dtype == st["exp_hessian_diag_sq"].dtype == torch.float32
+    for p in model.parameters():
+        torch.testing.assert_close(opt2.state[p]["exp_hessian_diag_sq"], opt.state[p]["exp_hessian_diag_sq"],
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1.0), "learning rate"),
+        (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(hessian_power=1.5), "Hessian power"),
+        (dict(update_each=0), "update_each"),
+        (dict(n_samples=0), "n_samples"),
+        (dict(block_length=7), "block_length=7 does not divide"),
+    ],
+    ids=["lr", "betas", "hessian_power", "update_each", "n_samples", "block_length"],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdaHessian(make_model().parameters(), **kwargs)
