@@ -1,4 +1,5 @@
 """Every ``hhfft::*`` op, registered on import. One module per op; this one re-exports their public functions."""
 from hhfft.lowering.fftconv import fftconv, fftconv_corr, fft_size
+from hhfft.lowering.linear_attention import linear_attention, linear_attention_product
 
-__all__ = ["fftconv", "fftconv_corr", "fft_size"]
+__all__ = ["fftconv", "fftconv_corr", "fft_size", "linear_attention", "linear_attention_product"]

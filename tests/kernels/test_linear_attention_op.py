@@ -1,0 +1,208 @@
+"""hhfft::linear_attention on the CPU (plain torch) against the quadratic reference, and its derivatives."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hhfft.lowering.linear_attention as la
+from hhfft.kernels.linear_attention.naive import linear_attention_naive
+from hhfft.lowering.linear_attention import linear_attention, linear_attention_product
+
+CASES = [  # (B, Hq, Hkv, L, F, D, masked)
+    (2, 2, 2, 1, 4, 3, False),
+    (1, 4, 2, 63, 5, 6, True),
+    (2, 4, 1, 65, 8, 4, False),
+    (1, 2, 2, 130, 6, 7, True),
+    (2, 4, 4, 129, 3, 5, True),
+]
+
+
+def _id(c):
+    B, Hq, Hkv, L, F, D, m = c
+    return f"B{B}-Hq{Hq}-Hkv{Hkv}-L{L}-F{F}-D{D}" + ("-mask" if m else "")
+
+
+def _inputs(B, Hq, Hkv, L, F, D, masked, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(B, Hq, L, F, generator=g, dtype=torch.float64)
+    k = torch.rand(B, Hkv, L, F, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, L, generator=g) > 0.3) if masked else None
+    if mask is not None:
+        mask[:, 0] = True
+    return q.to(dtype), k.to(dtype), v.to(dtype), mask
+
+
+def max_err(x, ref):
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def assert_within_torch_error(got, ref64, torch_at_dtype, factor=2.0):
+    """STYLE.md rule: error vs the fp64 reference at most `factor` x PyTorch's own error at the same dtype (with a
+    floor of a few ulps of the output's magnitude, for when PyTorch happens to be exact)."""
+    assert not torch.isnan(got).any(), "NaN in output"
+    floor = 4 * torch.finfo(got.dtype).eps * ref64.abs().max().item()
+    bound = factor * max_err(torch_at_dtype, ref64) + floor
+    err = max_err(got, ref64)
+    assert err <= bound, f"error {err:.3e} > {factor} x torch's {max_err(torch_at_dtype, ref64):.3e} (+ floor {floor:.1e})"
+
+
+@pytest.fixture(params=[64, 4], ids=["chunk64", "chunk4"])
+def chunk(request, monkeypatch):
+    """The CPU form at its real chunk size and at a tiny one, so short sequences cross many chunk boundaries."""
+    monkeypatch.setattr(la, "_CHUNK", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_forward_fp64_matches_naive(case, causal, chunk):
+    q, k, v, mask = _inputs(*case)
+    got = linear_attention(q, k, v, causal=causal, key_mask=mask)
+    want = linear_attention_naive(q, k, v, causal=causal, key_mask=mask)
+    assert got.shape == want.shape and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_forward_low_precision_within_torch_error(dtype, causal):
+    case = (2, 4, 2, 200, 16, 8, True)
+    q, k, v, mask = _inputs(*case, dtype=dtype)
+    q64, k64, v64 = q.double(), k.double(), v.double()  # the same rounded inputs, exact maths
+    ref = linear_attention_naive(q64, k64, v64, causal=causal, key_mask=mask)
+    torch_dt = linear_attention_naive(q, k, v, causal=causal, key_mask=mask)
+    got = linear_attention(q, k, v, causal=causal, key_mask=mask)
+    assert got.dtype == dtype
+    assert_within_torch_error(got, ref, torch_dt)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", CASES[1:4], ids=[_id(c) for c in CASES[1:4]])
+def test_first_order_grads_match_naive(case, causal, chunk):
+    q, k, v, mask = _inputs(*case)
+    do = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=torch.float64)
+    grads = []
+    for f in (linear_attention, linear_attention_naive):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        f(*x, causal=causal, key_mask=mask).backward(do)
+        grads.append([t.grad for t in x])
+    for name, got, want in zip("qkv", *grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_gradcheck_and_gradgradcheck(causal, monkeypatch):
+    monkeypatch.setattr(la, "_CHUNK", 2)  # L=7 crosses three chunk boundaries
+    q, k, v, mask = _inputs(1, 2, 1, 7, 2, 2, True, seed=1)
+    x = [t.requires_grad_() for t in (q, k, v)]
+
+    def f(q, k, v):
+        return linear_attention(q, k, v, causal=causal, key_mask=mask)
+
+    assert torch.autograd.gradcheck(f, x)
+    assert torch.autograd.gradgradcheck(f, x, fast_mode=True)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_jvp_and_forward_over_reverse_match_naive(causal, chunk):
+    q, k, v, mask = _inputs(1, 4, 2, 11, 3, 2, True, seed=2)
+    t = [torch.randn_like(x) for x in (q, k, v)]
+    w = torch.randn(1, 4, 11, 2, dtype=torch.float64)
+
+    def loss(f):
+        return lambda q, k, v: (f(q, k, v, causal=causal, key_mask=mask) * w).sum()
+
+    for fn in (lambda f: torch.func.jvp(lambda *a: f(*a, causal=causal, key_mask=mask), (q, k, v), tuple(t)),
+               lambda f: torch.func.jvp(torch.func.grad(loss(f), argnums=(0, 1, 2)), (q, k, v), tuple(t))):
+        got, want = fn(linear_attention), fn(linear_attention_naive)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("mode", ["causal", "anticausal", "full"])
+@pytest.mark.parametrize("heads", [(4, 2), (2, 4), (3, 3)], ids=["Ha4-Hb2", "Ha2-Hb4", "Ha3-Hb3"])
+def test_product_primitive(mode, heads, chunk):
+    Ha, Hb = heads
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, Ha, 13, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(2, Hb, 13, 3, generator=g, dtype=torch.float64)
+    c = torch.randn(2, Hb, 13, 4, generator=g, dtype=torch.float64)
+    i, j = torch.arange(13)[:, None], torch.arange(13)[None, :]
+    m = {"causal": j <= i, "anticausal": j >= i, "full": torch.ones(13, 13, dtype=torch.bool)}[mode].double()
+    if Ha >= Hb:
+        bb, cc = b.repeat_interleave(Ha // Hb, 1), c.repeat_interleave(Ha // Hb, 1)
+        want = ((a @ bb.transpose(-1, -2)) * m) @ cc
+    else:
+        aa = a.repeat_interleave(Hb // Ha, 1)
+        want = (((aa @ b.transpose(-1, -2)) * m) @ c).reshape(2, Ha, Hb // Ha, 13, 4).sum(2)
+    torch.testing.assert_close(linear_attention_product(a, b, c, mode), want)
+    x = [t.requires_grad_() for t in (a[:, :, :5, :2].contiguous(), b[:, :, :5, :2].contiguous(), c[:, :, :5, :2].contiguous())]
+    assert torch.autograd.gradcheck(lambda *x: linear_attention_product(*x, mode), x, fast_mode=True)
+
+
+def test_fully_masked_rows_are_zero_and_padding_nan_does_not_leak():
+    q, k, v, _ = _inputs(1, 2, 2, 8, 4, 3, False)
+    mask = torch.tensor([[False, False, True, True, False, True, True, True]])
+    v = v.clone()
+    v[:, :, ~mask[0]] = float("nan")
+    k = k.clone()
+    k[:, :, ~mask[0]] = float("inf")
+    o = linear_attention(q, k, v, causal=True, key_mask=mask)
+    assert torch.isfinite(o).all()
+    assert torch.equal(o[:, :, :2], torch.zeros_like(o[:, :, :2]))
+    ref = linear_attention_naive(q, torch.where(mask[:, None, :, None], k, 0), torch.where(mask[:, None, :, None], v, 0),
+                                 causal=True, key_mask=mask)
+    torch.testing.assert_close(o, ref)
+
+
+def test_errors_say_what_was_expected():
+    q, k, v = torch.rand(1, 3, 5, 4), torch.rand(1, 2, 5, 4), torch.randn(1, 2, 5, 2)
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        linear_attention(q, k, v, causal=True)
+    with pytest.raises(ValueError, match=r"key_mask must be a bool tensor \[B, L\]"):
+        linear_attention(q[:, :2], k, v, causal=True, key_mask=torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="expected phi_q"):
+        linear_attention(q[:, :2], k[..., :3], v, causal=True)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        linear_attention_product(q, q, q, "tril")
+
+
+def test_opcheck_every_op():
+    q, k, v, mask = _inputs(1, 4, 2, 6, 3, 2, True, dtype=torch.float32)
+    o, den = torch.ops.hhfft.linear_attention_fwd(q, k, v, True, mask)
+    do, dden = torch.randn_like(o), torch.zeros_like(den)
+    for op, args in (
+        (torch.ops.hhfft.linear_attention.default, (q, k, v, True, mask)),
+        (torch.ops.hhfft.linear_attention_fwd.default, (q, k, v, False, None)),
+        (torch.ops.hhfft.linear_attention_bwd.default, (q, k, v, o, den, do, dden, True, mask)),
+        (torch.ops.hhfft.linear_attention_product.default, (q, k, v, "anticausal")),
+    ):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_aot_autograd_forward_backward_matches_eager():
+    """The way the hhfft backend compiles: the pass puts the wrapper into the FX graph and AOTAutograd traces it (Dynamo
+    itself does not trace autograd.Functions with a custom jvp). The traced backward is the single fused op."""
+    from functorch.compile import aot_function
+
+    q, k, v, mask = _inputs(2, 4, 2, 70, 8, 4, True, dtype=torch.float32)
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return gm
+
+    def f(q, k, v, mask):
+        return linear_attention(q, k, v, causal=True, key_mask=mask)
+
+    res = []
+    for fn in (f, aot_function(f, fw_compiler=keep, bw_compiler=keep)):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = fn(*x, mask)
+        o.square().sum().backward()
+        res.append([o] + [t.grad for t in x])
+    for got, want in zip(*res):
+        torch.testing.assert_close(got, want)
+    fw, bw = (str(g.code) for g in graphs)
+    assert "hhfft.linear_attention_fwd" in fw and "hhfft.linear_attention_bwd" in bw
+    assert "linear_attention_product" not in bw
