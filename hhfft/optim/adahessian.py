@@ -178,7 +178,7 @@ class AdaHessian(torch.optim.Optimizer):
                 "loss.backward(create_graph=True) (or pass a closure that does), or compute it with "
                 "hhfft.optim.hutchinson(...) and call step(hessian=result)"
             )
-        total = [torch.zeros_like(p) for p in params]
+        mean = [torch.zeros_like(p) for p in params]
         for s in range(self.n_samples):
             zs = rademacher(params, self.generator)
             hz = torch.autograd.grad(
@@ -191,10 +191,9 @@ class AdaHessian(torch.optim.Optimizer):
             _count_hvp()
             for i, h in zip(with_graph, hz):
                 if h is not None:
-                    total[i].add_(zs[i] * h.detach())
-        if self.n_samples > 1:
-            total = [d / self.n_samples for d in total]
-        return total
+                    # running mean: exact when every probe gives the same value (a diagonal Hessian)
+                    mean[i].add_(zs[i] * h.detach() - mean[i], alpha=1 / (s + 1))
+        return mean
 
     @staticmethod
     def _given_hessian(hessian: Any, params: List[Tensor]) -> List[Tensor]:

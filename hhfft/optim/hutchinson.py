@@ -129,8 +129,7 @@ def hutchinson(
         raise TypeError("hutchinson: params must be a non-empty dict or sequence of floating-point tensors")
     if probes is not None:
         probes = list(probes)
-        if len(probes) != n_samples:
-            n_samples = len(probes)
+        n_samples = len(probes)
     fn = _forward_over_reverse if backend is None else _compiled_forward_over_reverse(backend)
     detached = pytree.tree_unflatten([p.detach() for p in leaves], spec)
     loss = grads = None
@@ -140,10 +139,11 @@ def hutchinson(
         loss_s, g, hz = fn(loss_fn, detached, pytree.tree_unflatten(list(z), spec))
         _count_hvp()
         d = [zi * hi for zi, hi in zip(z, pytree.tree_leaves(hz))]
-        total = d if total is None else [a + b for a, b in zip(total, d)]
+        # running mean: exact when every probe gives the same value (a diagonal Hessian)
+        total = d if total is None else [m + (x - m) / (s + 1) for m, x in zip(total, d)]
         if s == 0:
             loss, grads = loss_s.detach(), [x.detach() for x in pytree.tree_leaves(g)]
-    hess = [d / n_samples for d in total]
+    hess = total
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         grads, hess = _average_over_ranks(grads), _average_over_ranks(hess)
     if set_grad:
