@@ -135,7 +135,7 @@ def _(u, k, shift, out_len, bias=None, skip=None, pregate=None, postgate=None):
 
 @torch.library.triton_op("hhfft::fftconv_corr", mutates_args=())
 def _fftconv_corr_op(g: Tensor, v: Tensor, shift: int, K: int) -> Tensor:
-    if _use_kernels(g, v) and _monarch.plan(g.shape[-1], v.shape[-1], 0) <= _monarch.MAX_FUSED_N:
+    if _use_kernels(g, v) and _monarch.corr_supported(g, v, _monarch.plan(g.shape[-1], v.shape[-1], 0)):
         return _monarch.fftconv_corr_fwd(g, v, shift, K)
     return _fftconv_corr_torch(g, v, shift, K)
 

@@ -2,7 +2,10 @@
 
 Tolerance (STYLE.md): the kernel's max error against the fp64 reference is at most 2x the max error of the same
 computation done by PyTorch at the kernel's dtype (torch.fft in fp32 on inputs of that dtype, output in that dtype).
-Outputs start as NaN. Precision "ieee" under the interpreter (it has no tf32); the GPU tests cover the defaults.
+Outputs start as NaN. The interpreter has no tf32, so fp32/fp16 run with "ieee" dots here; bf16 runs with its
+default "fp16" dots (scaled fp16 operands), which the interpreter does emulate. The interpreter's fp32 -> bf16
+conversion truncates (the GPU rounds to nearest), so bf16 cases write an fp32 buffer that torch rounds to bf16;
+the GPU tests store bf16 from the kernel and cover the default precisions.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ from hhfft.kernels.fftconv.naive import fftconv_corr_naive, fftconv_naive
 from hhfft.lowering.fftconv import _fftconv_corr_torch, _fftconv_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PREC = None if torch.cuda.is_available() else "ieee"
+PREC = {torch.float32: "ieee", torch.float16: "ieee", torch.bfloat16: "fp16"}
+# dtype the kernel stores; see the module docstring for bf16
+STORE = {torch.float32: torch.float32, torch.float16: torch.float16, torch.bfloat16: torch.float32}
 
 
 def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -28,14 +33,19 @@ def assert_within_torch_error(out, ref64, torch_out, what: str, factor: float = 
     assert err <= factor * base, f"{what}: error {err:.3e} > {factor} x torch's {base:.3e} (scale {ref64.abs().max():.3e})"
 
 
-# (B, H, L, K, shift, out_len, max_fused_n, gates): N = 256, 1024, 4096 fused, 4096 by the four-step path
+# (B, H, L, K, shift, out_len, max_fused_n, rows_per_program, gates):
+# N = 256, 1024, 4096 fused (R = 2 with a half-empty last program in the first), 4096 by the four-step path
 CASES = [
-    pytest.param(3, 2, 129, 100, 0, 129, 8192, True, id="N256-B3-H2-L129-K100-causal-gates"),
-    pytest.param(2, 1, 601, 301, 150, 601, 8192, False, id="N1024-B2-H1-L601-K301-same"),
-    pytest.param(1, 1, 2049, 1500, 7, 2000, 8192, True, id="N4096-B1-H1-L2049-K1500-shift7-T2000-gates"),
-    pytest.param(2, 1, 3001, 1001, 0, 3001, 256, True, id="N4096-fourstep-P16-Q256-B2-H1-L3001-K1001-gates"),
+    pytest.param(5, 2, 129, 100, 0, 129, 4096, 2, True, id="N256-B5-H2-L129-K100-causal-gates-R2"),
+    pytest.param(2, 1, 601, 301, 150, 601, 4096, 1, False, id="N1024-B2-H1-L601-K301-same"),
+    pytest.param(1, 1, 2049, 1500, 7, 2000, 4096, 1, True, id="N4096-B1-H1-L2049-K1500-shift7-T2000-gates"),
+    pytest.param(2, 1, 3001, 1001, 0, 3001, 256, 1, True, id="N4096-fourstep-P16-Q256-B2-H1-L3001-K1001-gates"),
 ]
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16-fp16dots"),
+]
 
 
 def _inputs(B, H, L, K, T, gates, seed=0):
@@ -51,21 +61,23 @@ def _cast(d, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,H,L,K,shift,T,max_fused_n,gates", CASES)
-def test_forward(B, H, L, K, shift, T, max_fused_n, gates, dtype):
+@pytest.mark.parametrize("B,H,L,K,shift,T,max_fused_n,R,gates", CASES)
+def test_forward(B, H, L, K, shift, T, max_fused_n, R, gates, dtype):
     u, k, extra = _inputs(B, H, L, K, T, gates)
     ref = fftconv_naive(u, k, shift, T, **extra)
     u_d, k_d, extra_d = u.to(DEVICE, dtype), k.to(DEVICE, torch.float32), _cast(extra, dtype)
-    y = torch.full((B, H, T), float("nan"), device=DEVICE, dtype=dtype)
-    fftconv_fwd(u_d, k_d, shift, T, **extra_d, precision=PREC, max_fused_n=max_fused_n, out=y)
+    y = torch.full((B, H, T), float("nan"), device=DEVICE, dtype=STORE[dtype])
+    fftconv_fwd(u_d, k_d, shift, T, **extra_d, precision=PREC[dtype], max_fused_n=max_fused_n,
+                rows_per_program=R, out=y)
+    y = y.to(dtype)
     y_torch = _fftconv_torch(u_d, k_d, shift, T, extra_d.get("bias"), extra_d.get("skip"),
                              extra_d.get("pregate"), extra_d.get("postgate"))
     assert_within_torch_error(y.cpu(), ref, y_torch.cpu(), f"forward N={plan(L, K, T)}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,H,L,K,shift,T,max_fused_n,gates", CASES)
-def test_backward(B, H, L, K, shift, T, max_fused_n, gates, dtype):
+@pytest.mark.parametrize("B,H,L,K,shift,T,max_fused_n,R,gates", CASES)
+def test_backward(B, H, L, K, shift, T, max_fused_n, R, gates, dtype):
     """du = pregate * conv(dy * postgate, flip(k); K-1-shift) + skip * dy (the same kernel) and dk (the corr kernel)."""
     u, k, extra = _inputs(B, H, L, K, T, gates, seed=1)
     dy = torch.randn(B, H, T, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -77,8 +89,10 @@ def test_backward(B, H, L, K, shift, T, max_fused_n, gates, dtype):
     v = c(u) if not gates else c(u) * c(extra["pregate"])
     k32 = k.to(DEVICE, torch.float32)
     post_du = dict(postgate=c(extra["pregate"]), skip=None) if gates else {}
-    dv = torch.full((B, H, L), float("nan"), device=DEVICE, dtype=dtype)
-    fftconv_fwd(g, k32.flip(-1), K - 1 - shift, L, **post_du, precision=PREC, max_fused_n=max_fused_n, out=dv)
+    dv = torch.full((B, H, L), float("nan"), device=DEVICE, dtype=STORE[dtype])
+    fftconv_fwd(g, k32.flip(-1), K - 1 - shift, L, **post_du, precision=PREC[dtype], max_fused_n=max_fused_n,
+                rows_per_program=R, out=dv)
+    dv = dv.to(dtype)
     dv_torch = _fftconv_torch(g, k32.flip(-1), K - 1 - shift, L, None, None, None, post_du.get("postgate"))
     if gates:  # the skip path adds skip * dy, outside the convolution
         add = c(extra["skip"])[:, None] * c(dy)[..., :L] if T >= L else None
@@ -87,7 +101,7 @@ def test_backward(B, H, L, K, shift, T, max_fused_n, gates, dtype):
     assert_within_torch_error(dv.cpu(), du_ref, dv_torch.cpu(), "du")
 
     if plan(T, L, 0) <= max_fused_n:
-        dk = fftconv_corr_fwd(g, v, shift, K, precision=PREC)
+        dk = fftconv_corr_fwd(g, v, shift, K, precision=PREC[dtype], max_fused_n=max_fused_n)
         dk_torch = _fftconv_corr_torch(g, v, shift, K)
         assert_within_torch_error(dk.cpu(), dk_ref, dk_torch.cpu(), "dk")
 
@@ -96,11 +110,11 @@ def test_corr_matches_naive_odd_batch():
     g = torch.randn(3, 2, 77, dtype=torch.float64)
     v = torch.randn(3, 2, 90, dtype=torch.float64)
     ref = fftconv_corr_naive(g, v, 5, 40)
-    dk = fftconv_corr_fwd(g.float().to(DEVICE), v.float().to(DEVICE), 5, 40, precision=PREC)
+    dk = fftconv_corr_fwd(g.float().to(DEVICE), v.float().to(DEVICE), 5, 40, precision="ieee")
     assert_within_torch_error(dk.cpu(), ref, _fftconv_corr_torch(g.float(), v.float(), 5, 40), "dk odd batch")
 
 
 def test_fwd_rejects_bad_out():
     u, k = torch.randn(1, 1, 10, device=DEVICE), torch.randn(1, 3, device=DEVICE)
     with pytest.raises(ValueError, match="out must be"):
-        fftconv_fwd(u, k, 0, 10, out=torch.empty(1, 1, 9, device=DEVICE))
+        fftconv_fwd(u, k, 0, 10, out=torch.empty(1, 1, 9, device=DEVICE), precision="ieee")

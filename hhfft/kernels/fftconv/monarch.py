@@ -35,14 +35,20 @@ __all__ = [
     "MAX_FOURSTEP_N",
     "MIN_N",
     "plan",
+    "precision_for",
     "supported",
+    "corr_supported",
     "fftconv_fwd",
     "fftconv_corr_fwd",
 ]
 
 MIN_N = 256  # tl.dot needs every tile side >= 16
-MAX_FUSED_N = 8192  # [64, 128] complex fp32 tiles: the largest row that stays in registers
-MAX_FOURSTEP_N = 128 * MAX_FUSED_N  # column DFTs up to P = 128
+# Largest row the fused kernel keeps in registers, and largest column DFT of the four-step path, per dot precision
+# (measured on an H200: beyond these the kernels spill registers or need more than 227 KB of shared memory).
+_MAX_FUSED = {"fp16": 4096, "tf32": 4096, "tf32x3": 2048, "ieee": 2048}
+_MAX_P = {"fp16": 128, "tf32": 64, "tf32x3": 32, "ieee": 32}
+MAX_FUSED_N = _MAX_FUSED["fp16"]
+MAX_FOURSTEP_N = MAX_FUSED_N * _MAX_P["fp16"]
 
 _INTERPRET = triton.runtime.interpreter.InterpretedFunction if hasattr(triton.runtime, "interpreter") else ()
 
@@ -60,13 +66,27 @@ def plan(L: int, K: int, out_len: int) -> int:
     return 1 << (need - 1).bit_length()
 
 
+def precision_for(dtype: torch.dtype) -> str:
+    """Dot precision that keeps the error within 2x torch.fft's at this dtype (see README.md, Accuracy)."""
+    return "fp16" if dtype == torch.bfloat16 else "tf32x3"
+
+
 def supported(u: Tensor, N: int) -> bool:
-    """Whether the Triton kernels handle this call (else the op uses its plain-torch implementation)."""
-    return u.dtype in (torch.float16, torch.bfloat16, torch.float32) and N <= MAX_FOURSTEP_N
+    """Whether the op sends this forward to the Triton kernels (else it uses its torch.fft implementation).
+
+    bf16 and fp16 inputs, FFT sizes up to the precision's limit. fp32 inputs stay on torch.fft (cuFFT): the split
+    precision dots reach about 4e-5 relative error, 2-3x cuFFT's fp32 error (fftconv_fwd still takes them).
+    """
+    if u.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    prec = precision_for(u.dtype)
+    return N <= _MAX_FUSED[prec] * _MAX_P[prec]
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "tf32" if dtype == torch.bfloat16 else "tf32x3"
+def corr_supported(g: Tensor, v: Tensor, N: int) -> bool:
+    """Whether fftconv_corr goes to the Triton kernel (bf16/fp16 inputs, N within the fused limit)."""
+    dt = torch.promote_types(g.dtype, v.dtype)
+    return dt in (torch.float16, torch.bfloat16) and N <= _MAX_FUSED[precision_for(dt)]
 
 
 def _num_warps(n1: int, n2: int) -> int:
@@ -120,10 +140,19 @@ def _launch(kernel, grid, x: Tensor, **kwargs) -> None:
 
 # ------------------------------------------------------------------------------------------------- jit helpers
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    # "fp16": fp16 operands (callers keep them within [-N, N] by power-of-two scaling), fp32 accumulation
+    if PREC == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _cdot(ar, ai, br, bi, PREC: tl.constexpr):
     # (ar + i ai) @ (br + i bi)
-    cr = tl.dot(ar, br, input_precision=PREC) - tl.dot(ai, bi, input_precision=PREC)
-    ci = tl.dot(ar, bi, input_precision=PREC) + tl.dot(ai, br, input_precision=PREC)
+    cr = _dot(ar, br, PREC) - _dot(ai, bi, PREC)
+    ci = _dot(ar, bi, PREC) + _dot(ai, br, PREC)
     return cr, ci
 
 
@@ -136,74 +165,92 @@ def _load_plane(p, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _monarch_fwd(xr, xi, p_f1, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
+def _pow2_scale(xr, xi):
+    # smallest power of two >= max |x| (1 for an all-zero tile): dividing by it is exact
+    m = tl.maximum(tl.max(tl.abs(xr)), tl.max(tl.abs(xi)))
+    return tl.where(m > 0, tl.exp2(tl.ceil(tl.log2(tl.maximum(m, 1e-30)))), 1.0)
+
+
+@triton.jit
+def _monarch_fwd(xr, xi, f1r, f1i, twr, twi, f2r, f2i, PREC: tl.constexpr):
     # x [N1, N2] natural order -> X_f [N1, N2] with X_f[k1, k2] = fft(x)[k1 + N1 k2]
-    f1r, f1i = _load_plane(p_f1, N1, N1)
     ar, ai = _cdot(f1r, f1i, xr, xi, PREC)
-    twr, twi = _load_plane(p_tw, N1, N2)
     ar, ai = ar * twr - ai * twi, ar * twi + ai * twr
-    f2r, f2i = _load_plane(p_f2, N2, N2)
     return _cdot(ar, ai, f2r, f2i, PREC)
 
 
 @triton.jit
-def _monarch_inv(cr, ci, p_f1, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
-    # inverse of _monarch_fwd without the 1/N (folded into the spectrum): conjugate matrices, steps reversed
-    f2r, f2i = _load_plane(p_f2, N2, N2)
+def _monarch_inv(cr, ci, f1r, f1i, twr, twi, f2r, f2i, PREC: tl.constexpr):
+    # N * ifft: conjugate matrices, steps reversed (no 1/N: callers fold it in)
     dr, di = _cdot(cr, ci, f2r, -f2i, PREC)
-    twr, twi = _load_plane(p_tw, N1, N2)
     dr, di = dr * twr + di * twi, di * twr - dr * twi
-    f1r, f1i = _load_plane(p_f1, N1, N1)
     return _cdot(f1r, -f1i, dr, di, PREC)
+
+
+@triton.jit
+def _conv_row(xr, xi, kr, ki, f1r, f1i, twr, twi, f2r, f2i, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
+    # ifft(fft(x) * k_f) for a spectrum k_f = kr + i ki with |k_f| <= 1 (its scale is applied by the caller)
+    s = _pow2_scale(xr, xi)
+    cr, ci = _monarch_fwd(xr / s, xi / s, f1r, f1i, twr, twi, f2r, f2i, PREC)  # |c| <= N
+    cr, ci = cr * (1.0 / (N1 * N2)), ci * (1.0 / (N1 * N2))
+    cr, ci = cr * kr - ci * ki, cr * ki + ci * kr  # |.| <= 1
+    yr, yi = _monarch_inv(cr, ci, f1r, f1i, twr, twi, f2r, f2i, PREC)
+    return yr * s, yi * s
 
 
 # ------------------------------------------------------------------------------------------------- fused kernel
 @triton.jit
 def fftconv_fwd_kernel(
-    p_u, p_pre, p_post, p_bias, p_skip, p_kf, p_f1, p_f2, p_tw, p_y,
+    p_u, p_pre, p_post, p_bias, p_skip, p_kf, p_ks, p_f1, p_f2, p_tw, p_y,
     B, H, L, T, LO, HI,
-    N1: tl.constexpr, N2: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    i_p, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_b0 = 2 * i_p
-    i_b1 = i_b0 + 1
+    # program: channel i_h, pairs of rows [R i_g, R i_g + R); tables and spectrum loaded once
+    i_g, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]  # [N1, N2]
-    m_1 = i_b1 < B
+    f1r, f1i = _load_plane(p_f1, N1, N1)
+    f2r, f2i = _load_plane(p_f2, N2, N2)
+    twr, twi = _load_plane(p_tw, N1, N2)
+    kr, ki = _load_plane(p_kf + i_h * 2 * N1 * N2, N1, N2)
+    b_ks = tl.load(p_ks + i_h)
     m_u = o_n < L
-    p_u0 = p_u + (i_b0 * H + i_h) * L + o_n
-    p_u1 = p_u + (i_b1 * H + i_h) * L + o_n
-    b_u0 = tl.load(p_u0, mask=m_u, other=0.0).to(tl.float32)
-    b_u1 = tl.load(p_u1, mask=m_u & m_1, other=0.0).to(tl.float32)
-    b_xr, b_xi = b_u0, b_u1
-    if HAS_PRE:
-        b_xr = b_xr * tl.load(p_pre + (i_b0 * H + i_h) * L + o_n, mask=m_u, other=0.0).to(tl.float32)
-        b_xi = b_xi * tl.load(p_pre + (i_b1 * H + i_h) * L + o_n, mask=m_u & m_1, other=0.0).to(tl.float32)
-    b_cr, b_ci = _monarch_fwd(b_xr, b_xi, p_f1, p_f2, p_tw, N1, N2, PREC)
-    b_kr, b_ki = _load_plane(p_kf + i_h * 2 * N1 * N2, N1, N2)
-    b_cr, b_ci = b_cr * b_kr - b_ci * b_ki, b_cr * b_ki + b_ci * b_kr
-    b_yr, b_yi = _monarch_inv(b_cr, b_ci, p_f1, p_f2, p_tw, N1, N2, PREC)
-    # epilogue: conv part only where t + shift is inside the linear convolution's support
-    m_c = (o_n >= LO) & (o_n <= HI)
-    b_yr = tl.where(m_c, b_yr, 0.0)
-    b_yi = tl.where(m_c, b_yi, 0.0)
     m_t = o_n < T
-    if HAS_POST:
-        b_yr = b_yr * tl.load(p_post + (i_b0 * H + i_h) * T + o_n, mask=m_t, other=0.0).to(tl.float32)
-        b_yi = b_yi * tl.load(p_post + (i_b1 * H + i_h) * T + o_n, mask=m_t & m_1, other=0.0).to(tl.float32)
+    m_c = (o_n >= LO) & (o_n <= HI)  # t + shift inside the linear convolution's support
     if HAS_BIAS:
         b_bias = tl.load(p_bias + i_h).to(tl.float32)
-        b_yr += b_bias
-        b_yi += b_bias
     if HAS_SKIP:
         b_skip = tl.load(p_skip + i_h).to(tl.float32)
-        b_yr += b_skip * b_u0
-        b_yi += b_skip * b_u1
-    p_y0 = p_y + (i_b0 * H + i_h) * T + o_n
-    p_y1 = p_y + (i_b1 * H + i_h) * T + o_n
-    tl.store(p_y0, b_yr.to(p_y.dtype.element_ty), mask=m_t)
-    tl.store(p_y1, b_yi.to(p_y.dtype.element_ty), mask=m_t & m_1)
+    for i_r in range(R):
+        i_b0 = 2 * (i_g * R + i_r)
+        i_b1 = i_b0 + 1
+        m_0 = i_b0 < B
+        m_1 = i_b1 < B
+        o_0 = (i_b0 * H + i_h) * L + o_n
+        o_1 = (i_b1 * H + i_h) * L + o_n
+        b_u0 = tl.load(p_u + o_0, mask=m_u & m_0, other=0.0).to(tl.float32)
+        b_u1 = tl.load(p_u + o_1, mask=m_u & m_1, other=0.0).to(tl.float32)
+        b_xr, b_xi = b_u0, b_u1
+        if HAS_PRE:
+            b_xr = b_xr * tl.load(p_pre + o_0, mask=m_u & m_0, other=0.0).to(tl.float32)
+            b_xi = b_xi * tl.load(p_pre + o_1, mask=m_u & m_1, other=0.0).to(tl.float32)
+        b_yr, b_yi = _conv_row(b_xr, b_xi, kr, ki, f1r, f1i, twr, twi, f2r, f2i, N1, N2, PREC)
+        b_yr = tl.where(m_c, b_yr * b_ks, 0.0)
+        b_yi = tl.where(m_c, b_yi * b_ks, 0.0)
+        o_y0 = (i_b0 * H + i_h) * T + o_n
+        o_y1 = (i_b1 * H + i_h) * T + o_n
+        if HAS_POST:
+            b_yr = b_yr * tl.load(p_post + o_y0, mask=m_t & m_0, other=0.0).to(tl.float32)
+            b_yi = b_yi * tl.load(p_post + o_y1, mask=m_t & m_1, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b_yr += b_bias
+            b_yi += b_bias
+        if HAS_SKIP:
+            b_yr += b_skip * b_u0
+            b_yi += b_skip * b_u1
+        tl.store(p_y + o_y0, b_yr.to(p_y.dtype.element_ty), mask=m_t & m_0)
+        tl.store(p_y + o_y1, b_yi.to(p_y.dtype.element_ty), mask=m_t & m_1)
 
 
 # -------------------------------------------------------------------------------------------- four-step kernels
@@ -225,18 +272,17 @@ def fftconv_col_fwd_kernel(
     o_q = tl.arange(0, BQ)
     f_r, f_i = _load_plane(p_fp, P, P)
     for i_q in range(i_s, Q // BQ, NQB):
-        o_c = i_q * BQ + o_q
-        o_n = o_p[:, None] * Q + o_c[None, :]  # [P, BQ]
-        m_u = o_n < L
-        b_xr = tl.load(p_u + (i_b0 * H + i_h) * L + o_n, mask=m_u, other=0.0).to(tl.float32)
-        b_xi = tl.load(p_u + (i_b1 * H + i_h) * L + o_n, mask=m_u & m_1, other=0.0).to(tl.float32)
+        o_t = o_p[:, None] * Q + (i_q * BQ + o_q)[None, :]  # [P, BQ]: n = p Q + q in, (k_p, q) out
+        m_u = o_t < L
+        b_xr = tl.load(p_u + (i_b0 * H + i_h) * L + o_t, mask=m_u, other=0.0).to(tl.float32)
+        b_xi = tl.load(p_u + (i_b1 * H + i_h) * L + o_t, mask=m_u & m_1, other=0.0).to(tl.float32)
         if HAS_PRE:
-            b_xr = b_xr * tl.load(p_pre + (i_b0 * H + i_h) * L + o_n, mask=m_u, other=0.0).to(tl.float32)
-            b_xi = b_xi * tl.load(p_pre + (i_b1 * H + i_h) * L + o_n, mask=m_u & m_1, other=0.0).to(tl.float32)
-        b_ar, b_ai = _cdot(f_r, f_i, b_xr, b_xi, PREC)
-        o_t = o_p[:, None] * Q + o_c[None, :]
-        b_tr = tl.load(p_tw + o_t)
-        b_ti = tl.load(p_tw + P * Q + o_t)
+            b_xr = b_xr * tl.load(p_pre + (i_b0 * H + i_h) * L + o_t, mask=m_u, other=0.0).to(tl.float32)
+            b_xi = b_xi * tl.load(p_pre + (i_b1 * H + i_h) * L + o_t, mask=m_u & m_1, other=0.0).to(tl.float32)
+        b_sc = _pow2_scale(b_xr, b_xi)
+        b_ar, b_ai = _cdot(f_r, f_i, b_xr / b_sc, b_xi / b_sc, PREC)
+        b_tr = tl.load(p_tw + o_t) * b_sc
+        b_ti = tl.load(p_tw + P * Q + o_t) * b_sc
         b_ar, b_ai = b_ar * b_tr - b_ai * b_ti, b_ar * b_ti + b_ai * b_tr
         tl.store(p_s + i_r * 2 * P * Q + o_t, b_ar)
         tl.store(p_s + i_r * 2 * P * Q + P * Q + o_t, b_ai)
@@ -244,7 +290,7 @@ def fftconv_col_fwd_kernel(
 
 @triton.jit
 def fftconv_row_kernel(
-    p_s, p_kf, p_f1, p_f2, p_tw,
+    p_s, p_kf, p_ks, p_f1, p_f2, p_tw,
     H,
     P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -253,15 +299,15 @@ def fftconv_row_kernel(
     i_h = i_r % H
     Q: tl.constexpr = N1 * N2
     o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    f1r, f1i = _load_plane(p_f1, N1, N1)
+    f2r, f2i = _load_plane(p_f2, N2, N2)
+    twr, twi = _load_plane(p_tw, N1, N2)
+    kr, ki = _load_plane(p_kf + (i_h * P + i_k) * 2 * Q, N1, N2)
     p_row = p_s + i_r * 2 * P * Q + i_k * Q + o_n
-    b_xr = tl.load(p_row)
-    b_xi = tl.load(p_row + P * Q)
-    b_cr, b_ci = _monarch_fwd(b_xr, b_xi, p_f1, p_f2, p_tw, N1, N2, PREC)
-    b_kr, b_ki = _load_plane(p_kf + (i_h * P + i_k) * 2 * Q, N1, N2)
-    b_cr, b_ci = b_cr * b_kr - b_ci * b_ki, b_cr * b_ki + b_ci * b_kr
-    b_yr, b_yi = _monarch_inv(b_cr, b_ci, p_f1, p_f2, p_tw, N1, N2, PREC)
-    tl.store(p_row, b_yr)
-    tl.store(p_row + P * Q, b_yi)
+    b_yr, b_yi = _conv_row(tl.load(p_row), tl.load(p_row + P * Q), kr, ki, f1r, f1i, twr, twi, f2r, f2i, N1, N2, PREC)
+    b_ks = tl.load(p_ks + i_h)
+    tl.store(p_row, b_yr * b_ks)
+    tl.store(p_row + P * Q, b_yi * b_ks)
 
 
 @triton.jit
@@ -281,29 +327,30 @@ def fftconv_col_inv_kernel(
     o_p = tl.arange(0, P)
     o_q = tl.arange(0, BQ)
     f_r, f_i = _load_plane(p_fp, P, P)
+    if HAS_BIAS:
+        b_bias = tl.load(p_bias + i_h).to(tl.float32)
+    if HAS_SKIP:
+        b_skip = tl.load(p_skip + i_h).to(tl.float32)
     for i_q in range(i_s, Q // BQ, NQB):
-        o_c = i_q * BQ + o_q
-        o_t = o_p[:, None] * Q + o_c[None, :]  # [P, BQ]: k_p rows in, p rows out
-        b_dr = tl.load(p_s + i_r * 2 * P * Q + o_t)
-        b_di = tl.load(p_s + i_r * 2 * P * Q + P * Q + o_t)
-        b_tr = tl.load(p_tw + o_t)
-        b_ti = tl.load(p_tw + P * Q + o_t)
+        o_n = o_p[:, None] * Q + (i_q * BQ + o_q)[None, :]  # [P, BQ]: (k_p, q) in, n = p Q + q out
+        b_dr = tl.load(p_s + i_r * 2 * P * Q + o_n)
+        b_di = tl.load(p_s + i_r * 2 * P * Q + P * Q + o_n)
+        b_tr = tl.load(p_tw + o_n)
+        b_ti = tl.load(p_tw + P * Q + o_n)
         b_dr, b_di = b_dr * b_tr + b_di * b_ti, b_di * b_tr - b_dr * b_ti
-        b_yr, b_yi = _cdot(f_r, -f_i, b_dr, b_di, PREC)
-        o_n = o_t
+        b_sc = _pow2_scale(b_dr, b_di)
+        b_yr, b_yi = _cdot(f_r, -f_i, b_dr / b_sc, b_di / b_sc, PREC)
         m_c = (o_n >= LO) & (o_n <= HI)
-        b_yr = tl.where(m_c, b_yr, 0.0)
-        b_yi = tl.where(m_c, b_yi, 0.0)
+        b_yr = tl.where(m_c, b_yr * b_sc, 0.0)
+        b_yi = tl.where(m_c, b_yi * b_sc, 0.0)
         m_t = o_n < T
         if HAS_POST:
             b_yr = b_yr * tl.load(p_post + (i_b0 * H + i_h) * T + o_n, mask=m_t, other=0.0).to(tl.float32)
             b_yi = b_yi * tl.load(p_post + (i_b1 * H + i_h) * T + o_n, mask=m_t & m_1, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            b_bias = tl.load(p_bias + i_h).to(tl.float32)
             b_yr += b_bias
             b_yi += b_bias
         if HAS_SKIP:
-            b_skip = tl.load(p_skip + i_h).to(tl.float32)
             m_u = o_n < L
             b_yr += b_skip * tl.load(p_u + (i_b0 * H + i_h) * L + o_n, mask=m_u, other=0.0).to(tl.float32)
             b_yi += b_skip * tl.load(p_u + (i_b1 * H + i_h) * L + o_n, mask=m_u & m_1, other=0.0).to(tl.float32)
@@ -323,6 +370,9 @@ def fftconv_corr_kernel(
     i_h, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     N: tl.constexpr = N1 * N2
     o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    f1r, f1i = _load_plane(p_f1, N1, N1)
+    f2r, f2i = _load_plane(p_f2, N2, N2)
+    twr, twi = _load_plane(p_tw, N1, N2)
     m_g = o_n < T
     m_v = o_n < L
     b_sr = tl.zeros([N1, N2], dtype=tl.float32)
@@ -333,42 +383,58 @@ def fftconv_corr_kernel(
         m_1 = i_b1 < B
         b_gr = tl.load(p_g + (i_b0 * H + i_h) * T + o_n, mask=m_g, other=0.0).to(tl.float32)
         b_gi = tl.load(p_g + (i_b1 * H + i_h) * T + o_n, mask=m_g & m_1, other=0.0).to(tl.float32)
-        b_gr, b_gi = _monarch_fwd(b_gr, b_gi, p_f1, p_f2, p_tw, N1, N2, PREC)
+        b_sg = _pow2_scale(b_gr, b_gi)
+        b_gr, b_gi = _monarch_fwd(b_gr / b_sg, b_gi / b_sg, f1r, f1i, twr, twi, f2r, f2i, PREC)
         b_vr = tl.load(p_v + (i_b0 * H + i_h) * L + o_n, mask=m_v, other=0.0).to(tl.float32)
         b_vi = tl.load(p_v + (i_b1 * H + i_h) * L + o_n, mask=m_v & m_1, other=0.0).to(tl.float32)
-        b_vr, b_vi = _monarch_fwd(b_vr, b_vi, p_f1, p_f2, p_tw, N1, N2, PREC)
-        b_sr += b_gr * b_vr + b_gi * b_vi
-        b_si += b_gr * b_vi - b_gi * b_vr
-    b_cr, b_ci = _monarch_inv(b_sr, b_si, p_f1, p_f2, p_tw, N1, N2, PREC)
+        b_sv = _pow2_scale(b_vr, b_vi)
+        b_vr, b_vi = _monarch_fwd(b_vr / b_sv, b_vi / b_sv, f1r, f1i, twr, twi, f2r, f2i, PREC)
+        b_w = b_sg * b_sv
+        b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
+        b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
+    b_sc = _pow2_scale(b_sr, b_si)
+    b_cr, b_ci = _monarch_inv(b_sr / b_sc, b_si / b_sc, f1r, f1i, twr, twi, f2r, f2i, PREC)
     # lag m of circular index n: n (n < L) or n - N (n > N - T); dk index j = shift - m
     o_m = tl.where(o_n < L, o_n, o_n - N)
     m_lag = (o_n < L) | (o_n > N - T)
     o_j = SHIFT - o_m
     m_j = m_lag & (o_j >= 0) & (o_j < K)
-    tl.store(p_dk + (i_s * H + i_h) * K + o_j, b_cr * (1.0 / N), mask=m_j)
+    tl.store(p_dk + (i_s * H + i_h) * K + o_j, b_cr * (b_sc / N), mask=m_j)
 
 
 # ---------------------------------------------------------------------------------------------------- host side
-def _spectrum(k: Tensor, shift: int, N: int, rows: tuple[int, ...]) -> Tensor:
-    """fft(k') / N in the kernels' order as fp32 planes, k'[m] = k[m + shift] circularly (taps before 0 wrap).
+def _spectrum(k: Tensor, shift: int, N: int, rows: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """fft(k') in the kernels' order as fp32 planes scaled into [-1, 1], and the per-channel power-of-two scales.
 
+    k'[m] = k[m + shift] circularly (taps before 0 wrap), so the kernels compute a plain circular convolution.
     rows = (N1, N2): fused layout [H, 2, N1, N2] with [k1, k2] = f[k1 + N1 k2].
     rows = (P, Q1, Q2): four-step layout [H, P, 2, Q1, Q2] with [kp, k1, k2] = f[kp + P (k1 + Q1 k2)].
     """
     H, K = k.shape
     kp = F.pad(k.to(torch.float32), (0, N - K))
     kp = torch.roll(kp, -(shift % N), dims=-1) if shift % N else kp
-    f = torch.fft.fft(kp, dim=-1) * (1.0 / N)
+    f = torch.fft.fft(kp, dim=-1)
     f = torch.stack([f.real, f.imag], dim=1)  # [H, 2, N]
+    m = f.abs().amax(dim=(1, 2))
+    scale = torch.where(m > 0, torch.exp2(torch.ceil(torch.log2(m))), torch.ones_like(m))
+    f = f / scale[:, None, None]
     if len(rows) == 2:
         n1, n2 = rows
-        return f.view(H, 2, n2, n1).transpose(-1, -2).contiguous()
+        return f.view(H, 2, n2, n1).transpose(-1, -2).contiguous(), scale
     p, q1, q2 = rows
-    return f.view(H, 2, q2, q1, p).permute(0, 4, 1, 3, 2).contiguous()
+    return f.view(H, 2, q2, q1, p).permute(0, 4, 1, 3, 2).contiguous(), scale
 
 
 def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
     return like if x is None else x.contiguous()
+
+
+def _rows_per_program(pairs: int, H: int, N: int) -> int:
+    """Pairs of rows per program: amortise the table loads, keep >= ~8 programs per SM (132 SMs on an H200)."""
+    r = 1
+    while r < 8 and N * r < 4096 and -(-pairs // (2 * r)) * H >= 1056:
+        r *= 2
+    return r
 
 
 def fftconv_fwd(
@@ -382,57 +448,63 @@ def fftconv_fwd(
     postgate: Optional[Tensor] = None,
     *,
     precision: Optional[str] = None,
-    max_fused_n: int = MAX_FUSED_N,
+    max_fused_n: Optional[int] = None,
+    rows_per_program: Optional[int] = None,
     out: Optional[Tensor] = None,
 ) -> Tensor:
     """The fftconv contract (see hhfft.lowering.fftconv.fftconv) by the Monarch kernels.
 
     Args:
         u: [B, H, L] fp16/bf16/fp32, k: [H, K], bias/skip: [H], pregate: [B, H, L], postgate: [B, H, out_len]
-        precision: tl.dot input precision ("tf32", "tf32x3", "ieee"); default by u's dtype
+        precision: dot precision ("fp16", "tf32", "tf32x3", "ieee"); default by u's dtype (precision_for)
         max_fused_n: largest N done by the fused kernel (smaller values force the four-step path, for tests)
-        out: optional contiguous [B, H, out_len] buffer of u's dtype to write y into
+        rows_per_program: pairs of rows per fused program (default: _rows_per_program)
+        out: optional contiguous [B, H, out_len] floating buffer to write y into (any float dtype)
     Returns:
-        y: [B, H, out_len] in u's dtype
+        y: [B, H, out_len] in u's dtype (or out)
     """
     B, H, L = u.shape
     K = k.shape[-1]
     N = plan(L, K, out_len)
-    if not supported(u, N):
+    prec = precision or precision_for(u.dtype)
+    max_fused = max_fused_n or _MAX_FUSED[prec]
+    if u.dtype not in (torch.float16, torch.bfloat16, torch.float32) or N > max_fused * _MAX_P[prec]:
         raise ValueError(
-            f"fftconv_fwd: expected u in fp16/bf16/fp32 and FFT size <= {MAX_FOURSTEP_N}, got {u.dtype} and N={N}; "
-            "use hhfft.lowering.fftconv.fftconv, which falls back to torch.fft"
+            f"fftconv_fwd: expected u in fp16/bf16/fp32 and FFT size <= {max_fused * _MAX_P[prec]} at precision "
+            f"{prec}, got {u.dtype} and N={N}; use hhfft.lowering.fftconv.fftconv, which falls back to torch.fft"
         )
-    prec = precision or _precision(u.dtype)
     u = u.contiguous()
     y = torch.empty(B, H, out_len, device=u.device, dtype=u.dtype) if out is None else out
-    if tuple(y.shape) != (B, H, out_len) or y.dtype != u.dtype or not y.is_contiguous():
-        raise ValueError(f"fftconv_fwd: out must be a contiguous {(B, H, out_len)} {u.dtype} tensor, got {y.shape} {y.dtype}")
+    if tuple(y.shape) != (B, H, out_len) or not y.is_floating_point() or not y.is_contiguous():
+        raise ValueError(
+            f"fftconv_fwd: out must be a contiguous floating {(B, H, out_len)} tensor, got {tuple(y.shape)} {y.dtype}"
+        )
     flags = dict(HAS_POST=postgate is not None, HAS_BIAS=bias is not None, HAS_SKIP=skip is not None, PREC=prec)
     common = dict(
         p_u=u, p_post=_empty_if_none(postgate, u), p_bias=_empty_if_none(bias, u),
         p_skip=_empty_if_none(skip, u), p_y=y, B=B, H=H, L=L, T=out_len, LO=-shift, HI=L + K - 2 - shift,
     )
     pairs = (B + 1) // 2
-    if N <= max_fused_n:
+    if N <= max_fused:
         n1, n2 = _split(N)
         f1, f2, tw = _tables(n1, n2, u.device, u)
+        kf, ks = _spectrum(k, shift, N, (n1, n2))
+        r = rows_per_program or _rows_per_program(pairs, H, N)
         _launch(
-            fftconv_fwd_kernel, (pairs, H), u, **common, p_pre=_empty_if_none(pregate, u),
-            p_kf=_spectrum(k, shift, N, (n1, n2)), p_f1=f1, p_f2=f2, p_tw=tw,
-            N1=n1, N2=n2, HAS_PRE=pregate is not None, num_warps=_num_warps(n1, n2), **flags,
+            fftconv_fwd_kernel, (triton.cdiv(pairs, r), H), u, **common, p_pre=_empty_if_none(pregate, u),
+            p_kf=kf, p_ks=ks, p_f1=f1, p_f2=f2, p_tw=tw, N1=n1, N2=n2, R=r, HAS_PRE=pregate is not None,
+            num_warps=_num_warps(n1, n2), **flags,
         )
         return y
-    Q = min(max_fused_n, N // 16)
+    Q = min(max_fused, N // 16)
     P = N // Q
-    if P > 128:
-        raise ValueError(f"fftconv_fwd: N={N} needs a column DFT of size {P} > 128 with max_fused_n={max_fused_n}")
     q1, q2 = _split(Q)
     fq1, fq2, twq = _tables(q1, q2, u.device, u)
     fp = _tables(P, P, u.device, u)[0]
     tw = _cached(("tw", P, Q, str(u.device)), u, lambda: _twiddles(P, Q, N, -1.0, u.device))
+    kf, ks = _spectrum(k, shift, N, (P, q1, q2))
     s = torch.empty(pairs * H, 2, P, Q, device=u.device, dtype=torch.float32)
-    bq = min(Q, 64 if P <= 64 else 32)
+    bq = min(Q, 64 if P <= 32 else 32)
     nqb = max(1, min(Q // bq, 8))
     nw = 4 if P * bq <= 2048 else 8
     _launch(
@@ -441,8 +513,8 @@ def fftconv_fwd(
         num_warps=nw,
     )
     _launch(
-        fftconv_row_kernel, (pairs * H, P), u, p_s=s, p_kf=_spectrum(k, shift, N, (P, q1, q2)),
-        p_f1=fq1, p_f2=fq2, p_tw=twq, H=H, P=P, N1=q1, N2=q2, PREC=prec, num_warps=_num_warps(q1, q2),
+        fftconv_row_kernel, (pairs * H, P), u, p_s=s, p_kf=kf, p_ks=ks / P, p_f1=fq1, p_f2=fq2, p_tw=twq,
+        H=H, P=P, N1=q1, N2=q2, PREC=prec, num_warps=_num_warps(q1, q2),
     )
     _launch(
         fftconv_col_inv_kernel, (pairs * H, nqb), u, **common, p_s=s, p_fp=fp, p_tw=tw, P=P, Q=Q, BQ=bq,
@@ -451,23 +523,27 @@ def fftconv_fwd(
     return y
 
 
-def fftconv_corr_fwd(g: Tensor, v: Tensor, shift: int, K: int, *, precision: Optional[str] = None) -> Tensor:
+def fftconv_corr_fwd(
+    g: Tensor, v: Tensor, shift: int, K: int, *, precision: Optional[str] = None, max_fused_n: Optional[int] = None
+) -> Tensor:
     """dk[h, j] = sum_{b,t} g[b,h,t] v[b,h,t+shift-j], j in [0, K), by the Monarch kernels.
 
     Args:
-        g: [B, H, T], v: [B, H, L] (fp16/bf16/fp32); FFT size N = plan(T, L, 0) <= MAX_FUSED_N
+        g: [B, H, T], v: [B, H, L] (fp16/bf16/fp32); FFT size N = plan(T, L, 0) <= the fused limit of the precision
+        precision, max_fused_n: as in fftconv_fwd (the limit can be raised for the interpreter)
     Returns:
         dk: [H, K] fp32
     """
     B, H, T = g.shape
     L = v.shape[-1]
     N = plan(T, L, 0)
-    if N > MAX_FUSED_N or g.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    prec = precision or precision_for(torch.promote_types(g.dtype, v.dtype))
+    max_fused = max_fused_n or _MAX_FUSED[prec]
+    if N > max_fused or g.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(
-            f"fftconv_corr_fwd: expected N <= {MAX_FUSED_N} and fp16/bf16/fp32, got N={N}, {g.dtype}; "
+            f"fftconv_corr_fwd: expected N <= {max_fused} and fp16/bf16/fp32, got N={N}, {g.dtype}; "
             "use hhfft.lowering.fftconv.fftconv_corr, which falls back to torch.fft"
         )
-    prec = precision or _precision(torch.promote_types(g.dtype, v.dtype))
     n1, n2 = _split(N)
     f1, f2, tw = _tables(n1, n2, g.device, g)
     pairs = (B + 1) // 2
