@@ -127,10 +127,32 @@ def _(a, b, c, mode):
     return a.new_empty(*a.shape[:-1], c.shape[-1], dtype=_compute_dtype(a, b, c))
 
 
-@torch.library.custom_op("hhfft::linear_attention_fwd", mutates_args=())
-def _fwd_op(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, key_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    o, den = _fwd_torch(phi_q, phi_k, v, causal, key_mask)
+def _use_triton(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """The Triton kernels serve CUDA tensors of one dtype among fp16/bf16/fp32 with F, D <= 256; anything else (the
+    CPU, fp64 references) runs the plain-torch implementation."""
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and q.dtype == k.dtype == v.dtype
+        and q.shape[-1] <= 256
+        and v.shape[-1] <= 256
+    )
+
+
+def _fwd_impl(q, k, v, causal, key_mask) -> Tuple[Tensor, Tensor]:
+    if _use_triton(q, k, v):
+        from hhfft.kernels.linear_attention.chunk import linear_attention_fwd
+
+        return linear_attention_fwd(q, k, v, causal, key_mask)
+    o, den = _fwd_torch(q, k, v, causal, key_mask)
     return o.contiguous(), den
+
+
+# triton_op: on CUDA, Inductor sees the Triton kernels launched through wrap_triton; on the CPU the body takes the
+# plain-torch branch, which Inductor traces like any torch code.
+@torch.library.triton_op("hhfft::linear_attention_fwd", mutates_args=())
+def _fwd_op(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, key_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return _fwd_impl(phi_q, phi_k, v, causal, key_mask)
 
 
 @_fwd_op.register_fake
@@ -140,9 +162,9 @@ def _(phi_q, phi_k, v, causal, key_mask=None):
     return o, phi_q.new_empty(B, Hq, L, dtype=_compute_dtype(phi_q, phi_k, v))
 
 
-@torch.library.custom_op("hhfft::linear_attention", mutates_args=())
+@torch.library.triton_op("hhfft::linear_attention", mutates_args=())
 def _contract_op(phi_q: Tensor, phi_k: Tensor, v: Tensor, causal: bool, key_mask: Optional[Tensor] = None) -> Tensor:
-    return _fwd_torch(phi_q, phi_k, v, causal, key_mask)[0].contiguous()
+    return _fwd_impl(phi_q, phi_k, v, causal, key_mask)[0]
 
 
 @_contract_op.register_fake
@@ -150,7 +172,7 @@ def _(phi_q, phi_k, v, causal, key_mask=None):
     return v.new_empty(*phi_q.shape[:-1], v.shape[-1])
 
 
-@torch.library.custom_op("hhfft::linear_attention_bwd", mutates_args=())
+@torch.library.triton_op("hhfft::linear_attention_bwd", mutates_args=())
 def _bwd_op(
     phi_q: Tensor,
     phi_k: Tensor,
@@ -162,6 +184,10 @@ def _bwd_op(
     causal: bool,
     key_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    if _use_triton(phi_q, phi_k, v):
+        from hhfft.kernels.linear_attention.chunk import linear_attention_bwd
+
+        return linear_attention_bwd(phi_q, phi_k, v, o, den, do, dden, causal, key_mask)
     dq, dk, dv = _bwd_composite(phi_q, phi_k, v, o, den, do, dden, causal, key_mask, _product_torch)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 

@@ -1,0 +1,83 @@
+"""The Triton linear-attention kernels through the interpreter (CPU) at tiny shapes, against the fp64 reference.
+
+fp32 and fp16 only: the interpreter's bf16 tl.dot is broken (bf16 runs in tests/gpu). Every buffer the kernels write,
+the intermediate states included, starts as NaN.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hhfft.kernels.linear_attention import chunk
+from hhfft.kernels.linear_attention.naive import linear_attention_naive, linear_attention_weights_naive
+from utils import assert_within_baseline
+
+CASES = [  # (B, Hq, Hkv, L, F, D, masked)
+    (1, 2, 2, 1, 8, 4, False),
+    (1, 2, 1, 63, 16, 8, True),
+    (2, 4, 1, 65, 12, 20, True),
+    (1, 4, 2, 130, 8, 16, False),
+]
+
+
+def _id(c):
+    B, Hq, Hkv, L, F, D, m = c
+    return f"B{B}-Hq{Hq}-Hkv{Hkv}-L{L}-F{F}-D{D}" + ("-mask" if m else "")
+
+
+@pytest.fixture(autouse=True)
+def _nan_buffers(monkeypatch):
+    monkeypatch.setattr(chunk, "_new", lambda ref, *shape, dtype=None: torch.full(shape, float("nan"), dtype=dtype or ref.dtype))
+
+
+def _inputs(B, Hq, Hkv, L, F, D, masked, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(B, Hq, L, F, generator=g).to(dtype)
+    k = torch.rand(B, Hkv, L, F, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(B, L, generator=g) > 0.3
+        mask[:, 1:2] = False  # a fully masked row before the first kept key exists where mask[:, 0] is False too
+    return q, k, v, mask
+
+
+def _reference(q, k, v, causal, mask):
+    """(o, den) from the quadratic form, in the inputs' dtype (fp64 for the reference, the kernel's for the baseline)."""
+    o = linear_attention_naive(q, k, v, causal=causal, key_mask=mask)
+    den = linear_attention_weights_naive(q, k, causal=causal, key_mask=mask).sum(-1)
+    return o, den
+
+
+def _grads(q, k, v, causal, mask, do, dden):
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, den = _reference(*x, causal, mask)
+    torch.autograd.backward((o, den), (do.to(o.dtype), dden.to(den.dtype)))
+    return [t.grad for t in x]
+
+
+# fp32 on every case, fp16 on the first three (the interpreter is slow; the GPU tests cover the full grid)
+PARAMS = [(c, torch.float32) for c in CASES] + [(c, torch.float16) for c in CASES[:3]]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case,dtype", PARAMS, ids=[f"{_id(c)}-{str(d)[6:]}" for c, d in PARAMS])
+def test_forward_and_backward_vs_fp64(case, causal, dtype):
+    q, k, v, mask = _inputs(*case, dtype=dtype)
+    x64 = [t.double() for t in (q, k, v)]
+    o, den = chunk.linear_attention_fwd(q, k, v, causal, mask)
+    o64, den64 = _reference(*x64, causal, mask)
+    o_dt, den_dt = _reference(q, k, v, causal, mask)
+    assert o.dtype == dtype and den.dtype == torch.float32
+    assert_within_baseline("o", o, o64, [o_dt])
+    assert_within_baseline("den", den, den64, [den_dt], dtype=dtype)
+
+    g = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=g).to(dtype)
+    dden = torch.randn(den.shape, generator=g)
+    grads = chunk.linear_attention_bwd(q, k, v, o, den, do, dden, causal, mask)
+    want = _grads(*x64, causal, mask, do.double(), dden.double())
+    base = _grads(q, k, v, causal, mask, do, dden)
+    for name, got, ref, b in zip(("dq", "dk", "dv"), grads, want, base):
+        assert got.dtype == dtype
+        assert_within_baseline(name, got, ref, [b])
