@@ -570,12 +570,11 @@ def _rewrite(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAnalyze
     with g.inserting_before(m.pv):
         q, k, v = m.q, m.k, m.v
         if m.q_perm is not None:
-            q = b(torch.permute, q, m.q_perm) if m.q_perm != tuple(range(len(m.q_perm))) else q
-            k = b(torch.permute, k, m.k_perm) if m.k_perm != tuple(range(len(m.k_perm))) else k
+            q, k = _permute(b, q, m.q_perm), _permute(b, k, m.k_perm)
         elif m.k_needs_t:
             k = b(torch.transpose, k, -2, -1)
-        if m.v_perm is not None and m.v_perm != tuple(range(len(m.v_perm))):
-            v = b(torch.permute, v, m.v_perm)
+        if m.v_perm is not None:
+            v = _permute(b, v, m.v_perm)
         rank = len(_shape(q))
         squeeze = 0
         if rank == 3:
@@ -718,6 +717,35 @@ def _rewrite(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAnalyze
     _erase_dead(g, [m.q, m.k, m.v] + [p[1] for p in m.pieces if p[0] not in {"scale", "const"}])
 
 
+def _perm_of(n: fx.Node) -> Optional[tuple]:
+    """The permutation a transpose/permute node applies, else None."""
+    name = op_name(n)
+    if not isinstance(n, fx.Node) or not isinstance(val(n), torch.Tensor):
+        return None
+    nd = len(_shape(n))
+    if name == "transpose" and len(n.args) >= 3:
+        p = list(range(nd))
+        d0, d1 = (_ndim_arg(d, nd) for d in n.args[1:3])
+        p[d0], p[d1] = p[d1], p[d0]
+        return tuple(p)
+    if name == "permute":
+        dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
+        return tuple(_ndim_arg(d, nd) for d in dims)
+    return None
+
+
+def _permute(b: "_Builder", x: fx.Node, perm: tuple) -> fx.Node:
+    """x.permute(perm), folded into the transposes/permutes x came from (so q/k/v are the model's own tensors)."""
+    perm = tuple(perm)
+    while True:
+        inner = _perm_of(x)
+        if inner is None or len(inner) != len(perm):
+            break
+        perm = tuple(inner[p] for p in perm)
+        x = x.args[0]
+    return x if perm == tuple(range(len(perm))) else b(torch.permute, x, perm)
+
+
 def _align(dims: tuple, rank: int) -> tuple:
     if len(dims) >= rank:
         return dims
@@ -815,10 +843,17 @@ def _mha(gm: fx.GraphModule, n: fx.Node, site: AttentionSite, an: MaskAnalyzer, 
     allowed = Allowed()
     if isinstance(kpm, fx.Node):
         t = an.of(kpm)
-        from hhfft.passes.attention_mask import _Data, _is_pred, _neg
+        from hhfft.passes.attention_mask import _is_pred, _neg
 
+        if len(t.dims) != 2:
+            raise _Fail("key_padding_mask is not (N, S)")
+        dims = (t.dims[0], None, None, t.dims[1])
         if _dtype(kpm) == torch.bool and _is_pred(t.value):
-            allowed.key_padding.append((kpm, False))  # True = ignore (blocked)
+            classify(an, _neg(t.value), dims, allowed)  # True = ignore (blocked)
+        elif isinstance(t.value, _Sel) and t.value.b == 0 and absorbing(t.value.a, _dtype(kpm)):
+            classify(an, _neg(t.value.pred), dims, allowed)
+        elif isinstance(t.value, _Sel) and t.value.a == 0 and absorbing(t.value.b, _dtype(kpm)):
+            classify(an, t.value.pred, dims, allowed)
         else:
             allowed.general = True
     if isinstance(am, fx.Node):
@@ -906,7 +941,7 @@ def run(gm: fx.GraphModule, opts: Any, report: Any) -> None:
     rewrite = getattr(opts, "attention", "canonical") == "canonical"
     an = MaskAnalyzer()
     for n in find(gm):
-        if getattr(n, "_erased", False) or n.meta.get("hhfft_attention"):
+        if getattr(n, "_erased", False):
             continue
         name = op_name(n)
         path = module_path(n)
@@ -922,14 +957,15 @@ def run(gm: fx.GraphModule, opts: Any, report: Any) -> None:
             continue
         if name == "mha":
             site.spelling = "mha"
+            dtype, shapes = _dtype(n.args[0]), describe_shape(*(val(x) for x in n.args[:3]))
             try:
                 _mha(gm, n, site, an, rewrite)
             except _Fail as e:
-                _site_record(report, site, "skipped", str(e), _dtype(n.args[0]), describe_shape(val(n.args[0])))
+                _site_record(report, site, "skipped", str(e), dtype, shapes)
                 bump("attention_skipped")
                 continue
             _site_record(report, site, "rewritten" if rewrite else "kept",
-                         "" if rewrite else "attention='keep'", _dtype(n.args[0]), describe_shape(val(n.args[0])))
+                         "" if rewrite else "attention='keep'", dtype, shapes)
             bump("attention_rewritten" if rewrite else "attention_kept")
             continue
         try:

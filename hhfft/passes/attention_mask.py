@@ -253,7 +253,16 @@ class MaskAnalyzer:
         if n in self._memo:
             return self._memo[n]
         try:
-            r = self._eval(n)
+            muts = [u for u in n.users if u.op == "call_method" and u.target.endswith("_")
+                    and not u.target.startswith("__") and u.args and u.args[0] is n]
+            if muts:
+                # mutated in place: its uses see the mutated value. One masked_fill_ is understood, else opaque.
+                if len(muts) != 1 or muts[0].target != "masked_fill_":
+                    raise _Opaque("mutated in place")
+                r = self._masked_fill(muts[0], self._eval(n))
+                self._memo[muts[0]] = r
+            else:
+                r = self._eval(n)
         except (_Opaque, TypeError, ValueError, IndexError, AttributeError, KeyError):
             r = self._data(n)
         self._memo[n] = r
@@ -343,8 +352,20 @@ class MaskAnalyzer:
             if not _is_pred(cv) or not isinstance(xv, _Const) or not isinstance(yv, _Const):
                 return _T(dims, _Data(n, frozenset(d for d in dims if d is not None)))
             return _T(dims, _Sel(cv, xv.value, yv.value))
+        if name == "masked_fill_":
+            return self.of(a[0])
         if name == "masked_fill":
-            x, c = self.of(a[0]), self.of(a[1])
+            return self._masked_fill(n, self.of(a[0]))
+        # anything else: opaque data along the dimensions it has
+        ins = [self.of(x) for x in n.all_input_nodes]
+        if not ins:
+            raise _Opaque(f"unknown source {name}")
+        return self._data(n)
+
+    def _masked_fill(self, n: fx.Node, x: _T) -> _T:
+        a = n.args
+        if True:
+            c = self.of(a[1])
             fill = a[2]
             if isinstance(fill, fx.Node):
                 fill = self.of(fill).value
