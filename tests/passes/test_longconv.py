@@ -225,7 +225,8 @@ def check_model(model: nn.Module, x: torch.Tensor, expected_sites: int, options=
     x = x.detach().requires_grad_(True)
     x64 = x.detach().double().requires_grad_(True)
     compiled = torch.compile(model, backend="hhfft", options=options)
-    out_c = compiled(x)
+    as_tuple = lambda o: o if isinstance(o, tuple) else (o,)  # noqa: E731
+    out_c = as_tuple(compiled(x))
     assert counters["hhfft"]["longconv_rewritten"] == expected_sites, (
         f"rewrote {counters['hhfft']['longconv_rewritten']} sites, expected {expected_sites}:\n{hhfft.last_report()}"
     )
@@ -233,7 +234,7 @@ def check_model(model: nn.Module, x: torch.Tensor, expected_sites: int, options=
     for m in model_fft.modules():
         if isinstance(m, ConvSite):
             m.fft_reference = True
-    out_e, out_f, out_r = model(x), model_fft(x), model64(x64)
+    out_e, out_f, out_r = as_tuple(model(x)), as_tuple(model_fft(x)), as_tuple(model64(x64))
     gen = torch.Generator().manual_seed(0)
     cots = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in out_r]
     g_c = _grads(model, x, out_c, [c.to(o.dtype) for c, o in zip(cots, out_c)])
@@ -267,3 +268,93 @@ def test_drawn_fft_models_match_eager(case):
     model = Sites(specs).to(dtype)
     x = torch.randn(B, specs[0].C, L, dtype=dtype)
     check_model(model, x, sum(s.is_long for s in specs))
+
+
+# ------------------------------------------------------------------------------------------------------ near misses
+class _Single(nn.Module):
+    def __init__(self, fn, **params):
+        super().__init__()
+        self.fn = fn
+        for k, v in params.items():
+            setattr(self, k, nn.Parameter(v))
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+NEAR_MISSES = {
+    # name: (module, input shape, words the reason must contain)
+    "stride2": (nn.Conv1d(4, 4, 33, stride=2, padding=16, groups=4), (2, 4, 100), "stride"),
+    "reflect": (nn.Conv1d(4, 4, 33, padding=16, groups=4, padding_mode="reflect"), (2, 4, 100), "reflect"),
+    "replicate": (nn.Conv1d(4, 4, 33, padding=16, groups=4, padding_mode="replicate"), (2, 4, 100), "replicate"),
+    "not_depthwise": (nn.Conv1d(4, 4, 33, padding=16, groups=2), (2, 4, 100), "not depthwise"),
+    "dense": (nn.Conv1d(4, 8, 33, padding=16), (2, 4, 100), "not depthwise"),
+    "short_kernel": (nn.Conv1d(4, 4, 3, padding=1, groups=4), (2, 4, 100), "min_kernel_size"),
+    "conv2d": (nn.Conv2d(4, 4, (1, 33), padding=(0, 16), groups=4), (2, 4, 3, 100), "1-D"),
+    "fft_too_small": (
+        _Single(
+            lambda m, x: torch.fft.irfft(torch.fft.rfft(x, n=x.shape[-1]) * torch.fft.rfft(m.k, n=x.shape[-1]),
+                                         n=x.shape[-1]),
+            k=torch.randn(4, 40),
+        ),
+        (2, 4, 100),
+        "circular",
+    ),
+    "fft_kernel_per_batch": (
+        _Single(lambda m, x: torch.fft.irfft(torch.fft.rfft(x, n=256) * torch.fft.rfft(x.flip(0), n=256), n=256)),
+        (2, 4, 100),
+        "kernel",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NEAR_MISSES))
+def test_near_miss_is_left_alone_with_reason(name):
+    module, shape, words = NEAR_MISSES[name]
+    report = hhfft.explain(module, torch.randn(*shape), min_kernel_size=MIN_K)
+    assert report.count("longconv", "rewritten") == 0, str(report)
+    skipped = report.select("longconv", "skipped")
+    assert skipped and all(words in s.reason for s in skipped), str(report)
+    # and compiling it changes nothing: equal to eager, no rewrite counted
+    check_model(module, torch.randn(*shape), expected_sites=0)
+
+
+# ------------------------------------------------------------------------------------------------- dynamic shapes
+class Hyena(nn.Module):
+    """The implicit-filter spelling: the kernel is as long as the input, so N = 2L is provably enough for any L."""
+
+    def __init__(self, C=4):
+        super().__init__()
+        self.proj = nn.Linear(1, C)
+        self.D = nn.Parameter(torch.randn(C))
+        self.conv = nn.Conv1d(C, C, 65, padding=64, groups=C)
+
+    def forward(self, u):
+        L = u.shape[-1]
+        t = (torch.arange(L, dtype=u.dtype) / L)[:, None]
+        k = torch.sin(self.proj(t)).transpose(0, 1) * torch.exp(-4 * t.transpose(0, 1))
+        n = 2 * L
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n) / n, n=n, norm="forward")[..., :L]
+        y = y + u * self.D.unsqueeze(-1)
+        return self.conv(y)[..., :L]
+
+
+@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
+def test_dynamic_length_one_compile_three_lengths(how):
+    model = Hyena()
+    model64 = copy.deepcopy(model).double()
+    counters.clear()
+    compiled = torch.compile(model, backend="hhfft", options=OPTS, dynamic=True if how == "dynamic=True" else None)
+    for L in (64, 100, 257):
+        x = torch.randn(2, 4, L, requires_grad=True)
+        if how == "mark_dynamic":
+            torch._dynamo.mark_dynamic(x, 2)
+        y = compiled(x)
+        ref = model(x)
+        assert_within_baseline(f"L={L}", y, model64(x.double()), [ref])
+        gy = torch.autograd.grad(y.sum(), x)[0]
+        gr = torch.autograd.grad(ref.sum(), x)[0]
+        torch.testing.assert_close(gy, gr, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1, "recompiled for a new sequence length"
+    assert counters["hhfft"]["longconv_rewritten"] == 2
+    assert counters["hhfft"]["longconv_rewritten_fft"] == 1
