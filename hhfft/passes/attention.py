@@ -84,8 +84,13 @@ def _users(n: fx.Node) -> list:
     return list(n.users)
 
 
-def _single_user(n: fx.Node, what: str) -> fx.Node:
-    us = _users(n)
+def _shape_only(u: fx.Node, n: fx.Node) -> bool:
+    """u reads only n's shape (``m.expand_as(n)``)."""
+    return op_name(u) == "expand_as" and len(u.args) == 2 and u.args[1] is n and u.args[0] is not n
+
+
+def _single_user(n: fx.Node, what: str, allow_shape: bool = False) -> fx.Node:
+    us = [u for u in _users(n) if not (allow_shape and _shape_only(u, n))]
     if len(us) != 1:
         raise _Fail(f"{what} ({n.name}) is used {len(us)} times (also returned or reused): not a pure attention")
     return us[0]
@@ -252,7 +257,7 @@ def _walk_scores(x: fx.Node, sm: fx.Node) -> tuple:
     for _ in range(_MAX_CHAIN):
         if not isinstance(cur, fx.Node):
             raise _Fail("the softmax input is not a tensor computed in the graph")
-        _single_user(cur, "the attention scores")
+        _single_user(cur, "the attention scores", allow_shape=True)
         name = op_name(cur)
         chain.append(cur)
         a = cur.args
@@ -625,7 +630,14 @@ def _rewrite(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAnalyze
             if num != 1.0:
                 q = b(operator.mul, q, num)
             scale_arg = 1.0
-        # mask
+        # mask: ``m.expand_as(scores)`` only broadcasts m; SDPA broadcasts attn_mask itself
+        swap = {}
+        for n in m.chain:
+            for u in [u for u in n.users if _shape_only(u, n)]:
+                u.replace_all_uses_with(u.args[0])
+                swap[u] = u.args[0]
+                g.erase_node(u)
+        m.pieces = [tuple(swap.get(x, x) if isinstance(x, fx.Node) else x for x in p) for p in m.pieces]
         allowed = Allowed()
         attn_mask = None
         frames = {len(p[-1]) for p in m.pieces if p[0] not in {"scale", "const"}}

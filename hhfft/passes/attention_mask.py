@@ -177,6 +177,9 @@ def op_name(n: Any) -> str:
     if isinstance(n.target, torch._ops.OpOverload):
         packet = n.target._overloadpacket.__name__
         return _ATEN.get(packet, packet)
+    if isinstance(n.target, torch._ops.OpOverloadPacket):
+        packet = n.target.__name__
+        return _ATEN.get(packet, packet)
     return getattr(n.target, "__name__", "")
 
 
