@@ -118,3 +118,22 @@ def test_fwd_rejects_bad_out():
     u, k = torch.randn(1, 1, 10, device=DEVICE), torch.randn(1, 3, device=DEVICE)
     with pytest.raises(ValueError, match="out must be"):
         fftconv_fwd(u, k, 0, 10, out=torch.empty(1, 1, 9, device=DEVICE), precision="ieee")
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize(
+    "B,H,L,K,shift,T,R",
+    [
+        pytest.param(7, 2, 129, 128, 3, 200, 4, id="N512-B7-H2-L129-K128-shift3-T200-R4"),
+        pytest.param(3, 1, 300, 301, 150, 300, 2, id="N1024-B3-H1-L300-K301-same-R2"),
+    ],
+)
+def test_forward_stacked(B, H, L, K, shift, T, R, dtype):
+    """The stacked variant (R pairs side by side in one tile), with a partly empty last program."""
+    u, k, extra = _inputs(B, H, L, K, T, True, seed=4)
+    ref = fftconv_naive(u, k, shift, T, **extra)
+    u_d, k_d, extra_d = u.to(DEVICE, dtype), k.to(DEVICE, torch.float32), _cast(extra, dtype)
+    y = torch.full((B, H, T), float("nan"), device=DEVICE, dtype=STORE[dtype])
+    fftconv_fwd(u_d, k_d, shift, T, **extra_d, precision=PREC[dtype], stacked=True, rows_per_program=R, out=y)
+    y_torch = _fftconv_torch(u_d, k_d, shift, T, extra_d["bias"], extra_d["skip"], extra_d["pregate"], extra_d["postgate"])
+    assert_within_torch_error(y.to(dtype).cpu(), ref, y_torch.cpu(), f"stacked forward N={plan(L, K, T)}")

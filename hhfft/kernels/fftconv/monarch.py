@@ -253,6 +253,86 @@ def fftconv_fwd_kernel(
         tl.store(p_y + o_y1, b_yi.to(p_y.dtype.element_ty), mask=m_t & m_1)
 
 
+@triton.jit
+def fftconv_fwd_stacked_kernel(
+    p_u, p_pre, p_post, p_bias, p_skip, p_kf, p_ks, p_f1, p_f2, p_tw, p_y,
+    B, H, L, T, LO, HI,
+    N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # R pairs side by side: [N1, R N2] for the left product by F_N1, [R N1, N2] for the right product by F_N2,
+    # so every tl.dot is R times larger than in fftconv_fwd_kernel
+    i_g, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_1 = tl.arange(0, N1)
+    o_c = tl.arange(0, R * N2)
+    o_q = o_c % N2
+    i_b0 = 2 * (i_g * R + o_c // N2)  # [R N2]
+    i_b1 = i_b0 + 1
+    o_n = o_1[:, None] * N2 + o_q[None, :]  # [N1, R N2]
+    m_u = (o_n < L)
+    m_t = (o_n < T)
+    m_0 = (i_b0 < B)[None, :]
+    m_1 = (i_b1 < B)[None, :]
+    o_0 = ((i_b0 * H + i_h) * L)[None, :] + o_n
+    o_1u = ((i_b1 * H + i_h) * L)[None, :] + o_n
+    b_u0 = tl.load(p_u + o_0, mask=m_u & m_0, other=0.0).to(tl.float32)
+    b_u1 = tl.load(p_u + o_1u, mask=m_u & m_1, other=0.0).to(tl.float32)
+    b_xr, b_xi = b_u0, b_u1
+    if HAS_PRE:
+        b_xr = b_xr * tl.load(p_pre + o_0, mask=m_u & m_0, other=0.0).to(tl.float32)
+        b_xi = b_xi * tl.load(p_pre + o_1u, mask=m_u & m_1, other=0.0).to(tl.float32)
+    # one power-of-two scale per pair
+    b_m = tl.max(tl.maximum(tl.abs(b_xr), tl.abs(b_xi)), axis=0)  # [R N2]
+    b_m = tl.max(tl.reshape(b_m, (R, N2)), axis=1)  # [R]
+    b_m = tl.where(b_m > 0, tl.exp2(tl.ceil(tl.log2(tl.maximum(b_m, 1e-30)))), 1.0)
+    b_s = tl.reshape(tl.broadcast_to(b_m[:, None], (R, N2)), (R * N2,))  # [R N2]
+    b_xr = b_xr / b_s[None, :]
+    b_xi = b_xi / b_s[None, :]
+    # forward: A = F1 @ X, twiddle, C = A @ F2 in the stacked [R N1, N2] layout
+    f1r, f1i = _load_plane(p_f1, N1, N1)
+    b_ar, b_ai = _cdot(f1r, f1i, b_xr, b_xi, PREC)  # [N1, R N2]
+    o_tw = o_1[:, None] * N2 + o_q[None, :]
+    twr = tl.load(p_tw + o_tw)
+    twi = tl.load(p_tw + N1 * N2 + o_tw)
+    b_ar, b_ai = b_ar * twr - b_ai * twi, b_ar * twi + b_ai * twr
+    b_ar = tl.reshape(tl.permute(tl.reshape(b_ar, (N1, R, N2)), (1, 0, 2)), (R * N1, N2))
+    b_ai = tl.reshape(tl.permute(tl.reshape(b_ai, (N1, R, N2)), (1, 0, 2)), (R * N1, N2))
+    f2r, f2i = _load_plane(p_f2, N2, N2)
+    b_cr, b_ci = _cdot(b_ar, b_ai, f2r, f2i, PREC)  # [R N1, N2]
+    o_k = (tl.arange(0, R * N1) % N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    kr = tl.load(p_kf + i_h * 2 * N1 * N2 + o_k) * (1.0 / (N1 * N2))
+    ki = tl.load(p_kf + i_h * 2 * N1 * N2 + N1 * N2 + o_k) * (1.0 / (N1 * N2))
+    b_cr, b_ci = b_cr * kr - b_ci * ki, b_cr * ki + b_ci * kr
+    # inverse: D = C @ conj(F2), conj twiddle, back to [N1, R N2], Y = conj(F1) @ D
+    b_dr, b_di = _cdot(b_cr, b_ci, f2r, -f2i, PREC)
+    twr2 = tl.load(p_tw + o_k)
+    twi2 = tl.load(p_tw + N1 * N2 + o_k)
+    b_dr, b_di = b_dr * twr2 + b_di * twi2, b_di * twr2 - b_dr * twi2
+    b_dr = tl.reshape(tl.permute(tl.reshape(b_dr, (R, N1, N2)), (1, 0, 2)), (N1, R * N2))
+    b_di = tl.reshape(tl.permute(tl.reshape(b_di, (R, N1, N2)), (1, 0, 2)), (N1, R * N2))
+    b_yr, b_yi = _cdot(f1r, -f1i, b_dr, b_di, PREC)  # [N1, R N2]
+    b_sk = b_s * tl.load(p_ks + i_h)
+    m_c = (o_n >= LO) & (o_n <= HI)
+    b_yr = tl.where(m_c, b_yr * b_sk[None, :], 0.0)
+    b_yi = tl.where(m_c, b_yi * b_sk[None, :], 0.0)
+    o_y0 = ((i_b0 * H + i_h) * T)[None, :] + o_n
+    o_y1 = ((i_b1 * H + i_h) * T)[None, :] + o_n
+    if HAS_POST:
+        b_yr = b_yr * tl.load(p_post + o_y0, mask=m_t & m_0, other=0.0).to(tl.float32)
+        b_yi = b_yi * tl.load(p_post + o_y1, mask=m_t & m_1, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_bias = tl.load(p_bias + i_h).to(tl.float32)
+        b_yr += b_bias
+        b_yi += b_bias
+    if HAS_SKIP:
+        b_skip = tl.load(p_skip + i_h).to(tl.float32)
+        b_yr += b_skip * b_u0
+        b_yi += b_skip * b_u1
+    tl.store(p_y + o_y0, b_yr.to(p_y.dtype.element_ty), mask=m_t & m_0)
+    tl.store(p_y + o_y1, b_yi.to(p_y.dtype.element_ty), mask=m_t & m_1)
+
+
 # -------------------------------------------------------------------------------------------- four-step kernels
 @triton.jit
 def fftconv_col_fwd_kernel(
@@ -437,6 +517,14 @@ def _rows_per_program(pairs: int, H: int, N: int) -> int:
     return r
 
 
+_STACKED = False
+
+
+def _stack_rows(N: int) -> int:
+    """Pairs side by side in the stacked kernel: tiles of about 2048 complex elements."""
+    return max(1, 2048 // N)
+
+
 def fftconv_fwd(
     u: Tensor,
     k: Tensor,
@@ -450,6 +538,8 @@ def fftconv_fwd(
     precision: Optional[str] = None,
     max_fused_n: Optional[int] = None,
     rows_per_program: Optional[int] = None,
+    stacked: Optional[bool] = None,
+    num_warps: Optional[int] = None,
     out: Optional[Tensor] = None,
 ) -> Tensor:
     """The fftconv contract (see hhfft.lowering.fftconv.fftconv) by the Monarch kernels.
@@ -459,6 +549,8 @@ def fftconv_fwd(
         precision: dot precision ("fp16", "tf32", "tf32x3", "ieee"); default by u's dtype (precision_for)
         max_fused_n: largest N done by the fused kernel (smaller values force the four-step path, for tests)
         rows_per_program: pairs of rows per fused program (default: _rows_per_program)
+        stacked: process a program's pairs side by side in one tile (larger dots) instead of in a loop
+        num_warps: override the fused kernel's warp count (for tuning)
         out: optional contiguous [B, H, out_len] floating buffer to write y into (any float dtype)
     Returns:
         y: [B, H, out_len] in u's dtype (or out)
@@ -489,11 +581,12 @@ def fftconv_fwd(
         n1, n2 = _split(N)
         f1, f2, tw = _tables(n1, n2, u.device, u)
         kf, ks = _spectrum(k, shift, N, (n1, n2))
-        r = rows_per_program or _rows_per_program(pairs, H, N)
+        st = _STACKED if stacked is None else stacked
+        r = rows_per_program or (_stack_rows(N) if st else _rows_per_program(pairs, H, N))
         _launch(
-            fftconv_fwd_kernel, (triton.cdiv(pairs, r), H), u, **common, p_pre=_empty_if_none(pregate, u),
-            p_kf=kf, p_ks=ks, p_f1=f1, p_f2=f2, p_tw=tw, N1=n1, N2=n2, R=r, HAS_PRE=pregate is not None,
-            num_warps=_num_warps(n1, n2), **flags,
+            fftconv_fwd_stacked_kernel if st else fftconv_fwd_kernel, (triton.cdiv(pairs, r), H), u, **common,
+            p_pre=_empty_if_none(pregate, u), p_kf=kf, p_ks=ks, p_f1=f1, p_f2=f2, p_tw=tw, N1=n1, N2=n2, R=r,
+            HAS_PRE=pregate is not None, num_warps=num_warps or _num_warps(n1, n2 * (r if st else 1)), **flags,
         )
         return y
     Q = min(max_fused, N // 16)

@@ -1,0 +1,105 @@
+"""hhfft::fftconv on CUDA (the Monarch Triton kernels) against an fp64 reference: every FFT size 256 .. 4M.
+
+Reference: naive.py in fp64 for N <= 4096, the torch.fft path in fp64 above (direct summation is O(L K)).
+Tolerance (STYLE.md): error <= 2x that of the same computation by PyTorch at the input dtype (torch.fft in fp32 on
+inputs of that dtype). Uninitialised memory is NaN-filled (deterministic mode), so unwritten outputs fail.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hhfft  # noqa: F401  (registers the ops)
+import hhfft.lowering.fftconv as op_mod
+from hhfft.kernels.fftconv.monarch import plan
+from hhfft.kernels.fftconv.naive import fftconv_naive
+from hhfft.lowering.fftconv import fftconv
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+DTYPES = [pytest.param(d, id=str(d).split(".")[-1]) for d in (torch.float16, torch.bfloat16, torch.float32)]
+SIZES = [pytest.param(n, id=f"N{n}") for n in [1 << e for e in range(8, 23)]]
+
+
+@pytest.fixture
+def nan_memory():
+    """torch.empty returns NaN-filled memory while this is active."""
+    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+    torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def _err(x, ref):
+    return (x.double() - ref).abs().max().item()
+
+
+def _run(u, k, extra, shift, T, dy):
+    """y and all gradients through the public wrapper."""
+    leaves = [u, k] + list(extra.values())
+    leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    names = ["u", "k"] + list(extra)
+    kw = dict(zip(names[2:], leaves[2:]))
+    y = fftconv(leaves[0], leaves[1], shift=shift, out_len=T, **kw)
+    grads = torch.autograd.grad(y, leaves, dy.to(y.dtype))
+    return y.detach(), dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", SIZES)
+def test_fftconv_all_sizes(N, dtype, nan_memory, monkeypatch):
+    B, H = (3, 2) if N <= (1 << 20) else (1, 2)
+    L, K = N // 2 + 1, N // 2 - 1  # odd L, K < L, L + K - 1 = N - 1
+    shift, T = K // 2, L  # "same"-style padding
+    assert plan(L, K, T) == N
+    g = torch.Generator(device="cuda").manual_seed(N)
+    r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.float64, generator=g)  # noqa: E731
+    u, k = r(B, H, L), r(H, K) / K**0.5
+    extra = dict(bias=r(H), skip=r(H), pregate=r(B, H, L), postgate=r(B, H, T))
+    dy = r(B, H, T)
+
+    if N <= 4096:
+        leaves = [x.clone().requires_grad_() for x in [u, k, *extra.values()]]
+        y_ref = fftconv_naive(leaves[0], leaves[1], shift, T, *leaves[2:])
+        g_ref = dict(zip(["u", "k", *extra], torch.autograd.grad(y_ref, leaves, dy)))
+        y_ref = y_ref.detach()
+    else:
+        y_ref, g_ref = _run(u, k, extra, shift, T, dy)  # fp64: the torch.fft path
+    cast = {n: x.to(dtype) for n, x in extra.items()}
+    y, grads = _run(u.to(dtype), k.float(), cast, shift, T, dy)
+    with monkeypatch.context() as m:
+        m.setattr(op_mod, "_monarch", None)  # the same computation by torch.fft at this dtype
+        y_t, grads_t = _run(u.to(dtype), k.float(), cast, shift, T, dy)
+
+    failures = []
+    for name, a, a_t, ref in [("y", y, y_t, y_ref)] + [(n, grads[n], grads_t[n], g_ref[n]) for n in g_ref]:
+        if torch.isnan(a).any():
+            failures.append(f"{name}: NaN")
+            continue
+        e, e_t = _err(a, ref), _err(a_t, ref)
+        if e > 2 * e_t:
+            failures.append(f"{name}: err {e:.3e} > 2 x torch {e_t:.3e}")
+    assert not failures, f"N={N} {dtype}: " + "; ".join(failures)
+
+
+def test_kernel_in_compiled_code_and_cuda_graphs():
+    from torch._inductor.utils import run_and_get_code
+
+    u = torch.randn(4, 8, 1000, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(8, 1000, device="cuda")
+
+    def f(u, k):
+        return torch.ops.hhfft.fftconv(u, k, 0, 1000) * 2
+
+    ref = f(u, k)
+    out, codes = run_and_get_code(torch.compile(f, fullgraph=True), u, k)
+    assert "fftconv_fwd_kernel" in "\n".join(codes)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        out = g(u, k)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
