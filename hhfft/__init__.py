@@ -18,10 +18,13 @@ __all__ = ["Options", "Report", "Site", "explain", "fftconv", "hhfft_backend", "
 
 
 def _register_backend() -> None:
-    # For checkouts used without an install (no entry point): make backend="hhfft" resolve after `import hhfft`.
+    # An install provides the torch_dynamo_backends entry point, which torch loads on demand; a checkout used
+    # without an install (PYTHONPATH) has none, so register by name here.
+    from importlib.metadata import entry_points
+
     from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
 
-    if "hhfft" not in _COMPILER_FNS:
+    if "hhfft" not in _COMPILER_FNS and not entry_points(group="torch_dynamo_backends", name="hhfft"):
         register_backend(name="hhfft")(hhfft_backend)
 
 
