@@ -90,7 +90,9 @@ def corr_supported(g: Tensor, v: Tensor, N: int) -> bool:
 
 
 def _num_warps(n1: int, n2: int) -> int:
-    return 4 if n1 * n2 <= 1024 else 8 if n1 * n2 <= 4096 else 16
+    # H200 sweep (benchmarks/fftconv_tune.py): 4 warps beat 8 for every tile measured (256 .. 8192 elements),
+    # by ~1.6x, even where 4 warps spill a little; 16 warps spill heavily
+    return 4
 
 
 def _tracing(x: Tensor) -> bool:
@@ -509,20 +511,13 @@ def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
     return like if x is None else x.contiguous()
 
 
-def _rows_per_program(pairs: int, H: int, N: int) -> int:
-    """Pairs of rows per program: amortise the table loads, keep >= ~8 programs per SM (132 SMs on an H200)."""
-    r = 1
-    while r < 8 and N * r < 4096 and -(-pairs // (2 * r)) * H >= 1056:
-        r *= 2
-    return r
-
-
-_STACKED = False
-
-
-def _stack_rows(N: int) -> int:
-    """Pairs side by side in the stacked kernel: tiles of about 2048 complex elements."""
-    return max(1, 2048 // N)
+def _fused_config(N: int) -> tuple[bool, int]:
+    """(stacked, pairs per program) for the fused kernel, from the H200 sweep at B*H*L = 2^27 bf16:
+    N = 512: loop over 4 pairs 0.94 ms (stacked x4 1.18, loop x1 1.36); N = 2048: stacked x2 1.40 ms (loop x1 1.57);
+    N = 4096: stacked x1 1.63 ms (loop x1 1.77)."""
+    if N <= 512:
+        return False, 4
+    return True, max(1, 4096 // N)
 
 
 def fftconv_fwd(
@@ -548,7 +543,7 @@ def fftconv_fwd(
         u: [B, H, L] fp16/bf16/fp32, k: [H, K], bias/skip: [H], pregate: [B, H, L], postgate: [B, H, out_len]
         precision: dot precision ("fp16", "tf32", "tf32x3", "ieee"); default by u's dtype (precision_for)
         max_fused_n: largest N done by the fused kernel (smaller values force the four-step path, for tests)
-        rows_per_program: pairs of rows per fused program (default: _rows_per_program)
+        rows_per_program: pairs of rows per fused program (default: _fused_config)
         stacked: process a program's pairs side by side in one tile (larger dots) instead of in a loop
         num_warps: override the fused kernel's warp count (for tuning)
         out: optional contiguous [B, H, out_len] floating buffer to write y into (any float dtype)
@@ -581,8 +576,9 @@ def fftconv_fwd(
         n1, n2 = _split(N)
         f1, f2, tw = _tables(n1, n2, u.device, u)
         kf, ks = _spectrum(k, shift, N, (n1, n2))
-        st = _STACKED if stacked is None else stacked
-        r = rows_per_program or (_stack_rows(N) if st else _rows_per_program(pairs, H, N))
+        st_default, r_default = _fused_config(N)
+        st = st_default if stacked is None else stacked
+        r = rows_per_program or (r_default if st == st_default else 1)
         _launch(
             fftconv_fwd_stacked_kernel if st else fftconv_fwd_kernel, (triton.cdiv(pairs, r), H), u, **common,
             p_pre=_empty_if_none(pregate, u), p_kf=kf, p_ks=ks, p_f1=f1, p_f2=f2, p_tw=tw, N1=n1, N2=n2, R=r,
