@@ -374,9 +374,9 @@ def fftconv_col_fwd_kernel(
 def fftconv_row_kernel(
     p_s, p_kf, p_ks, p_f1, p_f2, p_tw,
     H,
-    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr,
+    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
 ):
-    # one row k_p of s: FFT_Q, times the spectrum row, inverse FFT_Q, in place
+    # rows k_p in [R i_k, R i_k + R) of s: FFT_Q, times the spectrum row, inverse FFT_Q, in place
     i_r, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_h = i_r % H
     Q: tl.constexpr = N1 * N2
@@ -384,12 +384,16 @@ def fftconv_row_kernel(
     f1r, f1i = _load_plane(p_f1, N1, N1)
     f2r, f2i = _load_plane(p_f2, N2, N2)
     twr, twi = _load_plane(p_tw, N1, N2)
-    kr, ki = _load_plane(p_kf + (i_h * P + i_k) * 2 * Q, N1, N2)
-    p_row = p_s + i_r * 2 * P * Q + i_k * Q + o_n
-    b_yr, b_yi = _conv_row(tl.load(p_row), tl.load(p_row + P * Q), kr, ki, f1r, f1i, twr, twi, f2r, f2i, N1, N2, PREC)
     b_ks = tl.load(p_ks + i_h)
-    tl.store(p_row, b_yr * b_ks)
-    tl.store(p_row + P * Q, b_yi * b_ks)
+    for i_j in range(R):
+        i_kp = i_k * R + i_j
+        kr, ki = _load_plane(p_kf + (i_h * P + i_kp) * 2 * Q, N1, N2)
+        p_row = p_s + i_r * 2 * P * Q + i_kp * Q + o_n
+        b_yr, b_yi = _conv_row(
+            tl.load(p_row), tl.load(p_row + P * Q), kr, ki, f1r, f1i, twr, twi, f2r, f2i, N1, N2, PREC
+        )
+        tl.store(p_row, b_yr * b_ks)
+        tl.store(p_row + P * Q, b_yi * b_ks)
 
 
 @triton.jit
@@ -601,9 +605,10 @@ def fftconv_fwd(
         p_tw=tw, p_s=s, B=B, H=H, L=L, P=P, Q=Q, BQ=bq, NQB=nqb, HAS_PRE=pregate is not None, PREC=prec,
         num_warps=nw,
     )
+    rr = 4 if Q <= 512 else 1  # rows per program, as the fused kernel's loop (P >= 16 is a multiple of 4)
     _launch(
-        fftconv_row_kernel, (pairs * H, P), u, p_s=s, p_kf=kf, p_ks=ks / P, p_f1=fq1, p_f2=fq2, p_tw=twq,
-        H=H, P=P, N1=q1, N2=q2, PREC=prec, num_warps=_num_warps(q1, q2),
+        fftconv_row_kernel, (pairs * H, P // rr), u, p_s=s, p_kf=kf, p_ks=ks / P, p_f1=fq1, p_f2=fq2, p_tw=twq,
+        H=H, P=P, N1=q1, N2=q2, R=rr, PREC=prec, num_warps=_num_warps(q1, q2),
     )
     _launch(
         fftconv_col_inv_kernel, (pairs * H, nqb), u, **common, p_s=s, p_fp=fp, p_tw=tw, P=P, Q=Q, BQ=bq,
