@@ -25,7 +25,14 @@ from typing import Literal, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["linear_attention", "linear_attention_product", "Mode"]
+__all__ = [
+    "linear_attention",
+    "linear_attention_product",
+    "hedgehog_linear_attention",
+    "linear_attention_state",
+    "linear_attention_step",
+    "Mode",
+]
 
 Mode = Literal["causal", "anticausal", "full"]
 _MODES = ("causal", "anticausal", "full")
@@ -365,3 +372,227 @@ def linear_attention(
     """
     _check_inputs(phi_q, phi_k, v, key_mask)
     return _LinearAttention.apply(phi_q, phi_k, v, bool(causal), key_mask)[0]
+
+
+# ------------------------------------------------------------------------ fused Hedgehog feature map + attention
+_FUSED_KINDS = ("softmax_split", "exp", "joint_softmax")
+
+
+def _project(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    y = torch.einsum("bhld,hdf->bhlf", x.to(_compute_dtype(x, w)), w.to(_compute_dtype(x, w)))
+    return y if b is None else y + b.to(y.dtype)[None, :, None, :]
+
+
+def _feature_map_bwd_torch(dphi: Tensor, y: Tensor, kind: str) -> Tensor:
+    """dL/dy from dL/dphi for phi = feature_map(y, kind), phi = [phi+, phi-] concatenated (the kernels' formulas)."""
+    from hhfft.nn.hedgehog import feature_map
+
+    fh = y.shape[-1]
+    phi = feature_map(y, kind)
+    p, n = phi[..., :fh], phi[..., fh:]
+    dp, dn = dphi[..., :fh], dphi[..., fh:]
+    if kind == "softmax_split":
+        return p * (dp - (p * dp).sum(-1, keepdim=True)) - n * (dn - (n * dn).sum(-1, keepdim=True))
+    c = (p * dp + n * dn).sum(-1, keepdim=True)
+    if kind == "joint_softmax":
+        return p * (dp - c) - n * (dn - c)
+    onehot = torch.nn.functional.one_hot(y.abs().argmax(-1), fh).to(y.dtype)
+    return p * dp - n * dn - c * onehot * torch.sign(y)
+
+
+def _hh_fwd_torch(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask):
+    from hhfft.nn.hedgehog import feature_map
+
+    ct = _compute_dtype(xq, xk, v)
+    pq = feature_map(_project(xq, wq, bq), kind).to(ct)
+    pk = feature_map(_project(xk, wk, bk), kind).to(ct)
+    o, den = _fwd_torch(pq, pk, v.to(ct), causal, key_mask)
+    return o.to(v.dtype).contiguous(), den
+
+
+def _hh_use_triton(xq, xk, v, kind) -> bool:
+    return kind in _FUSED_KINDS and _use_triton(xq, xk, v) and xq.shape[-1] <= 256
+
+
+@torch.library.triton_op("hhfft::hedgehog_attention_fwd", mutates_args=())
+def _hh_fwd_op(
+    xq: Tensor, xk: Tensor, v: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
+    kind: str, causal: bool, key_mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    if _hh_use_triton(xq, xk, v, kind):
+        from hhfft.kernels.linear_attention.chunk import hedgehog_attention_fwd
+
+        return hedgehog_attention_fwd(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask)
+    return _hh_fwd_torch(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask)
+
+
+@_hh_fwd_op.register_fake
+def _(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask=None):
+    B, Hq, L, _ = xq.shape
+    return v.new_empty(B, Hq, L, v.shape[-1]), xq.new_empty(B, Hq, L, dtype=_compute_dtype(xq, xk, v))
+
+
+@torch.library.triton_op("hhfft::hedgehog_attention_bwd", mutates_args=())
+def _hh_bwd_op(
+    xq: Tensor, xk: Tensor, v: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
+    o: Tensor, den: Tensor, do: Tensor, dden: Tensor, kind: str, causal: bool, key_mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if _hh_use_triton(xq, xk, v, kind):
+        from hhfft.kernels.linear_attention.chunk import hedgehog_attention_bwd
+
+        dxq, dxk, dv, dwq, dbq, dwk, dbk = hedgehog_attention_bwd(
+            xq, xk, v, wq, bq, wk, bk, o, den, do, dden, kind, causal, key_mask)
+    else:
+        from hhfft.nn.hedgehog import feature_map
+
+        ct = _compute_dtype(xq, xk, v)
+        yq, yk = _project(xq, wq, bq).to(ct), _project(xk, wk, bk).to(ct)
+        pq, pk = feature_map(yq, kind), feature_map(yk, kind)
+        dpq, dpk, dv = _bwd_composite(pq, pk, v.to(ct), o, den, do, dden, causal, key_mask, _product_torch)
+        dyq, dyk = _feature_map_bwd_torch(dpq, yq, kind), _feature_map_bwd_torch(dpk, yk, kind)
+        dxq = torch.einsum("bhlf,hdf->bhld", dyq, wq.to(ct))
+        dxk = torch.einsum("bhlf,hdf->bhld", dyk, wk.to(ct))
+        dwq, dwk = torch.einsum("bhld,bhlf->hdf", xq.to(ct), dyq), torch.einsum("bhld,bhlf->hdf", xk.to(ct), dyk)
+        dbq, dbk = dyq.sum((0, 2)), dyk.sum((0, 2))
+    dbq = torch.zeros_like(wq[:, 0]) if bq is None else dbq
+    dbk = torch.zeros_like(wk[:, 0]) if bk is None else dbk
+    return (dxq.to(xq.dtype).contiguous(), dxk.to(xk.dtype).contiguous(), dv.to(v.dtype).contiguous(),
+            dwq.to(wq.dtype).contiguous(), dbq.to(wq.dtype).contiguous(), dwk.to(wk.dtype).contiguous(),
+            dbk.to(wk.dtype).contiguous())
+
+
+@_hh_bwd_op.register_fake
+def _(xq, xk, v, wq, bq, wk, bk, o, den, do, dden, kind, causal, key_mask=None):
+    return (torch.empty_like(xq), torch.empty_like(xk), torch.empty_like(v), torch.empty_like(wq),
+            wq.new_empty(wq.shape[0], wq.shape[2]), torch.empty_like(wk), wk.new_empty(wk.shape[0], wk.shape[2]))
+
+
+class _HedgehogAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask):
+        return torch.ops.hhfft.hedgehog_attention_fwd(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask = inputs
+        ctx.kind, ctx.causal = kind, causal
+        ctx.save_for_backward(xq, xk, v, wq, bq, wk, bk, key_mask, *output)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dden):
+        xq, xk, v, wq, bq, wk, bk, key_mask, o, den = ctx.saved_tensors
+        do = torch.zeros_like(o) if do is None else do
+        dden = torch.zeros_like(den) if dden is None else dden
+        dxq, dxk, dv, dwq, dbq, dwk, dbk = torch.ops.hhfft.hedgehog_attention_bwd(
+            xq, xk, v, wq, bq, wk, bk, o, den, do, dden, ctx.kind, ctx.causal, key_mask)
+        return dxq, dxk, dv, dwq, None if bq is None else dbq, dwk, None if bk is None else dbk, None, None, None
+
+
+def hedgehog_linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    wq: Tensor,
+    bq: Optional[Tensor],
+    wk: Tensor,
+    bk: Optional[Tensor],
+    *,
+    kind: str = "softmax_split",
+    causal: bool,
+    key_mask: Optional[Tensor] = None,
+    fused: Optional[bool] = None,
+) -> Tensor:
+    """Hedgehog attention: ``linear_attention(phi_q(q), phi_k(k), v)`` with phi_q, phi_k Hedgehog feature maps.
+
+    Fused (CUDA, kinds softmax_split / exp / joint_softmax): the maps run inside the attention kernels, so phi
+    (twice the size of q and k) never goes to memory; backward gives dq, dk, dv, dW, db; first order only (training).
+    Otherwise (``fused=False``, the CPU, other kinds): the feature maps, then :func:`linear_attention`, any order.
+
+    Args:
+        q: [B, Hq, L, DX]; k: [B, Hkv, L, DX]; v: [B, Hkv, L, D]
+        wq: [Hq, DX, FH], bq: [Hq, FH] or None (a HedgehogFeatureMap's weight and bias); wk, bk likewise with Hkv
+        kind: the feature map kind (see :class:`hhfft.nn.HedgehogFeatureMap`)
+        causal, key_mask: as in :func:`linear_attention`
+        fused: None = fused where available; False = never
+    Returns:
+        o: [B, Hq, L, D] in v's dtype
+
+    Example:
+        >>> from hhfft.nn import HedgehogFeatureMap
+        >>> fq, fk = HedgehogFeatureMap(4, 8), HedgehogFeatureMap(2, 8)
+        >>> q, k, v = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 16)
+        >>> hedgehog_linear_attention(q, k, v, fq.weight, fq.bias, fk.weight, fk.bias, causal=True).shape
+        torch.Size([1, 4, 10, 16])
+    """
+    from hhfft.nn.hedgehog import FeatureMapKind, feature_map
+
+    kind = FeatureMapKind.parse(kind).value
+    if fused is not False and _hh_use_triton(q, k, v, kind):
+        _check_inputs(q, k, v, key_mask)
+        return _HedgehogAttention.apply(q, k, v, wq, bq, wk, bk, kind, bool(causal), key_mask)[0]
+    pq = feature_map(_project(q, wq.to(q.dtype), None if bq is None else bq.to(q.dtype)).to(q.dtype), kind)
+    pk = feature_map(_project(k, wk.to(k.dtype), None if bk is None else bk.to(k.dtype)).to(k.dtype), kind)
+    return linear_attention(pq, pk, v, causal=causal, key_mask=key_mask)
+
+
+# ------------------------------------------------------------------------------------------------------- decoding
+def _step_torch(phi_q, phi_k, v, state, normalizer, keep) -> Tensor:
+    B, Hq, F = phi_q.shape
+    Hkv = phi_k.shape[1]
+    k, vv = phi_k.to(state.dtype), v.to(state.dtype)
+    if keep is not None:
+        k, vv = torch.where(keep[:, None, None], k, 0), torch.where(keep[:, None, None], vv, 0)
+    state.add_(k[..., :, None] * vv[..., None, :])
+    normalizer.add_(k)
+    q = phi_q.to(state.dtype).reshape(B, Hkv, Hq // Hkv, F)
+    num = q @ state  # [B, Hkv, G, D]
+    den = (q * normalizer[:, :, None, :]).sum(-1, keepdim=True)
+    return (num / torch.where(den == 0, 1, den)).reshape(B, Hq, -1).to(v.dtype)
+
+
+@torch.library.triton_op("hhfft::linear_attention_step", mutates_args=("state", "normalizer"))
+def _step_op(
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Tensor, normalizer: Tensor, keep: Optional[Tensor] = None
+) -> Tensor:
+    if _use_triton(phi_q, phi_k, v) and state.is_contiguous():
+        from hhfft.kernels.linear_attention.recurrent import linear_attention_step_triton
+
+        return linear_attention_step_triton(phi_q, phi_k, v, state, normalizer, keep)
+    return _step_torch(phi_q, phi_k, v, state, normalizer, keep).contiguous()
+
+
+@_step_op.register_fake
+def _(phi_q, phi_k, v, state, normalizer, keep=None):
+    return v.new_empty(phi_q.shape[0], phi_q.shape[1], v.shape[-1])
+
+
+def linear_attention_state(
+    phi_k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """The decoding state after a prefix: (S [B, Hkv, F, D], z [B, Hkv, F]) in fp32, S = sum_j phi_k_j^T v_j,
+    z = sum_j phi_k_j over kept keys. Continue with :func:`linear_attention_step`."""
+    k, vv = _keep(phi_k, key_mask).float(), _keep(v, key_mask).float()
+    return (k.transpose(-1, -2) @ vv).contiguous(), k.sum(-2).contiguous()
+
+
+def linear_attention_step(
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Tensor, normalizer: Tensor, keep: Optional[Tensor] = None
+) -> Tensor:
+    """One decoding step of causal linear attention, O(F D) per head, state updated in place.
+
+    Args:
+        phi_q: [B, Hq, F]; phi_k: [B, Hkv, F]; v: [B, Hkv, D] (the new token)
+        state: [B, Hkv, F, D] fp32; normalizer: [B, Hkv, F] fp32 (from :func:`linear_attention_state` or zeros)
+        keep: [B] bool or None: False leaves that sequence's state unchanged (a padding token)
+    Returns:
+        o: [B, Hq, D], equal to the last row of ``linear_attention(..., causal=True)`` over the whole prefix
+
+    Example:
+        >>> S, z = torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8)
+        >>> linear_attention_step(torch.rand(1, 2, 8), torch.rand(1, 2, 8), torch.randn(1, 2, 4), S, z).shape
+        torch.Size([1, 2, 4])
+    """
+    if state.dtype != torch.float32 or normalizer.dtype != torch.float32:
+        raise TypeError(f"linear_attention_step: state and normalizer must be fp32, got {state.dtype}, {normalizer.dtype}")
+    return torch.ops.hhfft.linear_attention_step(phi_q, phi_k, v, state, normalizer, keep)

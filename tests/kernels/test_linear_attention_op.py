@@ -213,3 +213,46 @@ def test_aot_autograd_forward_backward_matches_eager():
     fw, bw = (str(g.code) for g in graphs)
     assert "hhfft.linear_attention_fwd" in fw and "hhfft.linear_attention_bwd" in bw
     assert "linear_attention_product" not in bw
+
+
+@pytest.mark.parametrize("kind", ["softmax_split", "exp", "joint_softmax"])
+def test_hedgehog_attention_ops_cpu_match_composite(kind):
+    """The fused op pair's plain-torch branch (what the CPU runs inside hhfft::hedgehog_attention_*) against autograd
+    through feature_map + the quadratic reference, fp64."""
+    from hhfft.lowering.linear_attention import _HedgehogAttention
+    from hhfft.nn import feature_map
+
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = [r(2, 4, 21, 6), r(2, 2, 21, 6), r(2, 2, 21, 3), r(4, 6, 5), r(4, 5), r(2, 6, 5), r(2, 5)]
+    mask = torch.rand(2, 21, generator=g) > 0.3
+    w = r(2, 4, 21, 3)
+    xa = [t.clone().requires_grad_() for t in x]
+    (_HedgehogAttention.apply(*xa, kind, True, mask)[0] * w).sum().backward()
+    xb = [t.clone().requires_grad_() for t in x]
+    pq = feature_map(torch.einsum("bhld,hdf->bhlf", xb[0], xb[3]) + xb[4][None, :, None], kind)
+    pk = feature_map(torch.einsum("bhld,hdf->bhlf", xb[1], xb[5]) + xb[6][None, :, None], kind)
+    (linear_attention_naive(pq, pk, xb[2], causal=True, key_mask=mask) * w).sum().backward()
+    for i, (a, b) in enumerate(zip(xa, xb)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-11, msg=lambda m: f"input {i}: {m}")
+    args = [t.float() for t in x]
+    o, den = torch.ops.hhfft.hedgehog_attention_fwd(*args, kind, True, mask)
+    for op, a in ((torch.ops.hhfft.hedgehog_attention_fwd.default, (*args, kind, False, None)),
+                  (torch.ops.hhfft.hedgehog_attention_bwd.default, (*args, o, den, torch.randn_like(o),
+                                                                    torch.zeros_like(den), kind, True, mask))):
+        torch.library.opcheck(op, a, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_decoding_steps_equal_the_causal_forward():
+    from hhfft.lowering.linear_attention import linear_attention_state, linear_attention_step
+
+    q, k, v, mask = _inputs(2, 4, 2, 9, 5, 3, True)
+    want = linear_attention_naive(q, k, v, causal=True, key_mask=mask)
+    S, z = linear_attention_state(k[:, :, :4].float(), v[:, :, :4].float(), mask[:, :4])
+    S, z = S.double(), z.double()
+    with pytest.raises(TypeError, match="must be fp32"):
+        linear_attention_step(q[:, :, 4], k[:, :, 4], v[:, :, 4], S, z, mask[:, 4])
+    S, z = linear_attention_state(k[:, :, :4], v[:, :, :4], mask[:, :4])
+    for t in range(4, 9):
+        o = linear_attention_step(q[:, :, t].float(), k[:, :, t].float(), v[:, :, t].float(), S, z, mask[:, t])
+        torch.testing.assert_close(o.double(), want[:, :, t], rtol=1e-5, atol=1e-6)

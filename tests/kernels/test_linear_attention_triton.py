@@ -81,3 +81,65 @@ def test_forward_and_backward_vs_fp64(case, causal, dtype):
     for name, got, ref, b in zip(("dq", "dk", "dv"), grads, want, base):
         assert got.dtype == dtype
         assert_within_baseline(name, got, ref, [b])
+
+
+# ------------------------------------------------------------------------------- fused Hedgehog feature map kernels
+FUSED_CASES = [  # (B, Hq, Hkv, L, DX, FH, D, masked)
+    (1, 2, 1, 70, 8, 6, 5, True),
+    (2, 2, 2, 33, 12, 16, 8, False),
+]
+
+
+def _hedgehog_reference(x, causal, mask, kind):
+    from hhfft.nn import feature_map
+
+    xq, xk, v, wq, bq, wk, bk = x
+    pq = feature_map(torch.einsum("bhld,hdf->bhlf", xq, wq) + bq[None, :, None, :], kind)
+    pk = feature_map(torch.einsum("bhld,hdf->bhlf", xk, wk) + bk[None, :, None, :], kind)
+    return _reference(pq, pk, v, causal, mask)
+
+
+@pytest.mark.parametrize("kind", ["softmax_split", "exp", "joint_softmax"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-L{c[3]}-DX{c[4]}-FH{c[5]}-D{c[6]}"
+                                                  + ("-mask" if c[7] else "") for c in FUSED_CASES])
+def test_fused_feature_map_forward_and_backward_vs_fp64(case, causal, kind):
+    B, Hq, Hkv, L, DX, FH, D, masked = case
+    g = torch.Generator().manual_seed(L + FH)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = [r(B, Hq, L, DX), r(B, Hkv, L, DX), r(B, Hkv, L, D), r(Hq, DX, FH) * 0.5, r(Hq, FH) * 0.3,
+         r(Hkv, DX, FH) * 0.5, r(Hkv, FH) * 0.3]
+    mask = (torch.rand(B, L, generator=g) > 0.3) if masked else None
+    o, den = chunk.hedgehog_attention_fwd(*x, kind, causal, mask)
+    do, dden = r(*o.shape), r(*den.shape)
+    got = chunk.hedgehog_attention_bwd(*x[:7], o, den, do, dden, kind, causal, mask)
+
+    def run(xs):
+        xs = [t.clone().requires_grad_() for t in xs]
+        oo, dd = _hedgehog_reference(xs, causal, mask, kind)
+        return [oo.detach(), dd.detach()] + list(torch.autograd.grad((oo, dd), xs, (do.to(oo.dtype), dden.to(dd.dtype))))
+
+    ref = run([t.double() for t in x])
+    base = run(x)
+    names = ["o", "den", "dq", "dk", "dv", "dWq", "dbq", "dWk", "dbk"]
+    for name, a, b, c in zip(names, [o, den] + list(got), ref, base):
+        assert_within_baseline(name, a, b, [c], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_recurrent_step_kernel_matches_chunked_forward(dtype):
+    """Decoding token by token with the step kernel gives the rows of the causal forward (GQA 2, a padding token)."""
+    from hhfft.kernels.linear_attention.recurrent import linear_attention_step_triton
+    from hhfft.lowering.linear_attention import linear_attention_state
+
+    q, k, v, _ = _inputs(2, 4, 2, 7, 20, 12, False, dtype=dtype)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 2] = False
+    ref = linear_attention_naive(q.double(), k.double(), v.double(), causal=True, key_mask=mask)
+    base = linear_attention_naive(q, k, v, causal=True, key_mask=mask)
+    S, z = linear_attention_state(k[:, :, :3], v[:, :, :3], mask[:, :3])  # prefill 3 tokens
+    rows = []
+    for t in range(3, 7):
+        rows.append(linear_attention_step_triton(q[:, :, t], k[:, :, t], v[:, :, t], S, z, mask[:, t]))
+    got = torch.stack(rows, 2)
+    assert_within_baseline("o", got, ref[:, :, 3:], [base[:, :, 3:]])

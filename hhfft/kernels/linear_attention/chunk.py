@@ -19,35 +19,105 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["linear_attention_fwd", "linear_attention_bwd"]
+__all__ = ["linear_attention_fwd", "linear_attention_bwd", "hedgehog_attention_fwd", "hedgehog_attention_bwd"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# HHFFT_TRITON_AUTOTUNE=0: one config per kernel (test runs that compile many shapes and time nothing)
+_AUTOTUNE = os.environ.get("HHFFT_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _configs(warps=(4, 8), stages=(2, 3)):
     if _INTERPRET:  # autotune's benchmarker needs a GPU driver
         return [triton.Config({}, num_warps=4, num_stages=1)]
+    if not _AUTOTUNE:
+        return [triton.Config({}, num_warps=warps[0], num_stages=stages[0])]
     return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
-@triton.autotune(configs=_configs(warps=(2, 4), stages=(2, 3, 4)), key=["F", "D", "BK", "BV", "CAUSAL"])
+@triton.jit
+def _act(b_y, m_f, KIND: tl.constexpr):
+    """Hedgehog halves (phi+, phi-) [BT, BFH] in fp32 from y = x W + b; columns outside m_f give 0.
+    KIND 0: softmax_split, 1: exp (stabilised by the row max of |y|), 2: joint_softmax."""
+    if KIND == 0:
+        b_yp = tl.where(m_f, b_y, float("-inf"))
+        b_ep = tl.exp(b_yp - tl.max(b_yp, 1)[:, None])
+        b_yn = tl.where(m_f, -b_y, float("-inf"))
+        b_en = tl.exp(b_yn - tl.max(b_yn, 1)[:, None])
+        b_p = b_ep / tl.sum(b_ep, 1)[:, None]
+        b_n = b_en / tl.sum(b_en, 1)[:, None]
+    else:
+        b_m = tl.max(tl.where(m_f, tl.abs(b_y), float("-inf")), 1)[:, None]
+        b_p = tl.where(m_f, tl.exp(b_y - b_m), 0)
+        b_n = tl.where(m_f, tl.exp(-b_y - b_m), 0)
+        if KIND == 2:
+            b_Z = tl.sum(b_p, 1)[:, None] + tl.sum(b_n, 1)[:, None]
+            b_p = b_p / b_Z
+            b_n = b_n / b_Z
+    return b_p, b_n
+
+
+@triton.jit
+def _feat(p_x, p_w, p_b, o_t, m_t, DX, FH,
+          BT: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr):
+    """phi(x) for the rows o_t of one head, never stored: [BT, 2*BFH] with the two halves interleaved
+    (column 2f is phi+_f, 2f+1 is phi-_f); rows outside m_t are 0. Also returns x [BT, BDX] and y [BT, BFH] fp32."""
+    o_d, o_f = tl.arange(0, BDX), tl.arange(0, BFH)
+    m_d, m_f = o_d < DX, (o_f < FH)[None, :]
+    b_x = tl.load(p_x + o_t[:, None] * DX + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0)  # [BT, BDX]
+    b_w = tl.load(p_w + o_d[:, None] * FH + o_f[None, :], mask=m_d[:, None] & m_f, other=0)  # [BDX, BFH]
+    b_y = tl.dot(b_x, b_w.to(b_x.dtype), input_precision=PREC)
+    b_y += tl.load(p_b + o_f, mask=o_f < FH, other=0).to(tl.float32)[None, :]  # [BT, BFH]
+    b_p, b_n = _act(b_y, m_f, KIND)
+    b_phi = tl.reshape(tl.join(b_p, b_n), (BT, 2 * BFH))
+    b_phi = tl.where(m_t[:, None], b_phi, 0)
+    return b_phi.to(b_x.dtype), b_x, b_y
+
+
+@triton.jit
+def _feat_bwd(b_dphi, b_x, b_y, m_t, p_w, p_dw, p_db, DX, FH,
+              BT: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr):
+    """From dphi [BT, 2*BFH] (interleaved, fp32): returns dx [BT, BDX] fp32; adds x^T dy to dW and sum dy to db."""
+    o_d, o_f = tl.arange(0, BDX), tl.arange(0, BFH)
+    m_d, m_f = o_d < DX, (o_f < FH)[None, :]
+    b_dp, b_dn = tl.split(tl.reshape(b_dphi, (BT, BFH, 2)))
+    b_p, b_n = _act(b_y, m_f, KIND)
+    if KIND == 0:
+        b_dy = b_p * (b_dp - tl.sum(b_p * b_dp, 1)[:, None]) - b_n * (b_dn - tl.sum(b_n * b_dn, 1)[:, None])
+    elif KIND == 1:
+        b_c = tl.sum(b_p * b_dp + b_n * b_dn, 1)
+        b_i = tl.argmax(tl.where(m_f, tl.abs(b_y), float("-inf")), 1)
+        b_sgn = tl.where(b_y > 0, 1.0, tl.where(b_y < 0, -1.0, 0.0))
+        b_dy = b_p * b_dp - b_n * b_dn - tl.where(o_f[None, :] == b_i[:, None], b_sgn, 0.0) * b_c[:, None]
+    else:
+        b_c = tl.sum(b_p * b_dp + b_n * b_dn, 1)[:, None]
+        b_dy = b_p * (b_dp - b_c) - b_n * (b_dn - b_c)
+    b_dy = tl.where(m_t[:, None] & m_f, b_dy, 0)  # [BT, BFH]
+    b_w = tl.load(p_w + o_d[:, None] * FH + o_f[None, :], mask=m_d[:, None] & m_f, other=0).to(tl.float32)
+    b_dx = tl.dot(b_dy, tl.trans(b_w), input_precision=PREC)  # [BT, BDX]
+    b_dw = tl.dot(tl.trans(b_x.to(tl.float32)), b_dy, input_precision=PREC)  # [BDX, BFH]
+    tl.atomic_add(p_dw + o_d[:, None] * FH + o_f[None, :], b_dw, mask=m_d[:, None] & m_f)
+    tl.atomic_add(p_db + o_f, tl.sum(b_dy, 0), mask=o_f < FH)
+    return b_dx
+
+
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(2, 3, 4)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_state_fwd_kernel(
-    k, v, mask, h, z,
-    L, NT, F, D, Hkv,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    k, v, mask, h, z, wk, bk,
+    L, NT, F, D, Hkv, DX, FH,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr,
 ):
     i_kv, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.cdiv(D, BV)
-    i_k, i_v = i_kv // NV, i_kv % NV
+    i_k, i_v = i_kv // NV, i_kv % NV  # FUSED: one F tile (BK covers F)
     i_b = i_bh // Hkv
     NS = NT if CAUSAL else 1
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < F, o_v < D
-    p_k, p_v = k + i_bh * L * F, v + i_bh * L * D
+    p_v = v + i_bh * L * D
     p_h = h + i_bh * NS * F * D + o_k[:, None] * D + o_v[None, :]
     p_z = z + i_bh * NS * F + o_k
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
@@ -61,7 +131,11 @@ def linear_attention_state_fwd_kernel(
         m_t = o_t < L
         if HAS_MASK:
             m_t = m_t & (tl.load(mask + i_b * L + o_t, mask=o_t < L, other=0) != 0)
-        b_k = tl.load(p_k + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)  # [BT, BK]
+        if FUSED:
+            b_k, b_xk, b_yk = _feat(k + i_bh * L * DX, wk + (i_bh % Hkv) * DX * FH, bk + (i_bh % Hkv) * FH, o_t, m_t,
+                                    DX, FH, BT, BDX, BFH, KIND, PREC)
+        else:
+            b_k = tl.load(k + i_bh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
         b_v = tl.load(p_v + o_t[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)  # [BT, BV]
         b_h += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
         b_z += tl.sum(b_k.to(tl.float32), 0)
@@ -71,13 +145,14 @@ def linear_attention_state_fwd_kernel(
             tl.store(p_z, b_z, mask=m_k)
 
 
-@triton.autotune(configs=_configs(), key=["F", "D", "BK", "BV", "CAUSAL"])
+@triton.autotune(configs=_configs(), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_fwd_kernel(
-    q, k, v, mask, h, z, o, den,
-    L, NT, F, D, Hq, G,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, PREC_STATE: tl.constexpr,
+    q, k, v, mask, h, z, o, den, wq, bq, wk, bk,
+    L, NT, F, D, Hq, G, DX, FH,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr,
+    PREC: tl.constexpr, PREC_STATE: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b = i_bh // Hq
@@ -87,7 +162,11 @@ def linear_attention_fwd_kernel(
     o_t = i_t * BT + tl.arange(0, BT)
     o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
     m_t, m_k, m_v = o_t < L, o_k < F, o_v < D
-    b_q = tl.load(q + i_bh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+    if FUSED:
+        b_q, b_xq, b_yq = _feat(q + i_bh * L * DX, wq + (i_bh % Hq) * DX * FH, bq + (i_bh % Hq) * FH, o_t, m_t,
+                                DX, FH, BT, BDX, BFH, KIND, PREC)
+    else:
+        b_q = tl.load(q + i_bh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
     b_h = tl.load(h + (i_kvh * NS + i_s) * F * D + o_k[:, None] * D + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
     b_z = tl.load(z + (i_kvh * NS + i_s) * F + o_k, mask=m_k, other=0)
     b_o = tl.dot(b_q.to(tl.float32), b_h, input_precision=PREC_STATE)  # [BT, BV]
@@ -96,7 +175,12 @@ def linear_attention_fwd_kernel(
         m_j = m_t
         if HAS_MASK:
             m_j = m_j & (tl.load(mask + i_b * L + o_t, mask=m_t, other=0) != 0)
-        b_k = tl.load(k + i_kvh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0)
+        if FUSED:
+            Hkv = Hq // G
+            b_k, b_xk, b_yk = _feat(k + i_kvh * L * DX, wk + (i_kvh % Hkv) * DX * FH, bk + (i_kvh % Hkv) * FH, o_t,
+                                    m_j, DX, FH, BT, BDX, BFH, KIND, PREC)
+        else:
+            b_k = tl.load(k + i_kvh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0)
         b_v = tl.load(v + i_kvh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
         b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BT, BT]
         b_A = tl.where((o_t[:, None] >= o_t[None, :]) & m_j[None, :], b_A, 0)
@@ -108,13 +192,14 @@ def linear_attention_fwd_kernel(
     tl.store(den + i_bh * L + o_t, b_d, mask=m_t)
 
 
-@triton.autotune(configs=_configs(), key=["F", "D", "BK", "BV", "CAUSAL"])
+@triton.autotune(configs=_configs(), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_bwd_dq_kernel(
-    k, v, mask, h, z, o, den, do, dden, dq, s,
-    L, NT, F, D, Hq, G,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, PREC_STATE: tl.constexpr,
+    q, k, v, mask, h, z, o, den, do, dden, dq, s, wq, bq, wk, bk, dwq, dbq,
+    L, NT, F, D, Hq, G, DX, FH,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr,
+    PREC: tl.constexpr, PREC_STATE: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b = i_bh // Hq
@@ -140,22 +225,36 @@ def linear_attention_bwd_dq_kernel(
         m_j = m_t
         if HAS_MASK:
             m_j = m_j & (tl.load(mask + i_b * L + o_t, mask=m_t, other=0) != 0)
-        b_k = tl.load(k + i_kvh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0)
+        if FUSED:
+            Hkv = Hq // G
+            b_k, b_xk, b_yk = _feat(k + i_kvh * L * DX, wk + (i_kvh % Hkv) * DX * FH, bk + (i_kvh % Hkv) * FH, o_t,
+                                    m_j, DX, FH, BT, BDX, BFH, KIND, PREC)
+        else:
+            b_k = tl.load(k + i_kvh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0)
         b_v = tl.load(v + i_kvh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
         b_P = tl.dot(b_g.to(b_v.dtype), tl.trans(b_v), input_precision=PREC) + b_s[:, None]  # [BT, BT]
         b_P = tl.where((o_t[:, None] >= o_t[None, :]) & m_j[None, :], b_P, 0)
         b_dq += tl.dot(b_P.to(b_k.dtype), b_k, input_precision=PREC)
-    tl.store(dq + i_bh * L * F + o_t[:, None] * F + o_k[None, :], b_dq.to(dq.dtype.element_ty),
-             mask=m_t[:, None] & m_k[None, :])
+    if FUSED:
+        b_q, b_xq, b_yq = _feat(q + i_bh * L * DX, wq + (i_bh % Hq) * DX * FH, bq + (i_bh % Hq) * FH, o_t, m_t,
+                                DX, FH, BT, BDX, BFH, KIND, PREC)
+        b_dx = _feat_bwd(b_dq, b_xq, b_yq, m_t, wq + (i_bh % Hq) * DX * FH, dwq + (i_bh % Hq) * DX * FH,
+                         dbq + (i_bh % Hq) * FH, DX, FH, BT, BDX, BFH, KIND, PREC_STATE)
+        o_d = tl.arange(0, BDX)
+        tl.store(dq + i_bh * L * DX + o_t[:, None] * DX + o_d[None, :], b_dx.to(dq.dtype.element_ty),
+                 mask=m_t[:, None] & (o_d < DX)[None, :])
+    else:
+        tl.store(dq + i_bh * L * F + o_t[:, None] * F + o_k[None, :], b_dq.to(dq.dtype.element_ty),
+                 mask=m_t[:, None] & m_k[None, :])
 
 
-@triton.autotune(configs=_configs(warps=(2, 4), stages=(2, 3, 4)), key=["F", "D", "BK", "BV", "CAUSAL"])
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(2, 3, 4)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_state_bwd_kernel(
-    q, do, den, s, dh, dz,
-    L, NT, F, D, G,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    CAUSAL: tl.constexpr, PREC: tl.constexpr,
+    q, do, den, s, dh, dz, wq, bq,
+    L, NT, F, D, Hkv, G, DX, FH,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
+    CAUSAL: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr,
 ):
     i_kv, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # i_bh over B * Hkv
     NV = tl.cdiv(D, BV)
@@ -178,7 +277,12 @@ def linear_attention_state_bwd_kernel(
         m_t = o_t < L
         for i_g in range(G):
             i_qh = i_bh * G + i_g
-            b_q = tl.load(q + i_qh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+            if FUSED:
+                i_h = i_qh % (Hkv * G)
+                b_q, b_xq, b_yq = _feat(q + i_qh * L * DX, wq + i_h * DX * FH, bq + i_h * FH, o_t, m_t,
+                                        DX, FH, BT, BDX, BFH, KIND, PREC)
+            else:
+                b_q = tl.load(q + i_qh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
             b_do = tl.load(do + i_qh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
             b_den = tl.load(den + i_qh * L + o_t, mask=m_t, other=1)
             b_den = tl.where(b_den == 0, 1, b_den)
@@ -192,13 +296,14 @@ def linear_attention_state_bwd_kernel(
             tl.store(p_dz, b_dz, mask=m_k)
 
 
-@triton.autotune(configs=_configs(), key=["F", "D", "BK", "BV", "CAUSAL"])
+@triton.autotune(configs=_configs(), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_bwd_dkdv_kernel(
-    q, k, v, mask, den, do, s, dh, dz, dk, dv,
-    L, NT, F, D, Hkv, G,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, PREC_STATE: tl.constexpr,
+    q, k, v, mask, den, do, s, dh, dz, dk, dv, wq, bq, wk, bk, dwk, dbk,
+    L, NT, F, D, Hkv, G, DX, FH,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr,
+    PREC: tl.constexpr, PREC_STATE: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # i_bh over B * Hkv
     i_b = i_bh // Hkv
@@ -210,7 +315,11 @@ def linear_attention_bwd_dkdv_kernel(
     m_j = m_t
     if HAS_MASK:
         m_j = m_j & (tl.load(mask + i_b * L + o_t, mask=m_t, other=0) != 0)
-    b_k = tl.load(k + i_bh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0)
+    if FUSED:
+        b_k, b_xk, b_yk = _feat(k + i_bh * L * DX, wk + (i_bh % Hkv) * DX * FH, bk + (i_bh % Hkv) * FH, o_t, m_j,
+                                DX, FH, BT, BDX, BFH, KIND, PREC)
+    else:
+        b_k = tl.load(k + i_bh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0)
     b_v = tl.load(v + i_bh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
     b_dh = tl.load(dh + (i_bh * NS + i_s) * F * D + o_k[:, None] * D + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
     b_dz = tl.load(dz + (i_bh * NS + i_s) * F + o_k, mask=m_k, other=0)
@@ -220,7 +329,12 @@ def linear_attention_bwd_dkdv_kernel(
         m_ij = o_t[:, None] >= o_t[None, :]
         for i_g in range(G):
             i_qh = i_bh * G + i_g
-            b_q = tl.load(q + i_qh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+            if FUSED:
+                i_h = i_qh % (Hkv * G)
+                b_q, b_xq, b_yq = _feat(q + i_qh * L * DX, wq + i_h * DX * FH, bq + i_h * FH, o_t, m_t,
+                                        DX, FH, BT, BDX, BFH, KIND, PREC)
+            else:
+                b_q = tl.load(q + i_qh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
             b_do = tl.load(do + i_qh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
             b_den = tl.load(den + i_qh * L + o_t, mask=m_t, other=1)
             b_den = tl.where(b_den == 0, 1, b_den)
@@ -234,20 +348,26 @@ def linear_attention_bwd_dkdv_kernel(
             b_dk += tl.dot(tl.trans(b_P.to(b_q.dtype)), b_q, input_precision=PREC)
     b_dk = tl.where(m_j[:, None], b_dk, 0)
     b_dv = tl.where(m_j[:, None], b_dv, 0)
-    tl.store(dk + i_bh * L * F + o_t[:, None] * F + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
     tl.store(dv + i_bh * L * D + o_t[:, None] * D + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    if FUSED:
+        b_dx = _feat_bwd(b_dk, b_xk, b_yk, m_j, wk + (i_bh % Hkv) * DX * FH, dwk + (i_bh % Hkv) * DX * FH,
+                         dbk + (i_bh % Hkv) * FH, DX, FH, BT, BDX, BFH, KIND, PREC_STATE)
+        o_d = tl.arange(0, BDX)
+        tl.store(dk + i_bh * L * DX + o_t[:, None] * DX + o_d[None, :], b_dx.to(dk.dtype.element_ty),
+                 mask=m_t[:, None] & (o_d < DX)[None, :])
+    else:
+        tl.store(dk + i_bh * L * F + o_t[:, None] * F + o_k[None, :], b_dk.to(dk.dtype.element_ty),
+                 mask=m_t[:, None] & m_k[None, :])
 
 
 # ------------------------------------------------------------------------------------------------------------- host
 BT = 64
+KINDS = {"softmax_split": 0, "exp": 1, "joint_softmax": 2}  # the feature maps the fused kernels compute
 
 
 def _launcher(kernel):
     """wrap_triton so that Inductor sees the kernel inside a triton_op; the interpreter's kernels are launched as is."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    fn = getattr(kernel, "fn", kernel)  # an Autotuner wraps the JIT/interpreted function
-    if _INTERPRET or isinstance(fn, InterpretedFunction):
+    if _INTERPRET:
         return kernel
     from torch.library import wrap_triton
 
@@ -261,26 +381,9 @@ def _precisions(dtype: torch.dtype) -> Tuple[str, str]:
     return "tf32", "tf32"
 
 
-def _tiles(F: int, D: int, n_heads: int) -> Tuple[int, int]:
-    """Tiles of the sequential state passes: smaller tiles when there are few heads, so the GPU has enough programs."""
-    t = 32 if n_heads < 64 else 64
-    return min(t, _block(F)), min(t, _block(D))
-
-
 def _block(n: int) -> int:
     """A block covering n: a power of two, at least 16 (the smallest tl.dot operand the GPU compiler accepts)."""
     return max(16, triton.next_power_of_2(n))
-
-
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[int, int, int, int, int, int]:
-    B, Hq, L, F = q.shape
-    Hkv, D = k.shape[1], v.shape[-1]
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"linear_attention (Triton): phi_q, phi_k, v must share one of fp16/bf16/fp32, got "
-                        f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if F > 256 or D > 256:
-        raise ValueError(f"linear_attention (Triton): F and D must be <= 256, got F={F}, D={D}; split the heads")
-    return B, Hq, Hkv, L, F, D
 
 
 def _new(ref: torch.Tensor, *shape: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -294,32 +397,116 @@ def _mask_arg(key_mask: Optional[torch.Tensor], ref: torch.Tensor) -> torch.Tens
     return key_mask.contiguous().view(torch.uint8)
 
 
+class _Plan:
+    """Sizes, blocks and the feature-map arguments shared by the forward and backward launches."""
+
+    def __init__(self, q, k, v, causal, key_mask, fmap):
+        B, Hq, L, Fin = q.shape
+        Hkv, D = k.shape[1], v.shape[-1]
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
+            raise TypeError(f"linear_attention (Triton): inputs must share one of fp16/bf16/fp32, got "
+                            f"{q.dtype}, {k.dtype}, {v.dtype}")
+        self.B, self.Hq, self.Hkv, self.L, self.D, self.G = B, Hq, Hkv, L, D, Hq // Hkv
+        self.causal, self.has_mask = bool(causal), key_mask is not None
+        self.NT = triton.cdiv(L, BT)
+        self.NS = self.NT if causal else 1
+        self.BV = _block(D)
+        self.prec, self.prec_state = _precisions(q.dtype)
+        self.mask = _mask_arg(key_mask, q)
+        self.fused = fmap is not None
+        if self.fused:
+            wq, bq, wk, bk, kind = fmap
+            if kind not in KINDS:
+                raise ValueError(f"fused Hedgehog attention: kind must be one of {sorted(KINDS)}, got {kind!r}; "
+                                 "use the unfused path (feature map, then linear_attention) for the others")
+            self.DX, self.FH = Fin, wq.shape[-1]
+            self.F = 2 * self.FH
+            self.BDX, self.BFH = _block(self.DX), _block(self.FH)
+            self.BK = 2 * self.BFH
+            self.kind = KINDS[kind]
+            zq = torch.zeros(Hq, self.FH, device=q.device, dtype=wq.dtype)
+            zk = torch.zeros(Hkv, self.FH, device=q.device, dtype=wk.dtype)
+            self.w = (wq.contiguous(), (zq if bq is None else bq).contiguous(),
+                      wk.contiguous(), (zk if bk is None else bk).contiguous())
+            self.BKS = self.BK  # the map needs whole rows: one F tile
+        else:
+            self.DX = self.FH = self.BDX = self.BFH = 16
+            self.F, self.kind = Fin, 0
+            self.BK = _block(Fin)
+            self.w = (q, q, q, q)  # unused
+            t = 32 if B * Hkv < 64 else 64  # smaller state tiles when few heads, for enough programs
+            self.BKS = min(t, self.BK)
+        self.BVS = min(64 if self.fused else (32 if B * Hkv < 64 else 64), self.BV)
+        if self.F > 256 or D > 256:
+            raise ValueError(f"linear_attention (Triton): F and D must be <= 256, got F={self.F}, D={D}")
+        self.n_tiles = triton.cdiv(self.F, self.BKS) * triton.cdiv(D, self.BVS)
+
+    def consts(self, state: bool = False):
+        return dict(BT=BT, BK=self.BKS if state else self.BK, BV=self.BVS if state else self.BV, BDX=self.BDX,
+                    BFH=self.BFH, CAUSAL=self.causal, FUSED=self.fused, KIND=self.kind)
+
+    def states(self, k, v, h, z):
+        _launcher(linear_attention_state_fwd_kernel)[(self.n_tiles, self.B * self.Hkv)](
+            k, v, self.mask, h, z, self.w[2], self.w[3], self.L, self.NT, self.F, self.D, self.Hkv, self.DX, self.FH,
+            HAS_MASK=self.has_mask, PREC=self.prec, **self.consts(state=True),
+        )
+
+
+def _fwd(q, k, v, causal, key_mask, fmap):
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    p = _Plan(q, k, v, causal, key_mask, fmap)
+    h = _new(q, p.B, p.Hkv, p.NS, p.F, p.D, dtype=torch.float32)
+    z = _new(q, p.B, p.Hkv, p.NS, p.F, dtype=torch.float32)
+    o = _new(v, p.B, p.Hq, p.L, p.D)
+    den = _new(q, p.B, p.Hq, p.L, dtype=torch.float32)
+    p.states(k, v, h, z)
+    _launcher(linear_attention_fwd_kernel)[(p.NT, p.B * p.Hq)](
+        q, k, v, p.mask, h, z, o, den, *p.w, p.L, p.NT, p.F, p.D, p.Hq, p.G, p.DX, p.FH,
+        HAS_MASK=p.has_mask, PREC=p.prec, PREC_STATE=p.prec_state, **p.consts(),
+    )
+    return o, den
+
+
+def _bwd(q, k, v, o, den, do, dden, causal, key_mask, fmap):
+    q, k, v, o = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous()
+    do = do.contiguous().to(v.dtype)
+    den, dden = den.contiguous().float(), dden.contiguous().float()
+    p = _Plan(q, k, v, causal, key_mask, fmap)
+    h = _new(q, p.B, p.Hkv, p.NS, p.F, p.D, dtype=torch.float32)
+    z = _new(q, p.B, p.Hkv, p.NS, p.F, dtype=torch.float32)
+    dh = _new(q, p.B, p.Hkv, p.NS, p.F, p.D, dtype=torch.float32)
+    dz = _new(q, p.B, p.Hkv, p.NS, p.F, dtype=torch.float32)
+    s = _new(q, p.B, p.Hq, p.L, dtype=torch.float32)
+    dq, dk, dv = _new(q, *q.shape), _new(k, *k.shape), _new(v, *v.shape)
+    if p.fused:  # atomically accumulated: zeros, not poisoned buffers
+        dwq, dbq = torch.zeros(p.Hq, p.DX, p.FH, device=q.device), torch.zeros(p.Hq, p.FH, device=q.device)
+        dwk, dbk = torch.zeros(p.Hkv, p.DX, p.FH, device=q.device), torch.zeros(p.Hkv, p.FH, device=q.device)
+    else:
+        dwq = dbq = dwk = dbk = s
+    p.states(k, v, h, z)
+    _launcher(linear_attention_bwd_dq_kernel)[(p.NT, p.B * p.Hq)](
+        q, k, v, p.mask, h, z, o, den, do, dden, dq, s, *p.w, dwq, dbq,
+        p.L, p.NT, p.F, p.D, p.Hq, p.G, p.DX, p.FH,
+        HAS_MASK=p.has_mask, PREC=p.prec, PREC_STATE=p.prec_state, **p.consts(),
+    )
+    _launcher(linear_attention_state_bwd_kernel)[(p.n_tiles, p.B * p.Hkv)](
+        q, do, den, s, dh, dz, p.w[0], p.w[1], p.L, p.NT, p.F, p.D, p.Hkv, p.G, p.DX, p.FH,
+        PREC=p.prec, **p.consts(state=True),
+    )
+    _launcher(linear_attention_bwd_dkdv_kernel)[(p.NT, p.B * p.Hkv)](
+        q, k, v, p.mask, den, do, s, dh, dz, dk, dv, *p.w, dwk, dbk,
+        p.L, p.NT, p.F, p.D, p.Hkv, p.G, p.DX, p.FH,
+        HAS_MASK=p.has_mask, PREC=p.prec, PREC_STATE=p.prec_state, **p.consts(),
+    )
+    return dq, dk, dv, (dwq, dbq, dwk, dbk)
+
+
 def linear_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_mask: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward: q [B, Hq, L, F], k [B, Hkv, L, F], v [B, Hkv, L, D], key_mask [B, L] bool or None ->
     (o [B, Hq, L, D] in v's dtype, den [B, Hq, L] fp32)."""
-    B, Hq, Hkv, L, F, D = _check(q, k, v)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    NT = triton.cdiv(L, BT)
-    NS = NT if causal else 1
-    BK, BV = _block(F), _block(D)
-    BKS, BVS = _tiles(F, D, B * Hkv)
-    prec, prec_state = _precisions(q.dtype)
-    m = _mask_arg(key_mask, q)
-    h = _new(q, B, Hkv, NS, F, D, dtype=torch.float32)
-    z = _new(q, B, Hkv, NS, F, dtype=torch.float32)
-    o = _new(v, B, Hq, L, D)
-    den = _new(q, B, Hq, L, dtype=torch.float32)
-    _launcher(linear_attention_state_fwd_kernel)[(triton.cdiv(F, BKS) * triton.cdiv(D, BVS), B * Hkv)](
-        k, v, m, h, z, L, NT, F, D, Hkv,
-        BT=BT, BK=BKS, BV=BVS, CAUSAL=causal, HAS_MASK=key_mask is not None, PREC=prec,
-    )
-    _launcher(linear_attention_fwd_kernel)[(NT, B * Hq)](
-        q, k, v, m, h, z, o, den, L, NT, F, D, Hq, Hq // Hkv,
-        BT=BT, BK=BK, BV=BV, CAUSAL=causal, HAS_MASK=key_mask is not None, PREC=prec, PREC_STATE=prec_state,
-    )
-    return o, den
+    return _fwd(q, k, v, causal, key_mask, None)
 
 
 def linear_attention_bwd(
@@ -335,38 +522,23 @@ def linear_attention_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of (o, den) = linear_attention_fwd(...): do [B, Hq, L, D], dden [B, Hq, L] -> (dq, dk, dv) in the
     dtypes of q, k, v. The forward states are recomputed (one pass), not stored."""
-    B, Hq, Hkv, L, F, D = _check(q, k, v)
-    q, k, v, o, do = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), do.contiguous().to(v.dtype)
-    den, dden = den.contiguous().float(), dden.contiguous().float()
-    NT = triton.cdiv(L, BT)
-    NS = NT if causal else 1
-    G = Hq // Hkv
-    BK, BV = _block(F), _block(D)
-    BKS, BVS = _tiles(F, D, B * Hkv)
-    prec, prec_state = _precisions(q.dtype)
-    has_mask = key_mask is not None
-    m = _mask_arg(key_mask, q)
-    h = _new(q, B, Hkv, NS, F, D, dtype=torch.float32)
-    z = _new(q, B, Hkv, NS, F, dtype=torch.float32)
-    dh = _new(q, B, Hkv, NS, F, D, dtype=torch.float32)
-    dz = _new(q, B, Hkv, NS, F, dtype=torch.float32)
-    s = _new(q, B, Hq, L, dtype=torch.float32)
-    dq, dk, dv = _new(q, *q.shape), _new(k, *k.shape), _new(v, *v.shape)
-    n_tiles = triton.cdiv(F, BKS) * triton.cdiv(D, BVS)
-    _launcher(linear_attention_state_fwd_kernel)[(n_tiles, B * Hkv)](
-        k, v, m, h, z, L, NT, F, D, Hkv,
-        BT=BT, BK=BKS, BV=BVS, CAUSAL=causal, HAS_MASK=has_mask, PREC=prec,
-    )
-    _launcher(linear_attention_bwd_dq_kernel)[(NT, B * Hq)](
-        k, v, m, h, z, o, den, do, dden, dq, s, L, NT, F, D, Hq, G,
-        BT=BT, BK=BK, BV=BV, CAUSAL=causal, HAS_MASK=has_mask, PREC=prec, PREC_STATE=prec_state,
-    )
-    _launcher(linear_attention_state_bwd_kernel)[(n_tiles, B * Hkv)](
-        q, do, den, s, dh, dz, L, NT, F, D, G,
-        BT=BT, BK=BKS, BV=BVS, CAUSAL=causal, PREC=prec,
-    )
-    _launcher(linear_attention_bwd_dkdv_kernel)[(NT, B * Hkv)](
-        q, k, v, m, den, do, s, dh, dz, dk, dv, L, NT, F, D, Hkv, G,
-        BT=BT, BK=BK, BV=BV, CAUSAL=causal, HAS_MASK=has_mask, PREC=prec, PREC_STATE=prec_state,
-    )
-    return dq, dk, dv
+    return _bwd(q, k, v, o, den, do, dden, causal, key_mask, None)[:3]
+
+
+def hedgehog_attention_fwd(
+    xq: torch.Tensor, xk: torch.Tensor, v: torch.Tensor,
+    wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk: Optional[torch.Tensor],
+    kind: str, causal: bool, key_mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: phi = Hedgehog map of kind ``kind`` computed in the kernels, never stored.
+    xq [B, Hq, L, DX], xk [B, Hkv, L, DX], v [B, Hkv, L, D], wq [Hq, DX, FH], bq [Hq, FH] or None, wk [Hkv, DX, FH],
+    bk [Hkv, FH] or None -> (o [B, Hq, L, D], den [B, Hq, L] fp32)."""
+    return _fwd(xq, xk, v, causal, key_mask, (wq, bq, wk, bk, kind))
+
+
+def hedgehog_attention_bwd(
+    xq, xk, v, wq, bq, wk, bk, o, den, do, dden, kind: str, causal: bool, key_mask=None,
+):
+    """Fused backward -> (dxq, dxk, dv, dwq, dbq, dwk, dbk); dW, db in fp32 (None for a None bias)."""
+    dq, dk, dv, (dwq, dbq, dwk, dbk) = _bwd(xq, xk, v, o, den, do, dden, causal, key_mask, (wq, bq, wk, bk, kind))
+    return dq, dk, dv, dwq, None if bq is None else dbq, dwk, None if bk is None else dbk

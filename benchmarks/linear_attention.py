@@ -1,0 +1,205 @@
+"""Benchmark hhfft::linear_attention (chunked Triton kernels) against fla's chunk_linear_attn and causal SDPA.
+
+What it shows, per sequence length L (H=16 heads, head dim D=64, Hedgehog features F=128 = 2 x 64, B*L = 32K tokens,
+B = 1 at 64K; bf16; causal), forward and forward+backward times of
+  - hhfft:       hhfft.lowering.linear_attention.linear_attention on phi_q, phi_k [B, H, L, F], v [B, H, L, D]
+  - hhfft-fused: hhfft.lowering.linear_attention.hedgehog_linear_attention on q, k [B, H, L, 64] and the maps' W, b
+                 (softmax_split computed inside the kernels: phi never in memory; backward also gives dW, db)
+  - fla:         fla.ops.linear_attn.chunk_linear_attn (fla-core 0.6) on the same phi (its layout [B, L, H, F]),
+                 scale=1, normalize=True: the same function
+  - sdpa:        F.scaled_dot_product_attention(q, k, v, is_causal=True) on q, k, v [B, H, L, 64] (FlashAttention)
+plus FLOPs and bytes of the chunked computation with the floors they give (the bf16 dense matmul rate and the copy
+bandwidth measured in the same run), and the peak memory of each forward+backward. Every method is checked against
+the fp32 plain-torch implementation on the same inputs before it is timed.
+
+    PYTHONPATH=. python benchmarks/linear_attention.py --out /tmp/la          # the full table (one GPU run)
+    PYTHONPATH=. python benchmarks/linear_attention.py --lengths 8192 --quick
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import hhfft  # noqa: F401  (registers the ops)
+from hhfft.lowering.linear_attention import _fwd_torch, hedgehog_linear_attention, linear_attention
+from hhfft.nn import HedgehogFeatureMap
+
+TOKENS = 1 << 15
+H, D, FH = 16, 64, 64
+FEAT = 2 * FH
+C = 64
+LENGTHS = [2048, 8192, 32768, 65536]
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def peak_mb(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def rel_err(x, ref) -> float:
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def floors(L: int, B: int, bw: float, flops: float) -> dict:
+    """FLOPs and bytes of the chunked causal computation (tril products counted in full, as the kernels do them)."""
+    n = B * H * L  # token-heads
+    fwd_flop = n * (2 * C * (FEAT + D) + 4 * FEAT * D)  # intra QK^T, AV; inter Q h; state update K^T V
+    bwd_flop = n * (4 * C * (FEAT + D) + 2 * C * (FEAT + D) + 8 * FEAT * D)  # dq, dk, dv intra + inter, 2 state passes
+    e = 2  # bf16
+    fwd_bytes = n * (e * (2 * FEAT + 2 * D) + 4)  # read phi_q, phi_k, v; write o, den
+    bwd_bytes = n * (e * (2 * FEAT + 3 * D) + 8 + e * (2 * FEAT + D))  # read q,k,v,o,do,den,dden; write dq,dk,dv
+    return dict(
+        fwd_gflop=fwd_flop / 1e9, fwd_mb=fwd_bytes / 2**20,
+        fwd_floor_ms=max(fwd_flop / flops, fwd_bytes / bw) * 1e3,
+        fwdbwd_floor_ms=max((fwd_flop + bwd_flop) / flops, (fwd_bytes + bwd_bytes) / bw) * 1e3,
+    )
+
+
+def measure_rates() -> tuple[float, float]:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x)) * 1e-3
+    bw = 2 * x.numel() / t
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = bench(lambda: a @ a) * 1e-3
+    del x, y
+    return bw, 2 * 8192**3 / t
+
+
+def run_length(L: int, methods: list[str], quick: bool) -> list[dict]:
+    B = max(1, TOKENS // L)
+    g = torch.Generator(device="cuda").manual_seed(L)
+    dt = torch.bfloat16
+    q = torch.randn(B, H, L, D, device="cuda", dtype=dt, generator=g)
+    k = torch.randn(B, H, L, D, device="cuda", dtype=dt, generator=g)
+    v = torch.randn(B, H, L, D, device="cuda", dtype=dt, generator=g)
+    do = torch.randn(B, H, L, D, device="cuda", dtype=dt, generator=g)
+    fq = HedgehogFeatureMap(H, D, FH).cuda()
+    fk = HedgehogFeatureMap(H, D, FH).cuda()
+    with torch.no_grad():
+        for fm in (fq, fk):
+            fm.weight.add_(0.1 * torch.randn(fm.weight.shape, device="cuda", generator=g))
+            fm.bias.normal_(0, 0.1, generator=g)
+        pq, pk = fq(q), fk(k)  # [B, H, L, 128] bf16
+        o_ref = _fwd_torch(pq.float(), pk.float(), v.float(), True, None)[0]
+
+    rows = []
+    for name in methods:
+        if name == "hhfft":
+            x = [t.clone().requires_grad_() for t in (pq, pk, v)]
+            fwd = lambda: linear_attention(*x, causal=True)  # noqa: E731
+            out = lambda o: o  # noqa: E731
+            leaves = x
+        elif name == "hhfft-fused":
+            x = [t.clone().requires_grad_() for t in (q, k, v)]
+            params = [fq.weight, fq.bias, fk.weight, fk.bias]
+            fwd = lambda: hedgehog_linear_attention(  # noqa: E731
+                x[0], x[1], x[2], fq.weight, fq.bias, fk.weight, fk.bias, kind="softmax_split", causal=True)
+            out = lambda o: o  # noqa: E731
+            leaves = x + params
+        elif name == "fla":
+            from fla.ops.linear_attn import chunk_linear_attn
+
+            x = [t.transpose(1, 2).contiguous().requires_grad_() for t in (pq, pk, v)]  # [B, L, H, *]
+            fwd = lambda: chunk_linear_attn(*x, scale=1.0, normalize=True)[0]  # noqa: E731
+            out = lambda o: o.transpose(1, 2)  # noqa: E731
+            leaves = x
+        elif name == "sdpa":
+            x = [t.clone().requires_grad_() for t in (q, k, v)]
+            fwd = lambda: F.scaled_dot_product_attention(*x, is_causal=True)  # noqa: E731
+            out = lambda o: o  # noqa: E731
+            leaves = x
+        else:
+            raise ValueError(f"unknown method {name!r}")
+        try:
+            with torch.no_grad():
+                o = out(fwd())
+            err = None if name == "sdpa" else rel_err(o, o_ref)
+            dout = do.transpose(1, 2).contiguous() if name == "fla" else do
+
+            def fwdbwd():
+                for t in leaves:
+                    t.grad = None
+                fwd().backward(dout)
+
+            row = dict(L=L, B=B, method=name, err_vs_fp32=err)
+            with torch.no_grad():
+                row["fwd_ms"] = bench(fwd)
+            row["fwdbwd_ms"] = bench(fwdbwd)
+            row["peak_mb_fwdbwd"] = peak_mb(fwdbwd)
+        except Exception as e:  # one failing method must not lose the others' figures
+            row = dict(L=L, B=B, method=name, error=repr(e)[:800])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        if quick:
+            continue
+    return rows
+
+
+def table(rows: list[dict], fl: dict) -> str:
+    lines = [
+        "| L | B | method | fwd ms | fwd+bwd ms | peak MB (fwd+bwd) | rel err vs fp32 | fwd+bwd speed-up of hhfft-fused |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    by = {(r["L"], r["method"]): r for r in rows}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['L']} | {r['B']} | {r['method']} | failed: {r['error'][:80]} | | | | |")
+            continue
+        fused = by.get((r["L"], "hhfft-fused"), {})
+        sp = f"{r['fwdbwd_ms'] / fused['fwdbwd_ms']:.2f}x" if "fwdbwd_ms" in fused and r["method"] != "hhfft-fused" else ""
+        err = "" if r["err_vs_fp32"] is None else f"{r['err_vs_fp32']:.1e}"
+        lines.append(f"| {r['L']} | {r['B']} | {r['method']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
+                     f"{r['peak_mb_fwdbwd']:.0f} | {err} | {sp} |")
+    lines.append("")
+    lines.append("| L | fwd GFLOP | fwd MB moved | fwd floor ms | fwd+bwd floor ms |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    for L, f in fl.items():
+        lines.append(f"| {L} | {f['fwd_gflop']:.1f} | {f['fwd_mb']:.0f} | {f['fwd_floor_ms']:.3f} | {f['fwdbwd_floor_ms']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
+    p.add_argument("--methods", nargs="*", default=["hhfft", "hhfft-fused", "fla", "sdpa"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None, help="folder for results.json and table.md")
+    a = p.parse_args(argv)
+    bw, fl_rate = measure_rates()
+    head = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, copy_tb_s=bw / 1e12, bf16_tflop_s=fl_rate / 1e12)
+    print(json.dumps(head), flush=True)
+    rows, fl = [], {}
+    for L in a.lengths:
+        fl[L] = floors(L, max(1, TOKENS // L), bw, fl_rate)
+        rows += run_length(L, a.methods, a.quick)
+        torch.cuda.empty_cache()
+    md = table(rows, fl)
+    print(md, flush=True)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "results.json"), "w") as f:
+            json.dump(dict(head=head, rows=rows, floors=fl), f, indent=1)
+        with open(os.path.join(a.out, "table.md"), "w") as f:
+            f.write(md + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

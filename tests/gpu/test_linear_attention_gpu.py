@@ -1,0 +1,152 @@
+"""hhfft::linear_attention on CUDA (the chunked Triton kernels) against an fp64 reference, forward and backward.
+
+Grid: L in {1, 63, 64, 65, 1000, 4096, 32768} x dtype {fp16, bf16, fp32} x {causal, non-causal}; D, F in {32, 64, 128}
+and GQA ratio 1/2/4 rotate through the cases, masks on every other case, so each value of each axis meets the
+others. Reference: naive.py in fp64 for L <= 4096, the chunked plain-torch form in fp64 above (naive is O(L^2)
+memory). Tolerance (STYLE.md): relative error <= 2x PyTorch's own at the input dtype (the quadratic form run by
+PyTorch in that dtype). Every buffer the kernels write starts as NaN.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import hhfft  # noqa: F401  (registers the ops)
+from hhfft.kernels.linear_attention import chunk
+from hhfft.kernels.linear_attention.naive import linear_attention_naive, linear_attention_weights_naive
+from hhfft.lowering.linear_attention import _fwd_torch, linear_attention
+from utils import assert_within_baseline
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+LENGTHS = [1, 63, 64, 65, 1000, 4096, 32768]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+DIMS = [32, 64, 128]
+
+
+def _cases():
+    out = []
+    for n, (L, dtype, causal) in enumerate(itertools.product(LENGTHS, DTYPES, (True, False))):
+        D, F, G = DIMS[n % 3], DIMS[(n // 3) % 3], (1, 2, 4)[(n // 2) % 3]
+        masked = n % 2 == 1
+        B, Hkv = (2, 2) if L <= 4096 else (1, 1)
+        out.append(pytest.param(B, Hkv * G, Hkv, L, F, D, masked, dtype, causal,
+                                id=f"B{B}-Hq{Hkv * G}-Hkv{Hkv}-L{L}-F{F}-D{D}{'-mask' if masked else ''}-"
+                                   f"{str(dtype)[6:]}-{'causal' if causal else 'full'}"))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _nan_buffers(monkeypatch):
+    monkeypatch.setattr(chunk, "_new", lambda ref, *shape, dtype=None: torch.full(
+        shape, float("nan"), dtype=dtype or ref.dtype, device=ref.device))
+
+
+def _reference(q, k, v, causal, mask):
+    if q.shape[2] <= 4096 or q.dtype != torch.float64:
+        o = linear_attention_naive(q, k, v, causal=causal, key_mask=mask)
+        den = linear_attention_weights_naive(q, k, causal=causal, key_mask=mask).sum(-1)
+        return o, den
+    return _fwd_torch(q, k, v, causal, mask)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,L,F,D,masked,dtype,causal", _cases())
+def test_forward_backward(B, Hq, Hkv, L, F, D, masked, dtype, causal):
+    g = torch.Generator(device="cuda").manual_seed(L * 7 + F + D)
+    # Hedgehog-like features: positive, rows summing to 2 (two softmax halves)
+    feat = lambda H: torch.cat([torch.softmax(x, -1) for x in  # noqa: E731
+                                torch.randn(2, B, H, L, F // 2, device="cuda", generator=g).unbind(0)], -1)
+    q, k = feat(Hq).to(dtype), feat(Hkv).to(dtype)
+    v = torch.randn(B, Hkv, L, D, device="cuda", generator=g).to(dtype)
+    mask = (torch.rand(B, L, device="cuda", generator=g) > 0.25) if masked else None
+    do = torch.randn(B, Hq, L, D, device="cuda", generator=g).to(dtype)
+    dden = torch.zeros(B, Hq, L, device="cuda")
+    dden[:, :, ::3] = torch.randn(B, Hq, (L + 2) // 3, device="cuda", generator=g)
+
+    o, den = chunk.linear_attention_fwd(q, k, v, causal, mask)
+    dq, dk, dv = chunk.linear_attention_bwd(q, k, v, o, den, do, dden, causal, mask)
+
+    def grads(*x):
+        x = [t.detach().clone().requires_grad_() for t in x]
+        oo, dd = _reference(*x, causal, mask)
+        gr = torch.autograd.grad((oo, dd), x, (do.to(oo.dtype), dden.to(dd.dtype)))
+        return (oo.detach(), dd.detach()) + gr
+
+    ref = grads(q.double(), k.double(), v.double())
+    base = grads(q, k, v)
+    for name, got, r, b in zip(("o", "den", "dq", "dk", "dv"), (o, den, dq, dk, dv), ref, base):
+        assert_within_baseline(name, got, r, [b], dtype=dtype)
+
+
+def test_op_dispatches_to_triton_and_matches(monkeypatch):
+    """The public wrapper on CUDA goes through the Triton kernels (fwd and the fused first-order bwd)."""
+    calls = []
+    for name in ("linear_attention_fwd", "linear_attention_bwd"):
+        fn = getattr(chunk, name)
+        monkeypatch.setattr(chunk, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    q, k = torch.rand(2, 4, 300, 32, device="cuda"), torch.rand(2, 2, 300, 32, device="cuda")
+    v = torch.randn(2, 2, 300, 64, device="cuda")
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    linear_attention(*x, causal=True).sum().backward()
+    assert calls == ["linear_attention_fwd", "linear_attention_bwd"]
+    ref = [t.double().clone().requires_grad_() for t in (q, k, v)]
+    linear_attention_naive(*ref, causal=True).sum().backward()
+    for a, b in zip(x, ref):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
+
+
+FUSED = [  # (B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind)
+    (2, 4, 2, 1000, 64, 64, 64, True, torch.bfloat16, True, "softmax_split"),
+    (1, 2, 2, 4096, 32, 64, 128, False, torch.float16, True, "exp"),
+    (2, 4, 1, 65, 64, 32, 32, True, torch.float32, False, "joint_softmax"),
+    (1, 2, 1, 32768, 64, 64, 64, False, torch.bfloat16, True, "softmax_split"),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,L,DX,FH,D,masked,dtype,causal,kind", [
+    pytest.param(*c, id=f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-L{c[3]}-DX{c[4]}-FH{c[5]}-D{c[6]}{'-mask' if c[7] else ''}-"
+                       f"{str(c[8])[6:]}-{'causal' if c[9] else 'full'}-{c[10]}") for c in FUSED])
+def test_fused_feature_map(B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind):
+    """Fused kernels (phi computed in-kernel) against the module path: feature maps, then attention, in fp64."""
+    from hhfft.nn import feature_map
+
+    g = torch.Generator(device="cuda").manual_seed(L + DX)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    x = [r(B, Hq, L, DX).to(dtype), r(B, Hkv, L, DX).to(dtype), r(B, Hkv, L, D).to(dtype),
+         torch.eye(DX, FH, device="cuda").expand(Hq, DX, FH) + 0.1 * r(Hq, DX, FH), 0.1 * r(Hq, FH),
+         torch.eye(DX, FH, device="cuda").expand(Hkv, DX, FH) + 0.1 * r(Hkv, DX, FH), 0.1 * r(Hkv, FH)]
+    mask = (torch.rand(B, L, device="cuda", generator=g) > 0.25) if masked else None
+    o, den = chunk.hedgehog_attention_fwd(*x, kind, causal, mask)
+    do, dden = r(*o.shape).to(dtype), torch.zeros_like(den)
+    got = chunk.hedgehog_attention_bwd(*x, o, den, do, dden, kind, causal, mask)
+
+    def run(xs, low):
+        xs = [t.detach().clone().requires_grad_() for t in xs]
+        w = [t.to(xs[0].dtype) for t in xs[3:]] if low else xs[3:]
+        pq = feature_map(torch.einsum("bhld,hdf->bhlf", xs[0], w[0]) + w[1][None, :, None, :], kind)
+        pk = feature_map(torch.einsum("bhld,hdf->bhlf", xs[1], w[2]) + w[3][None, :, None, :], kind)
+        oo, dd = _reference(pq, pk, xs[2], causal, mask)
+        gr = torch.autograd.grad((oo, dd), xs, (do.to(oo.dtype), dden.to(dd.dtype)))
+        return [oo.detach(), dd.detach()] + list(gr)
+
+    ref = run([t.double() for t in x], False)
+    base = run(x, True)
+    names = ["o", "den", "dq", "dk", "dv", "dWq", "dbq", "dWk", "dbk"]
+    for name, a, b, c in zip(names, [o, den] + list(got), ref, base):
+        assert_within_baseline(name, a, b, [c], dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decoding_step_matches_forward(dtype):
+    from hhfft.lowering.linear_attention import linear_attention_state, linear_attention_step
+
+    B, Hq, Hkv, L, F, D = 3, 8, 2, 300, 128, 64
+    q, k = torch.rand(B, Hq, L, F, device="cuda").to(dtype), torch.rand(B, Hkv, L, F, device="cuda").to(dtype)
+    v = torch.randn(B, Hkv, L, D, device="cuda").to(dtype)
+    ref = linear_attention_naive(q.double(), k.double(), v.double(), causal=True)
+    base = linear_attention_naive(q, k, v, causal=True)
+    S, z = linear_attention_state(k[:, :, :290], v[:, :, :290])
+    got = torch.stack([linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], S, z) for t in range(290, 300)], 2)
+    assert_within_baseline("o", got, ref[:, :, 290:], [base[:, :, 290:]], dtype=dtype)
