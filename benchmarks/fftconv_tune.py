@@ -29,13 +29,14 @@ def variants(L: int):
     N = m.plan(L, L, L)
     out = []
     if N <= 4096:
-        out += [dict(precision="fp16", stacked=False, rows_per_program=1, num_warps=nw) for nw in (4, 8)]
-        out += [dict(precision="fp16", stacked=False, rows_per_program=r) for r in (2, 4)]
-        out += [dict(precision="tf32", stacked=False, rows_per_program=1)]
+        out += [dict(precision="fp16", variant="loop", rows_per_program=1, num_warps=nw) for nw in (4, 8)]
+        out += [dict(precision="fp16", variant="loop", rows_per_program=r) for r in (2, 4)]
+        out += [dict(precision="tf32", variant="loop", rows_per_program=1)]
         out += [
-            dict(precision="fp16", stacked=True, rows_per_program=r, num_warps=nw)
+            dict(precision="fp16", variant="stacked", rows_per_program=r, num_warps=nw)
             for r in (1, 2, 4, 8) if r * N <= 8192 for nw in (4, 8)
         ]
+        out += [dict(precision="fp16", variant="t", rows_per_program=r) for r in (1, 2, 4, 8) if r * N <= 8192]
     if N == 8192:
         out += [dict(precision="fp16", max_fused_n=8192, num_warps=nw) for nw in (8, 16)]
     if N > 4096:
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
             print(json.dumps(rows[-1]), flush=True)
         del u, k, y_ref
         torch.cuda.empty_cache()
-    for kern in (m.fftconv_fwd_kernel, m.fftconv_fwd_stacked_kernel, m.fftconv_row_kernel, m.fftconv_corr_kernel,
+    for kern in (m.fftconv_fwd_kernel, m.fftconv_fwd_stacked_kernel, m.fftconv_fwd_t_kernel, m.fftconv_row_kernel, m.fftconv_corr_kernel,
                  m.fftconv_col_fwd_kernel, m.fftconv_col_inv_kernel):
         info = []
         for cache in getattr(kern, "device_caches", {}).values():

@@ -120,6 +120,7 @@ def test_fwd_rejects_bad_out():
         fftconv_fwd(u, k, 0, 10, out=torch.empty(1, 1, 9, device=DEVICE), precision="ieee")
 
 
+@pytest.mark.parametrize("variant", ["stacked", "t"])
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize(
     "B,H,L,K,shift,T,R",
@@ -128,12 +129,12 @@ def test_fwd_rejects_bad_out():
         pytest.param(3, 1, 300, 301, 150, 300, 2, id="N1024-B3-H1-L300-K301-same-R2"),
     ],
 )
-def test_forward_stacked(B, H, L, K, shift, T, R, dtype):
-    """The stacked variant (R pairs side by side in one tile), with a partly empty last program."""
+def test_forward_stacked(B, H, L, K, shift, T, R, dtype, variant):
+    """The stacked variants (R pairs side by side in one tile), with a partly empty last program."""
     u, k, extra = _inputs(B, H, L, K, T, True, seed=4)
     ref = fftconv_naive(u, k, shift, T, **extra)
     u_d, k_d, extra_d = u.to(DEVICE, dtype), k.to(DEVICE, torch.float32), _cast(extra, dtype)
     y = torch.full((B, H, T), float("nan"), device=DEVICE, dtype=STORE[dtype])
-    fftconv_fwd(u_d, k_d, shift, T, **extra_d, precision=PREC[dtype], stacked=True, rows_per_program=R, out=y)
+    fftconv_fwd(u_d, k_d, shift, T, **extra_d, precision=PREC[dtype], variant=variant, rows_per_program=R, out=y)
     y_torch = _fftconv_torch(u_d, k_d, shift, T, extra_d["bias"], extra_d["skip"], extra_d["pregate"], extra_d["postgate"])
     assert_within_torch_error(y.to(dtype).cpu(), ref, y_torch.cpu(), f"stacked forward N={plan(L, K, T)}")

@@ -335,6 +335,88 @@ def fftconv_fwd_stacked_kernel(
     tl.store(p_y + o_y1, b_yi.to(p_y.dtype.element_ty), mask=m_t & m_1)
 
 
+@triton.jit
+def fftconv_fwd_t_kernel(
+    p_u, p_pre, p_post, p_bias, p_skip, p_kf, p_ks, p_f1, p_f2, p_tw, p_y,
+    B, H, L, T, LO, HI,
+    N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # R pairs, every product a right product with R N2 or R N1 rows (F symmetric: X^T F1 = (F1 X)^T):
+    # X^T [R N2, N1] @ F1 -> A^T, twiddle, per-pair transpose -> A [R N1, N2] @ F2 -> C, * K_f,
+    # C @ conj(F2) -> D, twiddle, per-pair transpose -> D^T [R N2, N1] @ conj(F1) -> Y^T
+    i_g, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_r = tl.arange(0, R)
+    o_1 = tl.arange(0, N1)
+    o_2 = tl.arange(0, N2)
+    i_b0 = 2 * (i_g * R + o_r)
+    i_b1 = i_b0 + 1
+    o_n = o_1[None, None, :] * N2 + o_2[None, :, None]  # [1, N2, N1]: position n1 N2 + n2
+    m_u = o_n < L
+    m_t = o_n < T
+    m_0 = (i_b0 < B)[:, None, None]
+    m_1 = (i_b1 < B)[:, None, None]
+    o_0 = ((i_b0 * H + i_h) * L)[:, None, None] + o_n  # [R, N2, N1]
+    o_1u = ((i_b1 * H + i_h) * L)[:, None, None] + o_n
+    b_u0 = tl.load(p_u + o_0, mask=m_u & m_0, other=0.0).to(tl.float32)
+    b_u1 = tl.load(p_u + o_1u, mask=m_u & m_1, other=0.0).to(tl.float32)
+    b_xr, b_xi = b_u0, b_u1
+    if HAS_PRE:
+        b_xr = b_xr * tl.load(p_pre + o_0, mask=m_u & m_0, other=0.0).to(tl.float32)
+        b_xi = b_xi * tl.load(p_pre + o_1u, mask=m_u & m_1, other=0.0).to(tl.float32)
+    b_m = tl.max(tl.max(tl.maximum(tl.abs(b_xr), tl.abs(b_xi)), axis=2), axis=1)  # [R]
+    b_s = tl.where(b_m > 0, tl.exp2(tl.ceil(tl.log2(tl.maximum(b_m, 1e-30)))), 1.0)[:, None, None]
+    b_xr = tl.reshape(b_xr / b_s, (R * N2, N1))
+    b_xi = tl.reshape(b_xi / b_s, (R * N2, N1))
+    f1r, f1i = _load_plane(p_f1, N1, N1)
+    b_ar, b_ai = _cdot(b_xr, b_xi, f1r, f1i, PREC)  # A^T [R N2, N1]
+    o_tt = o_1[None, None, :] * N2 + o_2[None, :, None]  # T^T[n2, k1] = T[k1, n2]
+    twr = tl.load(p_tw + o_tt)
+    twi = tl.load(p_tw + N1 * N2 + o_tt)
+    b_ar = tl.reshape(b_ar, (R, N2, N1))
+    b_ai = tl.reshape(b_ai, (R, N2, N1))
+    b_ar, b_ai = b_ar * twr - b_ai * twi, b_ar * twi + b_ai * twr
+    b_ar = tl.reshape(tl.permute(b_ar, (0, 2, 1)), (R * N1, N2))
+    b_ai = tl.reshape(tl.permute(b_ai, (0, 2, 1)), (R * N1, N2))
+    f2r, f2i = _load_plane(p_f2, N2, N2)
+    b_cr, b_ci = _cdot(b_ar, b_ai, f2r, f2i, PREC)  # C [R N1, N2]
+    o_k = o_1[None, :, None] * N2 + o_2[None, None, :]  # [1, N1, N2]
+    kr = tl.load(p_kf + i_h * 2 * N1 * N2 + o_k) * (1.0 / (N1 * N2))
+    ki = tl.load(p_kf + i_h * 2 * N1 * N2 + N1 * N2 + o_k) * (1.0 / (N1 * N2))
+    b_cr = tl.reshape(b_cr, (R, N1, N2))
+    b_ci = tl.reshape(b_ci, (R, N1, N2))
+    b_cr, b_ci = b_cr * kr - b_ci * ki, b_cr * ki + b_ci * kr
+    b_dr, b_di = _cdot(tl.reshape(b_cr, (R * N1, N2)), tl.reshape(b_ci, (R * N1, N2)), f2r, -f2i, PREC)
+    twr2 = tl.load(p_tw + o_k)
+    twi2 = tl.load(p_tw + N1 * N2 + o_k)
+    b_dr = tl.reshape(b_dr, (R, N1, N2))
+    b_di = tl.reshape(b_di, (R, N1, N2))
+    b_dr, b_di = b_dr * twr2 + b_di * twi2, b_di * twr2 - b_dr * twi2
+    b_dr = tl.reshape(tl.permute(b_dr, (0, 2, 1)), (R * N2, N1))
+    b_di = tl.reshape(tl.permute(b_di, (0, 2, 1)), (R * N2, N1))
+    b_yr, b_yi = _cdot(b_dr, b_di, f1r, -f1i, PREC)  # Y^T [R N2, N1]
+    b_sk = b_s * tl.load(p_ks + i_h)
+    m_c = (o_n >= LO) & (o_n <= HI)
+    b_yr = tl.where(m_c, tl.reshape(b_yr, (R, N2, N1)) * b_sk, 0.0)
+    b_yi = tl.where(m_c, tl.reshape(b_yi, (R, N2, N1)) * b_sk, 0.0)
+    o_y0 = ((i_b0 * H + i_h) * T)[:, None, None] + o_n
+    o_y1 = ((i_b1 * H + i_h) * T)[:, None, None] + o_n
+    if HAS_POST:
+        b_yr = b_yr * tl.load(p_post + o_y0, mask=m_t & m_0, other=0.0).to(tl.float32)
+        b_yi = b_yi * tl.load(p_post + o_y1, mask=m_t & m_1, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_bias = tl.load(p_bias + i_h).to(tl.float32)
+        b_yr += b_bias
+        b_yi += b_bias
+    if HAS_SKIP:
+        b_skip = tl.load(p_skip + i_h).to(tl.float32)
+        b_yr += b_skip * b_u0
+        b_yi += b_skip * b_u1
+    tl.store(p_y + o_y0, b_yr.to(p_y.dtype.element_ty), mask=m_t & m_0)
+    tl.store(p_y + o_y1, b_yi.to(p_y.dtype.element_ty), mask=m_t & m_1)
+
+
 # -------------------------------------------------------------------------------------------- four-step kernels
 @triton.jit
 def fftconv_col_fwd_kernel(
@@ -515,13 +597,44 @@ def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
     return like if x is None else x.contiguous()
 
 
-def _fused_config(N: int) -> tuple[bool, int]:
-    """(stacked, pairs per program) for the fused kernel, from the H200 sweep at B*H*L = 2^27 bf16:
+def _fused_config(N: int) -> tuple[str, int]:
+    """Static (variant, pairs per program) of the fused kernel, from the H200 sweep at B*H*L = 2^27 bf16:
     N = 512: loop over 4 pairs 0.94 ms (stacked x4 1.18, loop x1 1.36); N = 2048: stacked x2 1.40 ms (loop x1 1.57);
-    N = 4096: stacked x1 1.63 ms (loop x1 1.77)."""
+    N = 4096: stacked x1 1.63 ms (loop x1 1.77). Used under tracing and on the CPU; on CUDA the first eager call
+    per size times the candidates (_candidates) and keeps the fastest."""
     if N <= 512:
-        return False, 4
-    return True, max(1, 4096 // N)
+        return "loop", 4
+    return "stacked", max(1, 4096 // N)
+
+
+def _candidates(N: int) -> list[tuple[str, int]]:
+    n1, n2 = _split(N)
+    rt = max(1, 64 // n1)  # "t": every product has >= 64 rows
+    cands = [_fused_config(N), ("loop", 1), ("t", rt), ("t", 2 * rt)]
+    return [c for i, c in enumerate(cands) if c not in cands[:i] and c[1] * N <= 8192]
+
+
+_FUSED_KERNELS = dict(loop=fftconv_fwd_kernel, stacked=fftconv_fwd_stacked_kernel, t=fftconv_fwd_t_kernel)
+_CHOICE: dict = {}
+
+
+def _choose(N: int, prec: str, pairs: int, H: int, u: Tensor, run) -> tuple[str, int]:
+    """The fused variant for this size: timed once per (N, precision, work size, device) on the first eager CUDA
+    call, like triton.autotune (a candidate that fails to compile is skipped); the static choice otherwise."""
+    key = (N, prec, (pairs * H).bit_length(), str(u.device))
+    if key in _CHOICE:
+        return _CHOICE[key]
+    if not u.is_cuda or _tracing(u) or torch.cuda.is_current_stream_capturing():
+        return _fused_config(N)
+    times = {}
+    for cand in _candidates(N):
+        try:
+            run(cand)
+            times[cand] = triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20, return_mode="median")
+        except Exception:  # noqa: BLE001 - e.g. OutOfResources for a tile that does not fit
+            continue
+    _CHOICE[key] = min(times, key=times.get) if times else _fused_config(N)
+    return _CHOICE[key]
 
 
 def fftconv_fwd(
@@ -537,7 +650,7 @@ def fftconv_fwd(
     precision: Optional[str] = None,
     max_fused_n: Optional[int] = None,
     rows_per_program: Optional[int] = None,
-    stacked: Optional[bool] = None,
+    variant: Optional[str] = None,
     num_warps: Optional[int] = None,
     out: Optional[Tensor] = None,
 ) -> Tensor:
@@ -548,7 +661,8 @@ def fftconv_fwd(
         precision: dot precision ("fp16", "tf32", "tf32x3", "ieee"); default by u's dtype (precision_for)
         max_fused_n: largest N done by the fused kernel (smaller values force the four-step path, for tests)
         rows_per_program: pairs of rows per fused program (default: _fused_config)
-        stacked: process a program's pairs side by side in one tile (larger dots) instead of in a loop
+        variant: fused kernel: "loop" (pairs one after another), "stacked" (side by side in one tile), "t" (side
+            by side, every product a right product with >= 64 rows); default: timed once per size on CUDA (_choose)
         num_warps: override the fused kernel's warp count (for tuning)
         out: optional contiguous [B, H, out_len] floating buffer to write y into (any float dtype)
     Returns:
@@ -580,14 +694,23 @@ def fftconv_fwd(
         n1, n2 = _split(N)
         f1, f2, tw = _tables(n1, n2, u.device, u)
         kf, ks = _spectrum(k, shift, N, (n1, n2))
-        st_default, r_default = _fused_config(N)
-        st = st_default if stacked is None else stacked
-        r = rows_per_program or (r_default if st == st_default else 1)
-        _launch(
-            fftconv_fwd_stacked_kernel if st else fftconv_fwd_kernel, (triton.cdiv(pairs, r), H), u, **common,
-            p_pre=_empty_if_none(pregate, u), p_kf=kf, p_ks=ks, p_f1=f1, p_f2=f2, p_tw=tw, N1=n1, N2=n2, R=r,
-            HAS_PRE=pregate is not None, num_warps=num_warps or _num_warps(n1, n2 * (r if st else 1)), **flags,
+        kw = dict(
+            **common, p_pre=_empty_if_none(pregate, u), p_kf=kf, p_ks=ks, p_f1=f1, p_f2=f2, p_tw=tw, N1=n1, N2=n2,
+            HAS_PRE=pregate is not None, **flags,
         )
+
+        def run(cfg):
+            name, r = cfg
+            _launch(_FUSED_KERNELS[name], (triton.cdiv(pairs, r), H), u, **kw, R=r,
+                    num_warps=num_warps or _num_warps(n1, n2))
+
+        if variant is not None:
+            cfg = (variant, rows_per_program or (_fused_config(N)[1] if variant == _fused_config(N)[0] else 1))
+        elif rows_per_program is not None:
+            cfg = (_fused_config(N)[0], rows_per_program)
+        else:
+            cfg = _choose(N, prec, pairs, H, u, run)
+        run(cfg)
         return y
     Q = min(max_fused, N // 16)
     P = N // Q
