@@ -32,7 +32,8 @@ def _cases():
         D, F, G = DIMS[n % 3], DIMS[(n // 3) % 3], (1, 2, 4)[(n // 2) % 3]
         masked = n % 2 == 1
         B, Hkv = (2, 2) if L <= 4096 else (1, 1)
-        out.append(pytest.param(B, Hkv * G, Hkv, L, F, D, masked, dtype, causal,
+        marks = [pytest.mark.xdist_group("long")] if L > 4096 else []  # one at a time: the L^2 baselines are large
+        out.append(pytest.param(B, Hkv * G, Hkv, L, F, D, masked, dtype, causal, marks=marks,
                                 id=f"B{B}-Hq{Hkv * G}-Hkv{Hkv}-L{L}-F{F}-D{D}{'-mask' if masked else ''}-"
                                    f"{str(dtype)[6:]}-{'causal' if causal else 'full'}"))
     return out
@@ -106,7 +107,7 @@ FUSED = [  # (B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind)
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,L,DX,FH,D,masked,dtype,causal,kind", [
-    pytest.param(*c, id=f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-L{c[3]}-DX{c[4]}-FH{c[5]}-D{c[6]}{'-mask' if c[7] else ''}-"
+    pytest.param(*c, marks=[pytest.mark.xdist_group("long")] if c[3] > 4096 else [], id=f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-L{c[3]}-DX{c[4]}-FH{c[5]}-D{c[6]}{'-mask' if c[7] else ''}-"
                        f"{str(c[8])[6:]}-{'causal' if c[9] else 'full'}-{c[10]}") for c in FUSED])
 def test_fused_feature_map(B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind):
     """Fused kernels (phi computed in-kernel) against the module path: feature maps, then attention, in fp64."""

@@ -101,7 +101,7 @@ def _feat_bwd(b_dphi, b_x, b_y, m_t, p_w, p_dw, p_db, DX, FH,
     return b_dx
 
 
-@triton.autotune(configs=_configs(warps=(4, 8), stages=(2, 3, 4)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
+@triton.autotune(configs=_configs(warps=(4,), stages=(2, 3)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_state_fwd_kernel(
     k, v, mask, h, z, wk, bk,
@@ -145,7 +145,7 @@ def linear_attention_state_fwd_kernel(
             tl.store(p_z, b_z, mask=m_k)
 
 
-@triton.autotune(configs=_configs(), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(2,)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_fwd_kernel(
     q, k, v, mask, h, z, o, den, wq, bq, wk, bk,
@@ -192,7 +192,7 @@ def linear_attention_fwd_kernel(
     tl.store(den + i_bh * L + o_t, b_d, mask=m_t)
 
 
-@triton.autotune(configs=_configs(), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(2,)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_bwd_dq_kernel(
     q, k, v, mask, h, z, o, den, do, dden, dq, s, wq, bq, wk, bk, dwq, dbq,
@@ -248,7 +248,7 @@ def linear_attention_bwd_dq_kernel(
                  mask=m_t[:, None] & m_k[None, :])
 
 
-@triton.autotune(configs=_configs(warps=(4, 8), stages=(2, 3, 4)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
+@triton.autotune(configs=_configs(warps=(4,), stages=(2, 3)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_state_bwd_kernel(
     q, do, den, s, dh, dz, wq, bq,
@@ -296,7 +296,7 @@ def linear_attention_state_bwd_kernel(
             tl.store(p_dz, b_dz, mask=m_k)
 
 
-@triton.autotune(configs=_configs(), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(2,)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_bwd_dkdv_kernel(
     q, k, v, mask, den, do, s, dh, dz, dk, dv, wq, bq, wk, bk, dwk, dbk,

@@ -30,11 +30,12 @@ def linear_attention_step_kernel(
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < F, o_v < D
-    b_keep = True
+    m_kk, m_vk = m_k, m_v
     if HAS_MASK:
         b_keep = tl.load(keep + i_b) != 0
-    b_k = tl.load(k + i_bh * F + o_k, mask=m_k & b_keep, other=0).to(tl.float32)  # [BK]
-    b_v = tl.load(v + i_bh * D + o_v, mask=m_v & b_keep, other=0).to(tl.float32)  # [BV]
+        m_kk, m_vk = m_k & b_keep, m_v & b_keep
+    b_k = tl.load(k + i_bh * F + o_k, mask=m_kk, other=0).to(tl.float32)  # [BK]
+    b_v = tl.load(v + i_bh * D + o_v, mask=m_vk, other=0).to(tl.float32)  # [BV]
     p_s = state + i_bh * F * D + o_k[:, None] * D + o_v[None, :]
     b_s = tl.load(p_s, mask=m_k[:, None] & m_v[None, :], other=0) + b_k[:, None] * b_v[None, :]  # [BK, BV]
     b_z = tl.load(norm + i_bh * F + o_k, mask=m_k, other=0) + b_k  # [BK]
