@@ -397,8 +397,8 @@ def _candidates(gm: fx.GraphModule):
             yield node, None
 
 
-def _record(report: Report, node: fx.Node, spelling: str, decision: str, reason: str, record=None) -> Site:
-    ins = [val(a) for a in node.args[:2] if isinstance(a, fx.Node)]
+def _record(report: Report, node: fx.Node, spelling: str, decision: str, reason: str, record=None, operands=None) -> Site:
+    ins = [val(a) for a in (operands or node.args[:2]) if isinstance(a, fx.Node)]
     dt = next((str(v.dtype).replace("torch.", "") for v in ins if isinstance(v, torch.Tensor)), "?")
     return report.add(Site("longconv", spelling, module_path(node), describe_shape(*ins), dt, decision, reason, record))
 
@@ -449,8 +449,9 @@ def _run(gm: fx.GraphModule, opts, report: Report, rewrite: bool) -> None:
         except _Decline as why:
             _record(report, node, spelling, "skipped", str(why))
             continue
+        operands = (plan["x"], plan["w"]) if plan["kind"] == "conv1d" else (plan["u"], plan["k"])
         if not rewrite:
-            _record(report, node, site.spelling, "kept", "longconv pass is off", site)
+            _record(report, node, site.spelling, "kept", "longconv pass is off", site, operands)
             continue
         try:
             _rewrite(gm, site, plan)
@@ -461,7 +462,7 @@ def _run(gm: fx.GraphModule, opts, report: Report, rewrite: bool) -> None:
         bump("longconv_rewritten")
         bump(f"longconv_rewritten_{site.spelling}")
         reason = f"K={site.kernel_size}" + (f", folded {'+'.join(site.folded)}" if site.folded else "")
-        _record(report, node, site.spelling, "rewritten", reason, site)
+        _record(report, node, site.spelling, "rewritten", reason, site, operands)
     if changed:
         gm.graph.eliminate_dead_code()
 
