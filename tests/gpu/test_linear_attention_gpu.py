@@ -27,10 +27,12 @@ DIMS = [32, 64, 128]
 
 
 def _cases():
+    """Every (L, dtype, causal); D, F, the GQA ratio and the mask vary with all three indices, so that no value of one
+    axis is tied to a value of another (each dtype x causal pair meets every D, F and ratio across the lengths)."""
     out = []
-    for n, (L, dtype, causal) in enumerate(itertools.product(LENGTHS, DTYPES, (True, False))):
-        D, F, G = DIMS[n % 3], DIMS[(n // 3) % 3], (1, 2, 4)[(n // 2) % 3]
-        masked = n % 2 == 1
+    for (a, L), (b, dtype), (c, causal) in itertools.product(enumerate(LENGTHS), enumerate(DTYPES), enumerate((True, False))):
+        D, F, G = DIMS[(a + b) % 3], DIMS[(a + 2 * b + c) % 3], (1, 2, 4)[(2 * a + b + c) % 3]
+        masked = (a + b + c) % 2 == 1
         B, Hkv = (2, 2) if L <= 4096 else (1, 1)
         marks = [pytest.mark.xdist_group("long")] if L > 4096 else []  # one at a time: the L^2 baselines are large
         out.append(pytest.param(B, Hkv * G, Hkv, L, F, D, masked, dtype, causal, marks=marks,

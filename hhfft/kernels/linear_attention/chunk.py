@@ -145,7 +145,7 @@ def linear_attention_state_fwd_kernel(
             tl.store(p_z, b_z, mask=m_k)
 
 
-@triton.autotune(configs=_configs(warps=(4, 8), stages=(2,)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_fwd_kernel(
     q, k, v, mask, h, z, o, den, wq, bq, wk, bk,
@@ -192,7 +192,7 @@ def linear_attention_fwd_kernel(
     tl.store(den + i_bh * L + o_t, b_d, mask=m_t)
 
 
-@triton.autotune(configs=_configs(warps=(4, 8), stages=(2,)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_bwd_dq_kernel(
     q, k, v, mask, h, z, o, den, do, dden, dq, s, wq, bq, wk, bk, dwq, dbq,
@@ -232,7 +232,7 @@ def linear_attention_bwd_dq_kernel(
         else:
             b_k = tl.load(k + i_kvh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0)
         b_v = tl.load(v + i_kvh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
-        b_P = tl.dot(b_g.to(b_v.dtype), tl.trans(b_v), input_precision=PREC) + b_s[:, None]  # [BT, BT]
+        b_P = tl.dot(b_g, tl.trans(b_v.to(tl.float32)), input_precision=PREC_STATE) + b_s[:, None]  # [BT, BT]
         b_P = tl.where((o_t[:, None] >= o_t[None, :]) & m_j[None, :], b_P, 0)
         b_dq += tl.dot(b_P.to(b_k.dtype), b_k, input_precision=PREC)
     if FUSED:
@@ -254,7 +254,7 @@ def linear_attention_state_bwd_kernel(
     q, do, den, s, dh, dz, wq, bq,
     L, NT, F, D, Hkv, G, DX, FH,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
-    CAUSAL: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr, PREC_STATE: tl.constexpr,
 ):
     i_kv, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # i_bh over B * Hkv
     NV = tl.cdiv(D, BV)
@@ -287,8 +287,8 @@ def linear_attention_state_bwd_kernel(
             b_den = tl.load(den + i_qh * L + o_t, mask=m_t, other=1)
             b_den = tl.where(b_den == 0, 1, b_den)
             b_s = tl.load(s + i_qh * L + o_t, mask=m_t, other=0)
-            b_g = (b_do.to(tl.float32) / b_den[:, None]).to(b_q.dtype)
-            b_dh += tl.dot(tl.trans(b_q), b_g, input_precision=PREC)  # [BK, BV]
+            b_g = b_do.to(tl.float32) / b_den[:, None]
+            b_dh += tl.dot(tl.trans(b_q.to(tl.float32)), b_g, input_precision=PREC_STATE)  # [BK, BV]
             b_dz += tl.sum(b_q.to(tl.float32) * b_s[:, None], 0)
     if not CAUSAL:
         tl.store(p_dh, b_dh, mask=m_k[:, None] & m_v[None, :])
@@ -296,7 +296,7 @@ def linear_attention_state_bwd_kernel(
             tl.store(p_dz, b_dz, mask=m_k)
 
 
-@triton.autotune(configs=_configs(warps=(4, 8), stages=(2,)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_bwd_dkdv_kernel(
     q, k, v, mask, den, do, s, dh, dz, dk, dv, wq, bq, wk, bk, dwk, dbk,
@@ -326,7 +326,7 @@ def linear_attention_bwd_dkdv_kernel(
     b_dk = tl.dot(b_v.to(tl.float32), tl.trans(b_dh), input_precision=PREC_STATE) + b_dz[None, :]  # [BT, BK]
     b_dv = tl.dot(b_k.to(tl.float32), b_dh, input_precision=PREC_STATE)  # [BT, BV]
     if CAUSAL:
-        m_ij = o_t[:, None] >= o_t[None, :]
+        m_ji = o_t[None, :] >= o_t[:, None]  # [BT(j), BT(i)]: i >= j
         for i_g in range(G):
             i_qh = i_bh * G + i_g
             if FUSED:
@@ -335,17 +335,20 @@ def linear_attention_bwd_dkdv_kernel(
                                         DX, FH, BT, BDX, BFH, KIND, PREC)
             else:
                 b_q = tl.load(q + i_qh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
-            b_do = tl.load(do + i_qh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
+            p_do = do + i_qh * L * D
+            b_do = tl.load(p_do + o_t[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)  # [BT, BV]
+            b_doT = tl.load(p_do + o_t[None, :] * D + o_v[:, None], mask=m_t[None, :] & m_v[:, None], other=0)  # [BV, BT]
             b_den = tl.load(den + i_qh * L + o_t, mask=m_t, other=1)
             b_den = tl.where(b_den == 0, 1, b_den)
             b_s = tl.load(s + i_qh * L + o_t, mask=m_t, other=0)
-            b_g = (b_do.to(tl.float32) / b_den[:, None]).to(b_v.dtype)  # [BT, BV]
-            b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BT(i), BT(j)]
-            b_A = tl.where(m_ij, b_A, 0)
-            b_dv += tl.dot(tl.trans(b_A.to(b_g.dtype)), b_g, input_precision=PREC)
-            b_P = tl.dot(b_g, tl.trans(b_v), input_precision=PREC) + b_s[:, None]  # [BT(i), BT(j)]
-            b_P = tl.where(m_ij, b_P, 0)
-            b_dk += tl.dot(tl.trans(b_P.to(b_q.dtype)), b_q, input_precision=PREC)
+            b_g = (b_do.to(tl.float32) / b_den[:, None]).to(b_v.dtype)  # [BT(i), BV]
+            b_gT = b_doT.to(tl.float32) / b_den[None, :]  # [BV, BT(i)]
+            b_At = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BT(j), BT(i)] = A^T
+            b_At = tl.where(m_ji, b_At, 0)
+            b_dv += tl.dot(b_At.to(b_g.dtype), b_g, input_precision=PREC)
+            b_Pt = tl.dot(b_v.to(tl.float32), b_gT, input_precision=PREC_STATE) + b_s[None, :]  # [BT(j), BT(i)]
+            b_Pt = tl.where(m_ji, b_Pt, 0)
+            b_dk += tl.dot(b_Pt.to(b_q.dtype), b_q, input_precision=PREC)
     b_dk = tl.where(m_j[:, None], b_dk, 0)
     b_dv = tl.where(m_j[:, None], b_dv, 0)
     tl.store(dv + i_bh * L * D + o_t[:, None] * D + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
@@ -378,7 +381,9 @@ def _precisions(dtype: torch.dtype) -> Tuple[str, str]:
     """(dot precision for products of inputs, for products with the fp32 states). fp32 inputs: exact fp32 dots."""
     if dtype == torch.float32:
         return "ieee", "ieee"
-    return "tf32", "tf32"
+    # fp32 operands (states, g = dO / den) on 16-bit inputs: tf32x3 keeps about fp32 accuracy, which the backward's
+    # cancellation g.v_j - g.o_i needs (plain tf32 measured 30x PyTorch's error at L=1, fp16, on the H200)
+    return "tf32", "tf32x3"
 
 
 def _block(n: int) -> int:
@@ -491,7 +496,7 @@ def _bwd(q, k, v, o, den, do, dden, causal, key_mask, fmap):
     )
     _launcher(linear_attention_state_bwd_kernel)[(p.n_tiles, p.B * p.Hkv)](
         q, do, den, s, dh, dz, p.w[0], p.w[1], p.L, p.NT, p.F, p.D, p.Hkv, p.G, p.DX, p.FH,
-        PREC=p.prec, **p.consts(state=True),
+        PREC=p.prec, PREC_STATE=p.prec_state, **p.consts(state=True),
     )
     _launcher(linear_attention_bwd_dkdv_kernel)[(p.NT, p.B * p.Hkv)](
         q, k, v, p.mask, den, do, s, dh, dz, dk, dv, *p.w, dwk, dbk,
