@@ -13,6 +13,7 @@ the op. Everything else that looks similar stays untouched and is recorded with 
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -89,12 +90,22 @@ def conv1d_as_fftconv(x, weight, bias, pad_left: int, out_delta: int, dilation: 
     return _finish(x, k, k_eff - 1 - pad_left, L + out_delta, bias, skip, pregate, postgate, x.dtype)
 
 
-def fft_as_fftconv(u, kernel, out_len, scale: float, skip=None, pregate=None, postgate=None, out_dtype=None):
-    """``irfft(rfft(u, n=N) * rfft(kernel, n=N) * c, n=N)[..., :out_len]`` with N >= L + K - 1 as fftconv."""
-    k = kernel.reshape(u.shape[1], kernel.shape[-1])
-    if scale != 1.0:
-        k = k * scale
-    return _finish(u, k, 0, out_len, None, skip, pregate, postgate, out_dtype or u.dtype)
+def fft_as_fftconv(u, kernels, reverse, scales, out_len, skip=None, pregate=None, postgate=None, out_dtype=None):
+    """``irfft(rfft(u, n=N) * sum_i c_i [conj] rfft(k_i, n=N), n=N)[..., :out_len]`` as one fftconv (N proved large
+    enough). A conjugated spectrum is the time-reversed (anti-causal) kernel: the bidirectional spelling. The kernels
+    combine into one, kc[R - 1 + j] += c k_fwd[j] and kc[R - 1 - j] += c k_rev[j], with shift R - 1."""
+    H = u.shape[1]
+    ks = [k.reshape(H, k.shape[-1]) * c if c != 1.0 else k.reshape(H, k.shape[-1]) for k, c in zip(kernels, scales)]
+    if len(ks) == 1 and not reverse[0]:  # the common causal case: nothing to combine (and no guards on sizes)
+        return _finish(u, ks[0], 0, out_len, None, skip, pregate, postgate, out_dtype or u.dtype)
+    R = functools.reduce(torch.sym_max, [k.shape[-1] for k, r in zip(ks, reverse) if r], 1)
+    F_ = functools.reduce(torch.sym_max, [k.shape[-1] for k, r in zip(ks, reverse) if not r], 1)
+    total = R - 1 + F_
+    kc = None
+    for k, r in zip(ks, reverse):
+        part = F.pad(k.flip(-1), (R - k.shape[-1], total - R)) if r else F.pad(k, (R - 1, total - R + 1 - k.shape[-1]))
+        kc = part if kc is None else kc + part
+    return _finish(u, kc, R - 1, out_len, None, skip, pregate, postgate, out_dtype or u.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ graph helpers
@@ -337,6 +348,21 @@ def _rfft_of(n: Any) -> tuple[fx.Node, Any, sympy.Expr]:
     return x, N, factor * Ne ** sympy.Rational(-_NORM_FWD[norm], 2)
 
 
+_CONJ = {torch.conj, torch.conj_physical, "conj", "conj_physical"}
+
+
+def _spectrum_terms(n: Any) -> list[tuple[fx.Node, Any, sympy.Expr, bool]]:
+    """A spectrum as a sum of ``c * [conj] rfft(x, n=N)`` terms: [(x, N, c, reversed)]."""
+    inner, factor = _peel_scalars(n)
+    if _is_call(inner, _ADD) and len(inner.args) == 2 and all(isinstance(a, fx.Node) for a in inner.args):
+        terms = _spectrum_terms(inner.args[0]) + _spectrum_terms(inner.args[1])
+        return [(x, N, c * factor, r) for x, N, c, r in terms]
+    if _is_call(inner, _CONJ) and len(inner.args) == 1:
+        return [(x, N, c * factor, not r) for x, N, c, r in _spectrum_terms(inner.args[0])]
+    x, N, c = _rfft_of(inner)
+    return [(x, N, c * factor, False)]
+
+
 def _match_fft(node: fx.Node, opts) -> tuple[LongConvSite, dict]:
     spec, N = arg(node, 0, "input"), arg(node, 1, "n")
     dim, norm = arg(node, 2, "dim", -1), arg(node, 3, "norm")
@@ -345,32 +371,46 @@ def _match_fft(node: fx.Node, opts) -> tuple[LongConvSite, dict]:
     prod, c = _peel_scalars(spec)
     if not (_is_call(prod, _MUL) and len(prod.args) == 2 and all(isinstance(a, fx.Node) for a in prod.args)):
         raise _Decline("irfft input is not a product of two spectra")
-    (a, Na, ca), (b, Nb, cb) = _rfft_of(prod.args[0]), _rfft_of(prod.args[1])
+    sides = [_spectrum_terms(prod.args[0]), _spectrum_terms(prod.args[1])]
     Ne = _scalar(N)
-    if not (known_eq(val(Na), val(N)) and known_eq(val(Nb), val(N))):
+    if not all(known_eq(val(Nt), val(N)) for side in sides for _, Nt, _, _ in side):
         raise _Decline("the rfft sizes and the irfft size differ (not one FFT size)")
-    scale = sympy.simplify(c * ca * cb * Ne ** sympy.Rational(-_NORM_INV[norm], 2) * Ne)
-    if not scale.is_number:
-        raise _Decline(f"scale {scale} depends on the sizes")
-    # Which operand is the signal [B, H, L] and which the kernel [H, K] / [1, H, K]?
+    outer = c * Ne ** sympy.Rational(-_NORM_INV[norm], 2) * Ne
+
     def kernel_like(x, ref):
         s, r = _shape(x), _shape(ref)
-        return s is not None and r is not None and 1 <= len(s) <= len(r) and len(s) >= 2 and known_eq(s[-2], r[-2]) \
+        return s is not None and r is not None and 2 <= len(s) <= len(r) and known_eq(s[-2], r[-2]) \
             and all(d == 1 for d in s[:-2])
-    sa, sb = _shape(a), _shape(b)
-    if sa is not None and len(sa) == 3 and kernel_like(b, a):
-        u, k = a, b
-    elif sb is not None and len(sb) == 3 and kernel_like(a, b):
-        u, k = b, a
+
+    for sig_side, ker_side in ((0, 1), (1, 0)):
+        sig, ker = sides[sig_side], sides[ker_side]
+        if len(sig) == 1 and not sig[0][3] and len(_shape(sig[0][0]) or ()) == 3 \
+                and all(kernel_like(x, sig[0][0]) for x, _, _, _ in ker):
+            break
     else:
-        raise _Decline(f"operands {sa} and {sb} are not a [B, H, L] signal and an [H, K] kernel")
-    L, K = _shape(u)[-1], _shape(k)[-1]
-    if not known_eq(val(N) >= L + K - 1, True):
-        raise _Decline(f"FFT size {val(N)} < L + K - 1 = {L + K - 1}: circular, not linear, convolution")
+        shapes = [[_shape(x) for x, _, _, _ in side] for side in sides]
+        raise _Decline(f"spectra of {shapes[0]} and {shapes[1]} are not one [B, H, L] signal and [H, K] kernels")
+    u, _, cu, _ = sig[0]
+    scales = []
+    for _, _, ck, _ in ker:
+        scale = sympy.simplify(outer * cu * ck)
+        if not scale.is_number:
+            raise _Decline(f"scale {scale} depends on the sizes")
+        scales.append(float(scale))
+    L = _shape(u)[-1]
+    fwd = [_shape(x)[-1] for x, _, _, r in ker if not r]
+    rev = [_shape(x)[-1] for x, _, _, r in ker if r]
+    for K in fwd:  # causal part: u[t - j] must not wrap around from the end
+        if not known_true(val(N) >= L + K - 1):
+            raise _Decline(f"FFT size {val(N)} < L + K - 1 = {L + K - 1}: circular, not linear, convolution")
+    for K in rev:  # anti-causal part: u[t + j] must not wrap around to the start (t < L)
+        if not known_true(val(N) >= L + K - 1):
+            raise _Decline(f"FFT size {val(N)} < L + K - 1 = {L + K - 1} for the reversed kernel: circular")
     if not known_eq(_shape(node)[:-1], tuple(_shape(u)[:-1])):
         raise _Decline("the output is broadcast beyond the signal's shape")
-    site = LongConvSite("fft", _shape(u)[1], L, K, shift=0)
-    if scale != 1:
+    K = max(fwd + [1]) + max(rev + [1]) - 1
+    site = LongConvSite("fft-bidirectional" if rev else "fft", _shape(u)[1], L, K, shift=max(rev + [1]) - 1)
+    if any(sc != 1.0 for sc in scales):
         site.folded.append("scale")
     final, out_len = node, N
     sl = _last_dim_slice(_single_user(node))
@@ -380,8 +420,8 @@ def _match_fft(node: fx.Node, opts) -> tuple[LongConvSite, dict]:
             out_len = N if stop is None or not known_true(val(stop) <= val(N)) else stop
             final = _single_user(node)
             site.folded.append("slice")
-    return site, dict(kind="fft", u=u, k=k, out_len=out_len, scale=float(scale), final=final,
-                      out_dtype=val(final).dtype)
+    return site, dict(kind="fft", u=u, k=[x for x, _, _, _ in ker], reverse=[r for _, _, _, r in ker],
+                      scales=scales, out_len=out_len, final=final, out_dtype=val(final).dtype)
 
 
 # ------------------------------------------------------------------------------------------------------- driver
@@ -423,7 +463,7 @@ def _rewrite(gm: fx.GraphModule, site: LongConvSite, plan: dict) -> fx.Node:
             )
         else:
             new = insert_call(
-                g, fft_as_fftconv, (u, plan["k"], plan["out_len"], plan["scale"]),
+                g, fft_as_fftconv, (u, plan["k"], plan["reverse"], plan["scales"], plan["out_len"]),
                 dict(skip=skip, pregate=pregate, postgate=postgate, out_dtype=val(final).dtype), like=final,
             )
     old = val(final)
@@ -449,7 +489,7 @@ def _run(gm: fx.GraphModule, opts, report: Report, rewrite: bool) -> None:
         except _Decline as why:
             _record(report, node, spelling, "skipped", str(why))
             continue
-        operands = (plan["x"], plan["w"]) if plan["kind"] == "conv1d" else (plan["u"], plan["k"])
+        operands = (plan["x"], plan["w"]) if plan["kind"] == "conv1d" else (plan["u"], *plan["k"])
         if not rewrite:
             _record(report, node, site.spelling, "kept", "longconv pass is off", site, operands)
             continue

@@ -53,6 +53,7 @@ class FFTSpec:
     pregate: bool
     postgate: bool
     kernel_3d: bool  # k as [1, H, K]
+    reverse_len: int = 0  # > 0: bidirectional (M2-BERT style), + conj(rfft(k_rev)) of this length
 
     is_long = True
 
@@ -124,6 +125,8 @@ class FFTSite(nn.Module):
         self.s = s
         self.k = nn.Parameter(torch.randn(1, s.C, s.K) / s.K if s.kernel_3d else torch.randn(s.C, s.K) / s.K)
         self.D = nn.Parameter(torch.randn(s.C))
+        if s.reverse_len:
+            self.k_rev = nn.Parameter(torch.randn(s.C, s.reverse_len) / s.reverse_len)
 
     def forward(self, x):
         s = self.s
@@ -139,6 +142,9 @@ class FFTSite(nn.Module):
             y = torch.fft.irfft(spec, n=n, norm="ortho")[..., :L] * n**0.5
         else:
             kf = torch.fft.rfft(k, n=n)
+            if s.reverse_len:
+                k_rev = self.k_rev.to(k.dtype)
+                kf = kf + torch.fft.rfft(k_rev, n=n).conj()
             if s.norm != "div_out":
                 kf = kf / n
             uf = torch.fft.rfft(u, n=n)
@@ -191,6 +197,7 @@ def fft_specs(draw, L):
         pregate=draw(st.booleans()),
         postgate=draw(st.booleans()),
         kernel_3d=draw(st.booleans()),
+        reverse_len=draw(st.sampled_from([0, 0, 1, L])) if L > 0 else 0,
     )
 
 
