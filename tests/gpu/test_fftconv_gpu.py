@@ -86,6 +86,29 @@ def test_fftconv_all_sizes(N, dtype, nan_memory, monkeypatch):
     assert not failures, f"N={N} {dtype}: " + "; ".join(failures)
 
 
+@pytest.mark.parametrize(
+    "variant,R,N",
+    [("loop", 4, 512), ("loop", 1, 2048), ("stacked", 4, 512), ("stacked", 2, 2048), ("t", 4, 512), ("t", 2, 2048),
+     ("t", 1, 4096)],
+)
+def test_fused_variants(variant, R, N):
+    """Each fused variant explicitly (the op picks one by timing): bf16, gates, bias, skip, a partly empty program."""
+    from hhfft.kernels.fftconv.monarch import fftconv_fwd
+    from hhfft.lowering.fftconv import _fftconv_torch
+
+    B, H, L, K = 2 * R + 1, 3, N // 2 + 1, N // 2 - 1
+    g = torch.Generator(device="cuda").manual_seed(N + R)
+    r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.float64, generator=g)  # noqa: E731
+    u, k, bias, skip, pre, post = r(B, H, L), r(H, K) / K**0.5, r(H), r(H), r(B, H, L), r(B, H, L)
+    ref = fftconv_naive(u, k, K // 2, L, bias, skip, pre, post)
+    c = lambda x: x.to(torch.bfloat16)  # noqa: E731
+    y = torch.full((B, H, L), float("nan"), device="cuda", dtype=torch.bfloat16)
+    fftconv_fwd(c(u), k.float(), K // 2, L, c(bias), c(skip), c(pre), c(post), variant=variant, rows_per_program=R, out=y)
+    y_t = _fftconv_torch(c(u), k.float(), K // 2, L, c(bias), c(skip), c(pre), c(post))
+    assert not torch.isnan(y).any()
+    assert _err(y, ref) <= 2 * _err(y_t, ref)
+
+
 def test_kernel_in_compiled_code_and_cuda_graphs():
     from torch._inductor.utils import run_and_get_code
 

@@ -616,6 +616,7 @@ def _candidates(N: int) -> list[tuple[str, int]]:
 
 _FUSED_KERNELS = dict(loop=fftconv_fwd_kernel, stacked=fftconv_fwd_stacked_kernel, t=fftconv_fwd_t_kernel)
 _CHOICE: dict = {}
+_MIN_TUNE_WORK = 2048  # pairs of rows x channels below which the static choice is used
 
 
 def _choose(N: int, prec: str, pairs: int, H: int, u: Tensor, run) -> tuple[str, int]:
@@ -624,8 +625,8 @@ def _choose(N: int, prec: str, pairs: int, H: int, u: Tensor, run) -> tuple[str,
     key = (N, prec, (pairs * H).bit_length(), str(u.device))
     if key in _CHOICE:
         return _CHOICE[key]
-    if not u.is_cuda or _tracing(u) or torch.cuda.is_current_stream_capturing():
-        return _fused_config(N)
+    if not u.is_cuda or _tracing(u) or torch.cuda.is_current_stream_capturing() or pairs * H < _MIN_TUNE_WORK:
+        return _fused_config(N)  # tiny problems are launch-bound: timing them picks noise and costs compiles
     times = {}
     for cand in _candidates(N):
         try:
