@@ -278,6 +278,7 @@ def fftconv(
     skip: Optional[Tensor] = None,
     pregate: Optional[Tensor] = None,
     postgate: Optional[Tensor] = None,
+    taps: Optional[int] = None,
 ) -> Tensor:
     """Long depthwise convolution by FFT, differentiable to any order (backward, double backward, jvp).
 
@@ -291,6 +292,8 @@ def fftconv(
         out_len: output length (default L)
         bias, skip: [H] or None
         pregate: [B, H, L] or None; postgate: [B, H, out_len] or None
+        taps: partial convolution: use only k[:, :taps] (exact for that truncated kernel; the FFT size shrinks
+            to fit L + taps - 1, so the zero tail costs nothing; k's gradient is zero beyond taps)
     Returns:
         y: [B, H, out_len] in u's dtype; maths in fp32 (fp64 if any input is fp64)
 
@@ -313,6 +316,12 @@ def fftconv(
     _check("skip", skip, (H,), u)
     _check("pregate", pregate, (B, H, L), u)
     _check("postgate", postgate, (B, H, out_len), u)
+    if taps is not None:
+        if not isinstance(taps, int) or not 1 <= taps <= k.shape[-1]:
+            raise ValueError(
+                f"fftconv: taps must be an int in [1, K={k.shape[-1]}] (the number of kernel taps kept), got {taps!r}"
+            )
+        k = k[:, :taps]
     return _FFTConv.apply(u, k, shift, out_len, bias, skip, pregate, postgate)
 
 

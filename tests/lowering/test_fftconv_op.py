@@ -140,3 +140,14 @@ def test_compile_fx_cpu_forward_backward_without_config_patch():
     torch.testing.assert_close(loss, f(u, k), rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_convolution_is_exact_for_the_truncated_kernel():
+    u, k, extra = _args(2, 3, 30, 12, 30, True, seed=7)
+    k = k.requires_grad_()
+    y = fftconv(u, k, shift=2, out_len=30, taps=5, **extra)
+    torch.testing.assert_close(y, fftconv_naive(u, k[:, :5].detach(), 2, 30, **extra), rtol=1e-10, atol=1e-10)
+    (dk,) = torch.autograd.grad(y.sum(), k)
+    assert dk[:, 5:].abs().max() == 0 and dk[:, :5].abs().max() > 0
+    with pytest.raises(ValueError, match="taps must be"):
+        fftconv(u, k, taps=13)

@@ -9,15 +9,19 @@ conv(u0 + i u1, k) = conv(u0, k) + i conv(u1, k), and a real FFT of size N costs
 two rows.
 
 Paths:
-- fused (N <= MAX_FUSED_N): one program per (pair of rows, channel) does load + gates, FFT, product with the
-  spectrum, inverse FFT, epilogue (postgate, bias, skip) and store.
-- four-step (MAX_FUSED_N < N <= MAX_FOURSTEP_N): N = P * Q. A column pass does the size-P DFTs of the [P, Q]
-  view (plus twiddles) into an fp32 scratch, the fused row machinery does FFT_Q, spectrum product and inverse on
-  each of the P rows, and a second column pass does the inverse size-P DFTs and the epilogue.
+- fused (N <= 4096 for bf16): each program takes R pairs of rows of one channel through load + gates, FFT, product
+  with the spectrum, inverse FFT, epilogue (postgate, bias, skip) and store. Three variants: "loop" (the pairs one
+  after another, tables loaded once), "stacked" (side by side in one tile) and "t" (side by side, with every
+  product a right product of >= 64 rows). On CUDA the first eager call of a size times them and keeps the fastest.
+- four-step (N up to 512K for bf16): N = P * Q. A column pass does the size-P DFTs of the [P, Q] view (plus
+  twiddles) into an fp32 scratch, the fused row machinery does FFT_Q, spectrum product and inverse on each of
+  the P rows, and a second column pass does the inverse size-P DFTs and the epilogue.
 - dk (``fftconv_corr``): one program per (channel, batch slice) accumulates conj(G) * V over its pairs of rows in
   registers, inverse-transforms once and writes its partial sum of lags; the slices are summed on the host.
 
-Dot precision: "tf32" for bf16 inputs, "tf32x3" (split precision, fp32-like) for fp16 and fp32 inputs.
+Dot precision: "fp16" (fp16 operands, power-of-two scaled, fp32 accumulation) for bf16 inputs, "tf32x3" (split
+precision) for fp16 and fp32 inputs. Limits per precision: _MAX_FUSED, _MAX_P. See README.md for the maths,
+accuracy and measured limits.
 """
 from __future__ import annotations
 
