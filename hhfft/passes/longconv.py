@@ -80,7 +80,6 @@ def conv1d_as_fftconv(x, weight, bias, pad_left: int, out_delta: int, dilation: 
     mult = weight.shape[0] // C
     if mult > 1:
         x = x.repeat_interleave(mult, dim=1)
-        pregate = None if pregate is None else pregate.repeat_interleave(mult, dim=1)
     w = weight[:, 0, :]
     K = w.shape[-1]
     if dilation > 1:  # insert dilation-1 zeros between taps
@@ -175,17 +174,17 @@ def _kept_length(stop: Any, length: Any) -> Optional[Any]:
 
 
 # ---------------------------------------------------------------------------------------- gates and skip folding
-def _fold_gates(u_node: fx.Node, out: fx.Node, consumer: fx.Node, allow_skip: bool) -> tuple:
+def _fold_gates(u_node: fx.Node, out: fx.Node, allow_pregate: bool, allow_skip: bool) -> tuple:
     """Fold an input gate, an output gate and a ``+ u * D`` skip around a proved conv.
 
-    u_node: the conv's signal; out: the node whose value is the conv result; consumer: the node that reads u_node
-    (conv or rfft). Returns (u, pregate, postgate, skip, final_node, folded).
+    u_node: the conv's signal; out: the node whose value is the conv result.
+    Returns (u, pregate, postgate, skip, final_node, folded).
     """
     folded: list[str] = []
     pregate = postgate = skip = None
     u = u_node
     # pregate: u = a * g, both full [B, H, L], and only the conv reads the product.
-    if _is_call(u_node, _MUL) and len(u_node.users) == 1 and len(u_node.args) == 2:
+    if allow_pregate and _is_call(u_node, _MUL) and len(u_node.users) == 1 and len(u_node.args) == 2:
         a, g = u_node.args
         if all(isinstance(x, fx.Node) for x in (a, g)) and _shape(a) == _shape(g) == _shape(u_node):
             u, pregate = a, g
@@ -445,14 +444,11 @@ def _record(report: Report, node: fx.Node, spelling: str, decision: str, reason:
 
 def _rewrite(gm: fx.GraphModule, site: LongConvSite, plan: dict) -> fx.Node:
     g = gm.graph
-    consumer_in = plan["x"] if plan["kind"] == "conv1d" else plan["u"]
+    # A channel multiplier repeats the input inside the op: gates and skip of the input's width do not fit it.
+    plain = plan["kind"] == "fft" or site.multiplier == 1
     u, pregate, postgate, skip, final, folded = _fold_gates(
-        consumer_in, plan["final"], None, allow_skip=plan["kind"] == "fft" or site.multiplier == 1
+        plan["x"] if plan["kind"] == "conv1d" else plan["u"], plan["final"], allow_pregate=plain, allow_skip=plain
     )
-    if plan["kind"] == "conv1d" and site.multiplier > 1:
-        pregate = None
-        u = consumer_in
-        folded = [f for f in folded if f != "pregate"]
     site.folded += folded
     with g.inserting_before(final):
         if plan["kind"] == "conv1d":

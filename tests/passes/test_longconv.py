@@ -37,6 +37,7 @@ class ConvSpec:
     padding: object  # int | "same" | "valid"
     mode: str  # zeros | circular
     bias: bool
+    pregate: bool = False  # conv(x * sigmoid(x)): folds into the op's pregate
 
     @property
     def is_long(self) -> bool:
@@ -102,6 +103,8 @@ class ConvSite(nn.Module):
 
     def forward(self, x):
         s, c = self.s, self.conv
+        if s.pregate:
+            x = x * torch.sigmoid(x)
         if self.fft_reference:
             mode = s.mode if s.spelling == "module" else "zeros"
             return torch_fft_conv1d(x, c.weight, c.bias, self.pads(x.shape[-1]), s.dilation, mode)
@@ -183,7 +186,7 @@ def conv_specs(draw, L):
     if spelling == "module" and padding != "valid" and draw(st.booleans()):
         pad_amount = (k_eff - 1) // 2 + 1 if padding == "same" else padding
         mode = "circular" if pad_amount <= L else "zeros"
-    return ConvSpec(spelling, C, mult, K, d, padding, mode, draw(st.booleans()))
+    return ConvSpec(spelling, C, mult, K, d, padding, mode, draw(st.booleans()), draw(st.booleans()))
 
 
 @st.composite
