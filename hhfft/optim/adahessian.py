@@ -27,8 +27,14 @@ def _state_dtype(p: Tensor) -> torch.dtype:
 
 def average_curvature(d: Tensor, block_length: Optional[int], dtype: torch.dtype) -> Tensor:
     """Dbar from the raw Hutchinson D: |D|, averaged over the kernel dims of conv weights (ndim >= 3, kept as size-1
-    dims so it broadcasts), over blocks of ``block_length`` consecutive entries of 2-D tensors if given."""
-    a = d.detach().to(dtype).abs()
+    dims so it broadcasts), over blocks of ``block_length`` consecutive entries of 2-D tensors if given.
+
+    Where nothing is averaged, D itself is returned (cast to ``dtype``): the update only uses Dbar^2 = D^2.
+    """
+    d = d.detach().to(dtype)
+    if d.dim() < 2 or (d.dim() == 2 and block_length is None):
+        return d
+    a = d.abs()
     if a.dim() >= 3:
         return a.mean(dim=tuple(range(2, a.dim())), keepdim=True)
     if a.dim() == 2 and block_length is not None:
@@ -171,6 +177,7 @@ class AdaHessian(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------------------------- curvature
     def _hutchinson(self, params: List[Tensor], grads: List[Tensor]) -> List[Tensor]:
+        """D per parameter, up to sign (only |D| is used): z * Hz averaged over the probes, or Hz for one probe."""
         with_graph = [i for i, g in enumerate(grads) if g.grad_fn is not None]
         if not with_graph:
             raise ValueError(
@@ -178,6 +185,18 @@ class AdaHessian(torch.optim.Optimizer):
                 "loss.backward(create_graph=True) (or pass a closure that does), or compute it with "
                 "hhfft.optim.hutchinson(...) and call step(hessian=result)"
             )
+        if self.n_samples == 1:
+            # One probe: only |D| = |z * Hz| = |Hz| is ever used (z = +-1), so keep Hz and skip a pass over memory.
+            zs = rademacher(params, self.generator)
+            hz = torch.autograd.grad(
+                [grads[i] for i in with_graph], [params[i] for i in with_graph],
+                grad_outputs=[zs[i] for i in with_graph], allow_unused=True,
+            )
+            _count_hvp()
+            out = [torch.zeros_like(p) for p in params] if len(with_graph) < len(params) else [None] * len(params)
+            for i, h in zip(with_graph, hz):
+                out[i] = torch.zeros_like(params[i]) if h is None else h.detach()
+            return out
         mean = [torch.zeros_like(p) for p in params]
         for s in range(self.n_samples):
             zs = rademacher(params, self.generator)

@@ -61,8 +61,10 @@ def _forward_over_reverse(loss_fn: Callable, params: Any, probe: Any):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_forward_over_reverse(backend: str):
-    return torch.compile(_forward_over_reverse, backend=backend, dynamic=False)
+def _compiled_forward_over_reverse(backend: str, options: Optional[tuple]):
+    return torch.compile(
+        _forward_over_reverse, backend=backend, dynamic=False, options=None if options is None else dict(options)
+    )
 
 
 @dataclasses.dataclass
@@ -95,6 +97,7 @@ def hutchinson(
     n_samples: int = 1,
     probes: Optional[Sequence[Any]] = None,
     backend: Optional[str] = "inductor",
+    options: Optional[dict] = None,
     set_grad: bool = True,
 ) -> HutchinsonResult:
     """Loss, gradient and Hutchinson diagonal D = mean_s z_s * (H z_s) by forward-over-reverse differentiation.
@@ -111,6 +114,7 @@ def hutchinson(
         n_samples: number of probes averaged
         probes: explicit probes instead of drawing them: ``n_samples`` pytrees shaped like ``params``
         backend: torch.compile backend, or None to run eagerly
+        options: the backend's options (``torch.compile(..., options=...)``)
         set_grad: accumulate the gradient into each parameter's ``.grad`` (like ``backward()``)
     Returns:
         :class:`HutchinsonResult`. Under torch.distributed with more than one rank the gradient and D are averaged
@@ -130,7 +134,11 @@ def hutchinson(
     if probes is not None:
         probes = list(probes)
         n_samples = len(probes)
-    fn = _forward_over_reverse if backend is None else _compiled_forward_over_reverse(backend)
+    fn = (
+        _forward_over_reverse
+        if backend is None
+        else _compiled_forward_over_reverse(backend, None if options is None else tuple(sorted(options.items())))
+    )
     detached = pytree.tree_unflatten([p.detach() for p in leaves], spec)
     loss = grads = None
     total: Optional[List[Tensor]] = None
