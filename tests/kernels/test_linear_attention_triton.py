@@ -143,3 +143,14 @@ def test_recurrent_step_kernel_matches_chunked_forward(dtype):
         rows.append(linear_attention_step_triton(q[:, :, t], k[:, :, t], v[:, :, t], S, z, mask[:, t]))
     got = torch.stack(rows, 2)
     assert_within_baseline("o", got, ref[:, :, 3:], [base[:, :, 3:]])
+
+
+@pytest.mark.parametrize("states", ["parallel", "sequential"])
+@pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])
+def test_both_state_passes(states, fused, monkeypatch):
+    """The causal states by one sequential pass or by chunk-local states + scan (HHFFT_LA_STATES): same results."""
+    monkeypatch.setenv("HHFFT_LA_STATES", states)
+    if fused:
+        test_fused_feature_map_forward_and_backward_vs_fp64(FUSED_CASES[0], True, "softmax_split")
+    else:
+        test_forward_and_backward_vs_fp64(CASES[3], True, torch.float32)

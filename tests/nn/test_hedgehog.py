@@ -31,13 +31,13 @@ def test_shapes_and_identity_init(kind, D, F):
 @pytest.mark.parametrize("kind", KINDS)
 def test_positive_and_finite_for_large_inputs(kind):
     fm = HedgehogFeatureMap(num_heads=2, head_dim=8, kind=kind)
-    x = torch.randn(1, 2, 5, 8) * 200  # exp(200) overflows fp32 unless stabilised
+    x = torch.randn(1, 2, 50, 8, generator=torch.Generator().manual_seed(0)) * 200  # exp(200) overflows fp32
     phi = fm(x)
-    assert torch.isfinite(phi).all()
-    if kind == "t2r":
-        assert (phi >= 0).all() and (phi > 0).any()
-    else:
-        assert (phi > 0).any(-1).all() and (phi >= 0).all()
+    assert torch.isfinite(phi).all() and (phi >= 0).all()
+    if kind in ("softmax_split", "exp", "joint_softmax"):  # the stabilised exponentials keep a 1 (or 1/n) per row
+        assert (phi > 0).any(-1).all()
+    else:  # elu1 and t2r may underflow to / be exactly 0 on very negative rows
+        assert (phi > 0).any()
 
 
 @settings(max_examples=25)

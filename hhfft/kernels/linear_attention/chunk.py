@@ -108,7 +108,10 @@ def linear_attention_state_fwd_kernel(
     L, NT, F, D, Hkv, DX, FH,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr,
+    LOCAL: tl.constexpr,
 ):
+    # LOCAL: program (., ., t) stores chunk t's own K_t^T V_t and K_t^T 1 at slot t (a scan makes them prefixes);
+    # otherwise one program walks all chunks and stores the running prefix (causal) or the total.
     i_kv, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     NV = tl.cdiv(D, BV)
     i_k, i_v = i_kv // NV, i_kv % NV  # FUSED: one F tile (BK covers F)
@@ -122,8 +125,9 @@ def linear_attention_state_fwd_kernel(
     p_z = z + i_bh * NS * F + o_k
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     b_z = tl.zeros([BK], dtype=tl.float32)
-    for i_t in range(NT):
-        if CAUSAL:
+    i_0 = tl.program_id(2).to(tl.int64) if LOCAL else 0
+    for i_t in range(i_0, i_0 + 1 if LOCAL else NT):
+        if CAUSAL and not LOCAL:
             tl.store(p_h + i_t * F * D, b_h, mask=m_k[:, None] & m_v[None, :])
             if i_v == 0:
                 tl.store(p_z + i_t * F, b_z, mask=m_k)
@@ -139,10 +143,30 @@ def linear_attention_state_fwd_kernel(
         b_v = tl.load(p_v + o_t[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)  # [BT, BV]
         b_h += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
         b_z += tl.sum(b_k.to(tl.float32), 0)
-    if not CAUSAL:
+    if LOCAL:
+        tl.store(p_h + i_0 * F * D, b_h, mask=m_k[:, None] & m_v[None, :])
+        if i_v == 0:
+            tl.store(p_z + i_0 * F, b_z, mask=m_k)
+    elif not CAUSAL:
         tl.store(p_h, b_h, mask=m_k[:, None] & m_v[None, :])
         if i_v == 0:
             tl.store(p_z, b_z, mask=m_k)
+
+
+@triton.autotune(configs=_configs(warps=(4,), stages=(3, 4)), key=["E", "BE", "REVERSE"])
+@triton.jit
+def linear_attention_state_scan_kernel(x, NT, E, BE: tl.constexpr, REVERSE: tl.constexpr):
+    """In place, per head: x[t] <- sum_{m < t} x[m] (REVERSE: sum_{m > t}); x [B*H, NT, E] fp32."""
+    i_e, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_e = i_e * BE + tl.arange(0, BE)
+    m_e = o_e < E
+    p_x = x + i_bh * NT * E + o_e
+    b_run = tl.zeros([BE], dtype=tl.float32)
+    for i_r in range(NT):
+        i_t = NT - 1 - i_r if REVERSE else i_r
+        b_x = tl.load(p_x + i_t * E, mask=m_e, other=0)
+        tl.store(p_x + i_t * E, b_run, mask=m_e)
+        b_run += b_x
 
 
 @triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
@@ -255,6 +279,7 @@ def linear_attention_state_bwd_kernel(
     L, NT, F, D, Hkv, G, DX, FH,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
     CAUSAL: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr, PREC_STATE: tl.constexpr,
+    LOCAL: tl.constexpr,
 ):
     i_kv, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # i_bh over B * Hkv
     NV = tl.cdiv(D, BV)
@@ -267,9 +292,10 @@ def linear_attention_state_bwd_kernel(
     p_dz = dz + i_bh * NS * F + o_k
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     b_dz = tl.zeros([BK], dtype=tl.float32)
-    for i_r in range(NT):
+    i_0 = NT - 1 - tl.program_id(2).to(tl.int64) if LOCAL else 0
+    for i_r in range(i_0, i_0 + 1 if LOCAL else NT):
         i_t = NT - 1 - i_r
-        if CAUSAL:
+        if CAUSAL and not LOCAL:
             tl.store(p_dh + i_t * F * D, b_dh, mask=m_k[:, None] & m_v[None, :])
             if i_v == 0:
                 tl.store(p_dz + i_t * F, b_dz, mask=m_k)
@@ -290,7 +316,11 @@ def linear_attention_state_bwd_kernel(
             b_g = b_do.to(tl.float32) / b_den[:, None]
             b_dh += tl.dot(tl.trans(b_q.to(tl.float32)), b_g, input_precision=PREC_STATE)  # [BK, BV]
             b_dz += tl.sum(b_q.to(tl.float32) * b_s[:, None], 0)
-    if not CAUSAL:
+    if LOCAL:
+        tl.store(p_dh + (NT - 1 - i_0) * F * D, b_dh, mask=m_k[:, None] & m_v[None, :])
+        if i_v == 0:
+            tl.store(p_dz + (NT - 1 - i_0) * F, b_dz, mask=m_k)
+    elif not CAUSAL:
         tl.store(p_dh, b_dh, mask=m_k[:, None] & m_v[None, :])
         if i_v == 0:
             tl.store(p_dz, b_dz, mask=m_k)
@@ -442,6 +472,10 @@ class _Plan:
             t = 32 if B * Hkv < 64 else 64  # smaller state tiles when few heads, for enough programs
             self.BKS = min(t, self.BK)
         self.BVS = min(64 if self.fused else (32 if B * Hkv < 64 else 64), self.BV)
+        # Causal states: one sequential pass per head (cheap per chunk when phi is loaded), or, for the fused map
+        # (phi recomputed per chunk), chunk-parallel local states then a memory-bound scan. HHFFT_LA_STATES overrides.
+        mode = os.environ.get("HHFFT_LA_STATES", "")
+        self.local = self.causal and (mode == "parallel" or (mode != "sequential" and self.fused))
         if self.F > 256 or D > 256:
             raise ValueError(f"linear_attention (Triton): F and D must be <= 256, got F={self.F}, D={D}")
         self.n_tiles = triton.cdiv(self.F, self.BKS) * triton.cdiv(D, self.BVS)
@@ -450,11 +484,21 @@ class _Plan:
         return dict(BT=BT, BK=self.BKS if state else self.BK, BV=self.BVS if state else self.BV, BDX=self.BDX,
                     BFH=self.BFH, CAUSAL=self.causal, FUSED=self.fused, KIND=self.kind)
 
-    def states(self, k, v, h, z):
-        _launcher(linear_attention_state_fwd_kernel)[(self.n_tiles, self.B * self.Hkv)](
-            k, v, self.mask, h, z, self.w[2], self.w[3], self.L, self.NT, self.F, self.D, self.Hkv, self.DX, self.FH,
-            HAS_MASK=self.has_mask, PREC=self.prec, **self.consts(state=True),
+    def scan(self, x, E, reverse):
+        BE = min(1024, triton.next_power_of_2(E))
+        _launcher(linear_attention_state_scan_kernel)[(triton.cdiv(E, BE), self.B * self.Hkv)](
+            x, self.NT, E, BE=BE, REVERSE=reverse,
         )
+
+    def states(self, k, v, h, z):
+        grid = (self.n_tiles, self.B * self.Hkv, self.NT if self.local else 1)
+        _launcher(linear_attention_state_fwd_kernel)[grid](
+            k, v, self.mask, h, z, self.w[2], self.w[3], self.L, self.NT, self.F, self.D, self.Hkv, self.DX, self.FH,
+            HAS_MASK=self.has_mask, PREC=self.prec, LOCAL=self.local, **self.consts(state=True),
+        )
+        if self.local:
+            self.scan(h, self.F * self.D, False)
+            self.scan(z, self.F, False)
 
 
 def _fwd(q, k, v, causal, key_mask, fmap):
@@ -494,10 +538,13 @@ def _bwd(q, k, v, o, den, do, dden, causal, key_mask, fmap):
         p.L, p.NT, p.F, p.D, p.Hq, p.G, p.DX, p.FH,
         HAS_MASK=p.has_mask, PREC=p.prec, PREC_STATE=p.prec_state, **p.consts(),
     )
-    _launcher(linear_attention_state_bwd_kernel)[(p.n_tiles, p.B * p.Hkv)](
+    _launcher(linear_attention_state_bwd_kernel)[(p.n_tiles, p.B * p.Hkv, p.NT if p.local else 1)](
         q, do, den, s, dh, dz, p.w[0], p.w[1], p.L, p.NT, p.F, p.D, p.Hkv, p.G, p.DX, p.FH,
-        PREC=p.prec, PREC_STATE=p.prec_state, **p.consts(state=True),
+        PREC=p.prec, PREC_STATE=p.prec_state, LOCAL=p.local, **p.consts(state=True),
     )
+    if p.local:
+        p.scan(dh, p.F * p.D, True)
+        p.scan(dz, p.F, True)
     _launcher(linear_attention_bwd_dkdv_kernel)[(p.NT, p.B * p.Hkv)](
         q, k, v, p.mask, den, do, s, dh, dz, dk, dv, *p.w, dwk, dbk,
         p.L, p.NT, p.F, p.D, p.Hkv, p.G, p.DX, p.FH,
