@@ -125,8 +125,11 @@ def linear_attention_state_fwd_kernel(
     p_z = z + i_bh * NS * F + o_k
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     b_z = tl.zeros([BK], dtype=tl.float32)
-    i_0 = tl.program_id(2).to(tl.int64) if LOCAL else 0
-    for i_t in range(i_0, i_0 + 1 if LOCAL else NT):
+    i_0, n_t = 0, NT
+    if LOCAL:
+        i_0, n_t = tl.program_id(2).to(tl.int64), 1
+    for i_i in range(n_t):
+        i_t = i_0 + i_i
         if CAUSAL and not LOCAL:
             tl.store(p_h + i_t * F * D, b_h, mask=m_k[:, None] & m_v[None, :])
             if i_v == 0:
@@ -292,9 +295,14 @@ def linear_attention_state_bwd_kernel(
     p_dz = dz + i_bh * NS * F + o_k
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     b_dz = tl.zeros([BK], dtype=tl.float32)
-    i_0 = NT - 1 - tl.program_id(2).to(tl.int64) if LOCAL else 0
-    for i_r in range(i_0, i_0 + 1 if LOCAL else NT):
-        i_t = NT - 1 - i_r
+    i_0, n_t = 0, NT
+    if LOCAL:
+        i_0, n_t = tl.program_id(2).to(tl.int64), 1
+    for i_i in range(n_t):
+        if LOCAL:
+            i_t = i_0
+        else:
+            i_t = NT - 1 - i_i
         if CAUSAL and not LOCAL:
             tl.store(p_dh + i_t * F * D, b_dh, mask=m_k[:, None] & m_v[None, :])
             if i_v == 0:
@@ -317,9 +325,9 @@ def linear_attention_state_bwd_kernel(
             b_dh += tl.dot(tl.trans(b_q.to(tl.float32)), b_g, input_precision=PREC_STATE)  # [BK, BV]
             b_dz += tl.sum(b_q.to(tl.float32) * b_s[:, None], 0)
     if LOCAL:
-        tl.store(p_dh + (NT - 1 - i_0) * F * D, b_dh, mask=m_k[:, None] & m_v[None, :])
+        tl.store(p_dh + i_0 * F * D, b_dh, mask=m_k[:, None] & m_v[None, :])
         if i_v == 0:
-            tl.store(p_dz + (NT - 1 - i_0) * F, b_dz, mask=m_k)
+            tl.store(p_dz + i_0 * F, b_dz, mask=m_k)
     elif not CAUSAL:
         tl.store(p_dh, b_dh, mask=m_k[:, None] & m_v[None, :])
         if i_v == 0:
