@@ -150,8 +150,9 @@ def table(rows: list, meta: dict) -> str:
         f"copy {meta['copy_GBps']:.0f} GB/s · fp16 matmul {meta['fp16_TFLOPs']:.0f} TFLOP/s · "
         f"tf32 matmul {meta['tf32_TFLOPs']:.0f} TFLOP/s",
         "",
-        "| L | B x H | N | path | fwd torch | fwd inductor | fwd hhfft | fwd speedup | fwd+bwd torch | fwd+bwd inductor "
-        "| fwd+bwd hhfft | fwd+bwd speedup | mem floor | DFT tc floor | peak MB torch / hhfft (fwd+bwd) | rel err y / du / dk "
+        "| L | B x H | N | path | fwd torch | fwd inductor | fwd hhfft | fwd speedup | fwd+bwd torch "
+        "| fwd+bwd inductor | fwd+bwd hhfft | fwd+bwd speedup | mem floor | DFT tc floor "
+        "| peak MB torch / hhfft (fwd+bwd) | rel err y / du / dk "
         "| fused variant |",
         "|" + "---|" * 17,
     ]

@@ -76,7 +76,8 @@ def main(argv=None) -> int:
             print(json.dumps(rows[-1]), flush=True)
         del u, k, y_ref
         torch.cuda.empty_cache()
-    for kern in (m.fftconv_fwd_kernel, m.fftconv_fwd_stacked_kernel, m.fftconv_fwd_t_kernel, m.fftconv_row_kernel, m.fftconv_corr_kernel,
+    for kern in (m.fftconv_fwd_kernel, m.fftconv_fwd_stacked_kernel, m.fftconv_fwd_t_kernel, m.fftconv_row_kernel,
+                 m.fftconv_corr_kernel,
                  m.fftconv_col_fwd_kernel, m.fftconv_col_inv_kernel):
         info = []
         for cache in getattr(kern, "device_caches", {}).values():

@@ -25,7 +25,8 @@ SIZES = [pytest.param(n, id=f"N{n}") for n in [1 << e for e in range(8, 23)]]
 @pytest.fixture
 def nan_memory():
     """torch.empty returns NaN-filled memory while this is active."""
-    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     prev_fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
@@ -103,7 +104,9 @@ def test_fused_variants(variant, R, N):
     ref = fftconv_naive(u, k, K // 2, L, bias, skip, pre, post)
     c = lambda x: x.to(torch.bfloat16)  # noqa: E731
     y = torch.full((B, H, L), float("nan"), device="cuda", dtype=torch.bfloat16)
-    fftconv_fwd(c(u), k.float(), K // 2, L, c(bias), c(skip), c(pre), c(post), variant=variant, rows_per_program=R, out=y)
+    fftconv_fwd(
+        c(u), k.float(), K // 2, L, c(bias), c(skip), c(pre), c(post), variant=variant, rows_per_program=R, out=y
+    )
     y_t = _fftconv_torch(c(u), k.float(), K // 2, L, c(bias), c(skip), c(pre), c(post))
     assert not torch.isnan(y).any()
     assert _err(y, ref) <= 2 * _err(y_t, ref)

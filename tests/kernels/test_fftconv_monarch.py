@@ -30,7 +30,8 @@ def assert_within_torch_error(out, ref64, torch_out, what: str, factor: float = 
     """out's error vs the fp64 reference <= factor x torch's own error at the same dtype."""
     assert not torch.isnan(out).any(), f"{what}: NaN in the output (an element was not written)"
     err, base = max_err(out, ref64), max_err(torch_out, ref64)
-    assert err <= factor * base, f"{what}: error {err:.3e} > {factor} x torch's {base:.3e} (scale {ref64.abs().max():.3e})"
+    scale = ref64.abs().max().item()
+    assert err <= factor * base, f"{what}: error {err:.3e} > {factor} x torch's {base:.3e} (scale {scale:.3e})"
 
 
 # (B, H, L, K, shift, out_len, max_fused_n, rows_per_program, gates):
@@ -136,5 +137,7 @@ def test_forward_stacked(B, H, L, K, shift, T, R, dtype, variant):
     u_d, k_d, extra_d = u.to(DEVICE, dtype), k.to(DEVICE, torch.float32), _cast(extra, dtype)
     y = torch.full((B, H, T), float("nan"), device=DEVICE, dtype=STORE[dtype])
     fftconv_fwd(u_d, k_d, shift, T, **extra_d, precision=PREC[dtype], variant=variant, rows_per_program=R, out=y)
-    y_torch = _fftconv_torch(u_d, k_d, shift, T, extra_d["bias"], extra_d["skip"], extra_d["pregate"], extra_d["postgate"])
+    y_torch = _fftconv_torch(
+        u_d, k_d, shift, T, extra_d["bias"], extra_d["skip"], extra_d["pregate"], extra_d["postgate"]
+    )
     assert_within_torch_error(y.to(dtype).cpu(), ref, y_torch.cpu(), f"stacked forward N={plan(L, K, T)}")
