@@ -467,14 +467,29 @@ def _rewrite(gm: fx.GraphModule, site: LongConvSite, plan: dict) -> fx.Node:
         g.erase_node(new)
         raise _Decline(f"internal: rewrite shape {tuple(val(new).shape)} != {tuple(old.shape)}")
     final.replace_all_uses_with(new)
+    _erase_dead(final)
     site.node = new
     return new
 
 
+def _erase_dead(node: fx.Node) -> None:
+    """Erase ``node`` and then every input that only it used, stopping at impure nodes and placeholders.
+
+    Only the nodes the rewrite made dead go, so calls kept for their side effects elsewhere in the graph (functorch's
+    nesting calls in a graph captured from torch.func transforms, say) stay, unlike a graph-wide DCE."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.users or n.op not in ("call_function", "call_method") or n.is_impure():
+            continue
+        inputs = [a for a in n.all_input_nodes]
+        n.graph.erase_node(n)
+        stack.extend(inputs)
+
+
 def _run(gm: fx.GraphModule, opts, report: Report, rewrite: bool) -> None:
-    changed = False
     for node, matcher in _candidates(gm):
-        if node.graph is not gm.graph or not node.users and node.op != "output":
+        if getattr(node, "_erased", False):  # removed by an earlier rewrite
             continue
         if matcher is None:
             _record(report, node, str(node.target.__name__), "skipped", "not a 1-D convolution")
@@ -494,13 +509,10 @@ def _run(gm: fx.GraphModule, opts, report: Report, rewrite: bool) -> None:
         except _Decline as why:
             _record(report, node, site.spelling, "skipped", str(why))
             continue
-        changed = True
         bump("longconv_rewritten")
         bump(f"longconv_rewritten_{site.spelling}")
         reason = f"K={site.kernel_size}" + (f", folded {'+'.join(site.folded)}" if site.folded else "")
         _record(report, node, site.spelling, "rewritten", reason, site, operands)
-    if changed:
-        gm.graph.eliminate_dead_code()
 
 
 def run(gm: fx.GraphModule, opts, report: Report) -> None:

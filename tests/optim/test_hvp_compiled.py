@@ -28,13 +28,6 @@ def eager_hvp(loss_fn, params, z):
     return torch.autograd.grad(grads, list(params.values()), grad_outputs=z)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hhfft/passes/longconv.py calls gm.graph.eliminate_dead_code(), which deletes the impure, result-unused "
-    "torch._C._functorch._grad_increment_nesting()/_grad_decrement_nesting() calls of a graph captured from "
-    "torch.func transforms; the rewritten graph then fails with functorch's DynamicLayer INTERNAL ASSERT. With those "
-    "nodes kept the test passes (HVP equal to 1e-15, one site rewritten). Remove this mark with the fix.",
-)
 def test_hvp_through_hhfft_backend_with_rewritten_long_conv_equals_eager():
     torch.manual_seed(0)
     model = LongConvNet().double()
