@@ -77,7 +77,8 @@ def _feat(p_x, p_w, p_b, o_t, m_t, DX, FH,
 @triton.jit
 def _feat_bwd(b_dphi, b_x, b_y, m_t, p_w, p_dw, p_db, DX, FH,
               BT: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr):
-    """From dphi [BT, 2*BFH] (interleaved, fp32): returns dx [BT, BDX] fp32; adds x^T dy to dW and sum dy to db."""
+    """From dphi [BT, 2*BFH] (interleaved, fp32): returns dx [BT, BDX] fp32; stores this chunk's x^T dy and sum dy
+    at p_dw, p_db (per-chunk partials, summed on the host: no atomics, deterministic)."""
     o_d, o_f = tl.arange(0, BDX), tl.arange(0, BFH)
     m_d, m_f = o_d < DX, (o_f < FH)[None, :]
     b_dp, b_dn = tl.split(tl.reshape(b_dphi, (BT, BFH, 2)))
@@ -96,8 +97,8 @@ def _feat_bwd(b_dphi, b_x, b_y, m_t, p_w, p_dw, p_db, DX, FH,
     b_w = tl.load(p_w + o_d[:, None] * FH + o_f[None, :], mask=m_d[:, None] & m_f, other=0).to(tl.float32)
     b_dx = tl.dot(b_dy, tl.trans(b_w), input_precision=PREC)  # [BT, BDX]
     b_dw = tl.dot(tl.trans(b_x.to(tl.float32)), b_dy, input_precision=PREC)  # [BDX, BFH]
-    tl.atomic_add(p_dw + o_d[:, None] * FH + o_f[None, :], b_dw, mask=m_d[:, None] & m_f)
-    tl.atomic_add(p_db + o_f, tl.sum(b_dy, 0), mask=o_f < FH)
+    tl.store(p_dw + o_d[:, None] * FH + o_f[None, :], b_dw, mask=m_d[:, None] & m_f)
+    tl.store(p_db + o_f, tl.sum(b_dy, 0), mask=o_f < FH)
     return b_dx
 
 
@@ -265,8 +266,9 @@ def linear_attention_bwd_dq_kernel(
     if FUSED:
         b_q, b_xq, b_yq = _feat(q + i_bh * L * DX, wq + (i_bh % Hq) * DX * FH, bq + (i_bh % Hq) * FH, o_t, m_t,
                                 DX, FH, BT, BDX, BFH, KIND, PREC)
-        b_dx = _feat_bwd(b_dq, b_xq, b_yq, m_t, wq + (i_bh % Hq) * DX * FH, dwq + (i_bh % Hq) * DX * FH,
-                         dbq + (i_bh % Hq) * FH, DX, FH, BT, BDX, BFH, KIND, PREC_STATE)
+        i_p = i_t * tl.num_programs(1) + i_bh  # partial dW, db slot of this (chunk, batch, head)
+        b_dx = _feat_bwd(b_dq, b_xq, b_yq, m_t, wq + (i_bh % Hq) * DX * FH, dwq + i_p * DX * FH,
+                         dbq + i_p * FH, DX, FH, BT, BDX, BFH, KIND, PREC_STATE)
         o_d = tl.arange(0, BDX)
         tl.store(dq + i_bh * L * DX + o_t[:, None] * DX + o_d[None, :], b_dx.to(dq.dtype.element_ty),
                  mask=m_t[:, None] & (o_d < DX)[None, :])
@@ -391,8 +393,9 @@ def linear_attention_bwd_dkdv_kernel(
     b_dv = tl.where(m_j[:, None], b_dv, 0)
     tl.store(dv + i_bh * L * D + o_t[:, None] * D + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
     if FUSED:
-        b_dx = _feat_bwd(b_dk, b_xk, b_yk, m_j, wk + (i_bh % Hkv) * DX * FH, dwk + (i_bh % Hkv) * DX * FH,
-                         dbk + (i_bh % Hkv) * FH, DX, FH, BT, BDX, BFH, KIND, PREC_STATE)
+        i_p = i_t * tl.num_programs(1) + i_bh
+        b_dx = _feat_bwd(b_dk, b_xk, b_yk, m_j, wk + (i_bh % Hkv) * DX * FH, dwk + i_p * DX * FH,
+                         dbk + i_p * FH, DX, FH, BT, BDX, BFH, KIND, PREC_STATE)
         o_d = tl.arange(0, BDX)
         tl.store(dk + i_bh * L * DX + o_t[:, None] * DX + o_d[None, :], b_dx.to(dk.dtype.element_ty),
                  mask=m_t[:, None] & (o_d < DX)[None, :])
@@ -535,9 +538,9 @@ def _bwd(q, k, v, o, den, do, dden, causal, key_mask, fmap):
     dz = _new(q, p.B, p.Hkv, p.NS, p.F, dtype=torch.float32)
     s = _new(q, p.B, p.Hq, p.L, dtype=torch.float32)
     dq, dk, dv = _new(q, *q.shape), _new(k, *k.shape), _new(v, *v.shape)
-    if p.fused:  # atomically accumulated: zeros, not poisoned buffers
-        dwq, dbq = torch.zeros(p.Hq, p.DX, p.FH, device=q.device), torch.zeros(p.Hq, p.FH, device=q.device)
-        dwk, dbk = torch.zeros(p.Hkv, p.DX, p.FH, device=q.device), torch.zeros(p.Hkv, p.FH, device=q.device)
+    if p.fused:  # per-(chunk, batch, head) partials of dW, db
+        dwq, dbq = _new(q, p.NT, p.B, p.Hq, p.DX, p.FH, dtype=torch.float32), _new(q, p.NT, p.B, p.Hq, p.FH, dtype=torch.float32)
+        dwk, dbk = _new(q, p.NT, p.B, p.Hkv, p.DX, p.FH, dtype=torch.float32), _new(q, p.NT, p.B, p.Hkv, p.FH, dtype=torch.float32)
     else:
         dwq = dbq = dwk = dbk = s
     p.states(k, v, h, z)
@@ -558,6 +561,8 @@ def _bwd(q, k, v, o, den, do, dden, causal, key_mask, fmap):
         p.L, p.NT, p.F, p.D, p.Hkv, p.G, p.DX, p.FH,
         HAS_MASK=p.has_mask, PREC=p.prec, PREC_STATE=p.prec_state, **p.consts(),
     )
+    if p.fused:
+        dwq, dbq, dwk, dbk = (x.sum((0, 1)) for x in (dwq, dbq, dwk, dbk))
     return dq, dk, dv, (dwq, dbq, dwk, dbk)
 
 
