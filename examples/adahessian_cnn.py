@@ -78,15 +78,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--out", default="out")
-    ap.add_argument("--quick", action="store_true", help="one learning rate each, 30 steps, eager step")
+    ap.add_argument("--quick", action="store_true", help="one learning rate each, 25 steps, eager step")
     args = ap.parse_args(argv)
     sweeps = {"adam": [3e-3, 1e-2, 3e-2], "adahessian": [0.05, 0.15, 0.4]}
     fused = True
     if args.quick:
         sweeps = {"adam": [1e-2], "adahessian": [0.15]}
-        args.steps, fused = 30, False
+        args.steps, args.batch, fused = 25, 32, False
     g = torch.Generator().manual_seed(0)
-    data = (make_bars(1024, g), make_bars(512, g))
+    n_train, n_val = (256, 128) if args.quick else (1024, 512)
+    data = (make_bars(n_train, g), make_bars(n_val, g))
 
     best = {}
     print(f"{'optimizer':<11} {'lr':>6} {'final loss':>10} {'val acc':>8} {'s':>6}")

@@ -167,13 +167,14 @@ class AdaHessian(torch.optim.Optimizer):
 
     @property
     def hessian_due(self) -> bool:
-        """Whether the next ``step()`` computes the curvature (so the gradient must carry a graph)."""
+        """Whether the next ``step()`` computes the curvature (so the gradient must carry a graph).
+
+        Also true when a parameter has been added since the last curvature step (it has no stored curvature yet).
+        """
         if self._hessian_step % self.update_each == 0:
             return True
-        return any(
-            p.requires_grad and "hessian_diag" not in self.state.get(p, {})
-            for g in self.param_groups for p in g["params"]
-        )
+        return any("hessian_diag" not in self.state.get(p, {}) for g in self.param_groups for p in g["params"]
+                   if p.requires_grad)
 
     # ----------------------------------------------------------------------------------------------- curvature
     def _hutchinson(self, params: List[Tensor], grads: List[Tensor]) -> List[Tensor]:
@@ -255,7 +256,7 @@ class AdaHessian(torch.optim.Optimizer):
         params = [p for _, p in entries]
         grads = [p.grad for p in params]
 
-        due = self.hessian_due
+        due = self._hessian_step % self.update_each == 0 or any("hessian_diag" not in self.state[p] for p in params)
         if hessian is not None:
             raw = [d.detach() for d in self._given_hessian(hessian, params)]
         elif due:
