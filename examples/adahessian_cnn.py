@@ -7,7 +7,7 @@ opt.step()``), the update running as one compiled fused step. Both optimizers ge
 The task: 16x16 grey images holding one bar (horizontal, vertical, or one of the two diagonals) at a random place,
 with noise; the label is the bar's orientation. A fixed training set of 1024 images, a held-out set of 512.
 
-    python examples/adahessian_cnn.py                    # sweep, ~1-3 min on 2 CPU cores; out/adahessian_cnn.png
+    python examples/adahessian_cnn.py                    # sweep: several minutes on 2 CPU cores; out/adahessian_cnn.png
     python examples/adahessian_cnn.py --quick --out /tmp  # what the tests run
 """
 from __future__ import annotations
