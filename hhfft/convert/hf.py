@@ -1,0 +1,99 @@
+"""Hugging Face integration (imported lazily: transformers is a test/optional dependency).
+
+A model directory is a ``config.json`` plus safetensors weights (and, for text, a tokenizer); nothing is ever
+downloaded (``HF_HUB_OFFLINE=1`` for the calls made here)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["load_hf_model", "load_tokenizer", "encode", "text_lines", "stdlib_docstrings"]
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load_tokenizer(path: str) -> Optional[Any]:
+    _offline()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def load_hf_model(path: str, length: int = 128, batch: int = 2, attn_implementation: Optional[str] = None) -> tuple:
+    """(model, example inputs) for a HF model directory: ``AutoModel.from_pretrained`` in eval mode, and a dict of
+    ``input_ids`` [batch, length] and ``attention_mask`` (the last sequence padded by a quarter, so key padding is
+    exercised). Token ids come from the tokenizer's vocabulary size (random, seeded)."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"load_hf_model: {path!r} has no config.json; give a Hugging Face model directory")
+    _offline()
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.from_pretrained(path)
+    kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModel.from_pretrained(path, **kw).eval()
+    g = torch.Generator().manual_seed(0)
+    low = 1000 if cfg.vocab_size > 2000 else 0
+    ids = torch.randint(low, cfg.vocab_size, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if batch > 1:
+        mask[-1, length - max(1, length // 4):] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if getattr(cfg, "use_cache", False) or getattr(cfg, "is_decoder", False) or "gpt" in cfg.model_type or \
+            "llama" in cfg.model_type:
+        inputs["use_cache"] = False
+    return model, inputs
+
+
+def encode(tokenizer: Any, texts: list, length: int) -> dict:
+    """Tokenise to a padded batch: {"input_ids", "attention_mask"} [len(texts), <= length]."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def text_lines(path: str, min_words: int = 4) -> list:
+    """Non-empty lines (paragraph chunks) of a text file with at least ``min_words`` words."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [" ".join(line.split()) for line in f]
+    return [line for line in lines if len(line.split()) >= min_words]
+
+
+def stdlib_docstrings(modules: Optional[list] = None, min_words: int = 6, limit: Optional[int] = None) -> list:
+    """First paragraphs of the docstrings of Python standard library modules, classes and functions: English text
+    that ships with every Python (deterministic order)."""
+    import importlib
+    import inspect
+
+    modules = modules or ["os", "json", "collections", "functools", "itertools", "re", "string", "textwrap",
+                          "argparse", "logging", "pathlib", "shutil", "subprocess", "threading", "queue", "socket",
+                          "email", "http.client", "urllib.parse", "csv", "datetime", "calendar", "decimal",
+                          "fractions", "random", "statistics", "heapq", "bisect", "typing", "dataclasses",
+                          "contextlib", "abc", "enum", "inspect", "tempfile", "zipfile", "tarfile", "gzip",
+                          "pickle", "copy", "pprint", "difflib", "unittest", "doctest", "asyncio", "sqlite3"]
+    out, seen = [], set()
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
+        for obj in objs:
+            if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            doc = inspect.getdoc(obj)
+            if not doc:
+                continue
+            para = " ".join(doc.split("\n\n")[0].split())
+            if len(para.split()) >= min_words and para not in seen and ">>>" not in para:
+                seen.add(para)
+                out.append(para)
+                if limit is not None and len(out) >= limit:
+                    return out
+    return out

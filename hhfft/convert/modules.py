@@ -1,0 +1,325 @@
+"""What ``hhfft.convert`` installs in a model: the config, the per-site ``HedgehogAttention`` module, the site marker
+op, and the forward that makes the owner module compute Hedgehog attention eagerly.
+
+How a converted site works:
+
+- the module that owns an attention site (the innermost module whose forward calls it) gets a submodule
+  ``hedgehog`` (``hedgehog_1``, ... for further sites of the same owner): a :class:`HedgehogAttention` holding the
+  two feature maps ``q_map`` and ``k_map``; ``state_dict()`` gains only ``<owner>.hedgehog.{q,k}_map.*`` keys;
+- the owner's class is swapped for a subclass whose ``forward`` first calls the marker op
+  ``hhfft::hedgehog_site(wq, bq, wk, bk, kind, index)`` and then the original forward. Under Dynamo the marker is a
+  node of the graph whose inputs are the maps' parameters; the ``linearize`` pass pairs it with the attention site
+  of the same owner and replaces the SDPA call by Hedgehog linear attention on those parameters (so AOTAutograd
+  differentiates the real parameters). The marker itself computes nothing;
+- eagerly (outside any compile), the owner's forward runs through Dynamo with hhfft's passes and no Inductor
+  (``compiler="eager"``): the same rewrite, run as plain torch. Inside an outer ``torch.compile`` the owner's
+  forward is traced as it is and the outer ``hhfft`` backend does the rewrite.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from hhfft.nn.hedgehog import FeatureMapKind, FeatureMapKindName, HedgehogFeatureMap, feature_map
+
+__all__ = ["HedgehogConfig", "HedgehogAttention", "hedgehog_sites", "hedgehog_mode", "is_converted", "install", "uninstall",
+           "site_name", "select_sites"]
+
+SITE_OP = "hhfft::hedgehog_site"
+
+
+@dataclass(frozen=True)
+class HedgehogConfig:
+    """How to convert attention sites to Hedgehog attention.
+
+    kind: the feature map kind (``hhfft.nn.HedgehogFeatureMap``): "softmax_split" (default), "exp",
+        "joint_softmax", "elu1", "t2r".
+    feature_dim: F, the projected feature size per head (None = head_dim); phi has 2F features for the first three
+        kinds.
+    bias: learn a bias in the maps.
+    sites: fnmatch globs over owner module paths ("encoder.layer.*.attention.self"); None = every site.
+    layers: indices of sites in the order the forward meets them (negative counts from the end); None = every
+        site. LoLCATs-style hybrids keep some layers softmax: ``layers=range(1, 6)``.
+    exclude: globs of owner module paths that stay softmax.
+    """
+
+    kind: FeatureMapKindName = "softmax_split"
+    feature_dim: Optional[int] = None
+    bias: bool = True
+    sites: Optional[tuple] = None
+    layers: Optional[tuple] = None
+    exclude: tuple = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        FeatureMapKind.parse(self.kind)
+        if self.feature_dim is not None and (isinstance(self.feature_dim, bool) or not isinstance(self.feature_dim, int)
+                                             or self.feature_dim < 1):
+            raise ValueError(f"HedgehogConfig: feature_dim must be a positive int or None, got {self.feature_dim!r}")
+        for name in ("sites", "layers", "exclude"):
+            v = getattr(self, name)
+            if isinstance(v, (str, int)):
+                v = (v,)
+            if v is not None:
+                object.__setattr__(self, name, tuple(v))
+        if self.layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+            raise TypeError(f"HedgehogConfig: layers must be ints (site indices), got {self.layers!r}")
+
+    def to_dict(self) -> dict:
+        return {"kind": FeatureMapKind.parse(self.kind).value, "feature_dim": self.feature_dim, "bias": self.bias,
+                "sites": None if self.sites is None else list(self.sites),
+                "layers": None if self.layers is None else list(self.layers), "exclude": list(self.exclude)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HedgehogConfig":
+        return cls(kind=d.get("kind", "softmax_split"), feature_dim=d.get("feature_dim"), bias=d.get("bias", True),
+                   sites=d.get("sites"), layers=d.get("layers"), exclude=tuple(d.get("exclude") or ()))
+
+
+class HedgehogAttention(nn.Module):
+    """The feature maps of one attention site, and Hedgehog attention with them.
+
+    Args:
+        num_heads: Hq; num_kv_heads: Hkv (Hq a multiple of Hkv); head_dim: D of q and k
+        kind, feature_dim, bias: as in :class:`HedgehogConfig`
+
+    Parameters: ``q_map.weight`` [Hq, D, F], ``q_map.bias`` [Hq, F], ``k_map.weight`` [Hkv, D, F],
+    ``k_map.bias`` [Hkv, F].
+
+    Example:
+        >>> hh = HedgehogAttention(4, 2, 8)
+        >>> hh(torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), causal=True).shape
+        torch.Size([1, 4, 5, 8])
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, kind: str = "softmax_split",
+                 feature_dim: Optional[int] = None, bias: bool = True, *, device=None, dtype=None) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"HedgehogAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        self.kind = FeatureMapKind.parse(kind).value
+        self.q_map = HedgehogFeatureMap(num_heads, head_dim, feature_dim, kind, bias, device=device, dtype=dtype)
+        self.k_map = HedgehogFeatureMap(num_kv_heads, head_dim, feature_dim, kind, bias, device=device, dtype=dtype)
+
+    def describe(self) -> dict:
+        return {"heads": self.q_map.num_heads, "kv_heads": self.k_map.num_heads, "head_dim": self.q_map.head_dim,
+                "feature_dim": self.q_map.feature_dim, "kind": self.kind, "bias": self.q_map.bias is not None}
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_mask: Optional[Tensor] = None) -> Tensor:
+        """q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv], key_mask [B, L] bool -> [B, Hq, L, Dv]."""
+        from hhfft.lowering.linear_attention import hedgehog_linear_attention
+
+        return hedgehog_linear_attention(q, k, v, self.q_map.weight, self.q_map.bias, self.k_map.weight,
+                                         self.k_map.bias, kind=self.kind, causal=causal, key_mask=key_mask)
+
+    def weights(self, q: Tensor, k: Tensor, allowed: Optional[Tensor] = None) -> Tensor:
+        """The normalised Hedgehog attention weights phi(q_i).phi(k_j) / sum_j [B, Hq, L, S] (fp32), zero where
+        ``allowed`` ([B or 1, H or 1, L, S] bool) is False. For distillation and pictures; quadratic in L."""
+        return hedgehog_weights(q, k, self.q_map.weight, self.q_map.bias, self.k_map.weight, self.k_map.bias,
+                                self.kind, allowed)
+
+
+def hedgehog_weights(q: Tensor, k: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
+                     kind: str, allowed: Optional[Tensor]) -> Tensor:
+    """See :meth:`HedgehogAttention.weights`; the parameters given explicitly (graph nodes in the distill tap)."""
+    from hhfft.lowering.linear_attention import _project
+
+    pq = feature_map(_project(q.float(), wq.float(), None if bq is None else bq.float()), kind)
+    pk = feature_map(_project(k.float(), wk.float(), None if bk is None else bk.float()), kind)
+    g = pq.shape[1] // pk.shape[1]
+    if g > 1:
+        pk = pk.repeat_interleave(g, dim=1)
+    s = pq @ pk.transpose(-1, -2)
+    if allowed is not None:
+        s = s * allowed
+    return s / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+
+
+# ------------------------------------------------------------------------------------------------------ the marker
+@torch.library.custom_op(SITE_OP, mutates_args=())
+def _site_marker(wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor], kind: str, index: int) -> None:
+    """Marks, in a traced forward, that the owner module's attention site number ``index`` has these feature maps."""
+    return None
+
+
+@_site_marker.register_fake
+def _(wq, bq, wk, bk, kind, index):
+    return None
+
+
+# Dynamo and FX would drop a node with no users; the marker must reach the linearize pass.
+torch.fx.node.has_side_effect(torch.ops.hhfft.hedgehog_site.default)
+torch.fx.node.has_side_effect(torch.ops.hhfft.hedgehog_site)
+
+
+def site_name(index: int) -> str:
+    """The submodule name of the owner's site ``index``: "hedgehog", "hedgehog_1", ..."""
+    return "hedgehog" if index == 0 else f"hedgehog_{index}"
+
+
+def _mark(owner: nn.Module) -> None:
+    for i in getattr(owner, "_hhfft_sites", ()):
+        hh = getattr(owner, site_name(i))
+        torch.ops.hhfft.hedgehog_site(hh.q_map.weight, hh.q_map.bias, hh.k_map.weight, hh.k_map.bias, hh.kind, i)
+
+
+# ---------------------------------------------------------------------------------------- the owner's eager forward
+_MODE: contextvars.ContextVar[str] = contextvars.ContextVar("hhfft_hedgehog_mode", default="linear")
+_RECOMPILE_LIMIT = 64  # one graph per owner class and input signature; generous, scoped to these calls
+
+
+_REPORTS: contextvars.ContextVar = contextvars.ContextVar("hhfft_hedgehog_reports", default=None)
+
+
+def _backend_linear(gm, example_inputs):
+    from hhfft.lowering.backend import Options, run_passes
+
+    report = run_passes(gm, Options(longconv=False, linearize=True, compiler="eager"))
+    sink = _REPORTS.get()
+    if sink is not None:
+        sink.append(report)
+    return gm.forward
+
+
+def _backend_tap(gm, example_inputs):
+    from hhfft.lowering.backend import Options, run_passes
+    from hhfft.passes import linearize
+
+    opts = Options(longconv=False, linearize=False, compiler="eager")
+    report = run_passes(gm, opts)
+    linearize.run(gm, opts, report, mode="tap")
+    gm.graph.lint()
+    gm.recompile()
+    return gm.forward
+
+
+def _body_linear(owner, base_forward, args, kwargs):
+    _mark(owner)
+    return base_forward(owner, *args, **kwargs)
+
+
+def _body_tap(owner, base_forward, args, kwargs):
+    _mark(owner)
+    return base_forward(owner, *args, **kwargs)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(mode: str):
+    fn = _COMPILED.get(mode)
+    if fn is None:
+        body, backend = (_body_linear, _backend_linear) if mode == "linear" else (_body_tap, _backend_tap)
+        # fullgraph: a graph break (or a failing pass) must raise, never fall back to running softmax silently
+        fn = _COMPILED[mode] = torch.compile(body, backend=backend, fullgraph=True)
+    return fn
+
+
+@contextlib.contextmanager
+def hedgehog_mode(mode: str):
+    """"linear" (default): converted sites compute Hedgehog attention. "tap": they compute softmax attention (the
+    teacher) and each reports its distillation loss (``hhfft.convert.distill``)."""
+    tok = _MODE.set(mode)
+    try:
+        yield
+    finally:
+        _MODE.reset(tok)
+
+
+def _converted_forward(self, *args, **kwargs):
+    base = type(self)._hhfft_base.forward
+    if torch.compiler.is_compiling():
+        _mark(self)
+        return base(self, *args, **kwargs)
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT,
+                                    accumulated_recompile_limit=max(256, 4 * _RECOMPILE_LIMIT)):
+        return _compiled(_MODE.get())(self, base, args, kwargs)
+
+
+_CLASSES: dict = {}
+
+
+def _converted_class(cls: type) -> type:
+    if getattr(cls, "_hhfft_base", None) is not None:
+        return cls
+    new = _CLASSES.get(cls)
+    if new is None:
+        new = type(f"Hedgehog{cls.__name__}", (cls,), {"forward": _converted_forward, "_hhfft_base": cls,
+                                                        "__module__": __name__})
+        _CLASSES[cls] = new
+    return new
+
+
+def __getattr__(name: str) -> Any:  # pickling support for the generated classes
+    for new in _CLASSES.values():
+        if new.__name__ == name:
+            return new
+    raise AttributeError(name)
+
+
+# --------------------------------------------------------------------------------------------- install / inspect
+def install(owner: nn.Module, index: int, hh: HedgehogAttention) -> str:
+    """Install ``hh`` as the feature maps of the owner's site ``index``; returns the submodule name."""
+    name = site_name(index)
+    owner.add_module(name, hh)
+    owner._hhfft_sites = tuple(sorted(set(getattr(owner, "_hhfft_sites", ())) | {index}))
+    owner.__class__ = _converted_class(type(owner))
+    return name
+
+
+def install_root(model: nn.Module) -> None:
+    """Make the model's own eager forward run through Dynamo with hhfft's passes (no Inductor), so the masks it
+    builds are proved on the whole forward (an owner called on its own proves only what its own forward shows)."""
+    if not hasattr(model, "_hhfft_sites"):
+        model._hhfft_sites = ()
+    model.__class__ = _converted_class(type(model))
+
+
+def uninstall(model: nn.Module) -> None:
+    """Remove every Hedgehog site from ``model`` (the original modules and forward come back)."""
+    for _, m in model.named_modules():
+        base = getattr(type(m), "_hhfft_base", None)
+        if base is None:
+            continue
+        for i in getattr(m, "_hhfft_sites", ()):
+            delattr(m, site_name(i))
+        if hasattr(m, "_hhfft_sites"):
+            del m._hhfft_sites
+        m.__class__ = base
+
+
+def is_converted(module: nn.Module) -> bool:
+    return getattr(type(module), "_hhfft_base", None) is not None
+
+
+def hedgehog_sites(model: nn.Module) -> list:
+    """[(owner path, index, submodule name, HedgehogAttention)] of a converted model, in module order."""
+    out = []
+    for path, m in model.named_modules():
+        if is_converted(m):
+            for i in getattr(m, "_hhfft_sites", ()):
+                out.append((path, i, site_name(i), getattr(m, site_name(i))))
+    return out
+
+
+def select_sites(paths: Sequence[str], config: HedgehogConfig) -> list:
+    """Indices (into ``paths``, the sites in forward order) that ``config`` selects."""
+    import fnmatch
+
+    n = len(paths)
+    chosen = []
+    layers = None if config.layers is None else {i % n if n else i for i in config.layers if -n <= i < n}
+    for i, p in enumerate(paths):
+        if config.sites is not None and not any(fnmatch.fnmatchcase(p, g) for g in config.sites):
+            continue
+        if any(fnmatch.fnmatchcase(p, g) for g in config.exclude):
+            continue
+        if layers is not None and i not in layers:
+            continue
+        chosen.append(i)
+    return chosen
