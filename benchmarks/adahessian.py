@@ -2,7 +2,7 @@
 weights, TF32 matmuls, mean squared error), batch 1024.
 
 Rows (median per call over a timed loop, CUDA-event timing via triton.testing.do_bench; peak = max allocated memory
-during the iteration, model and batch included):
+during the iteration, model and optimizer state included, minus what earlier rows left allocated):
   - adam:          torch.optim.Adam(fused=True): zero_grad, forward, backward, step
   - adam step:     its fused step alone
   - po adahessian: pytorch_optimizer 4.1 AdaHessian: forward, backward(create_graph=True), step (its own HVP)
@@ -63,7 +63,11 @@ def timer(quick: bool):
     return lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
+_BASE = {"bytes": 0}  # memory held by earlier rows (leftovers), measured when the row's model did not exist yet
+
+
 def peak_mb(fn, device) -> float:
+    """Peak allocated memory of two calls of ``fn``, minus what earlier rows left allocated."""
     if device.type != "cuda":
         return float("nan")
     torch.cuda.synchronize()
@@ -71,7 +75,7 @@ def peak_mb(fn, device) -> float:
     fn()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
+    return (torch.cuda.max_memory_allocated() - _BASE["bytes"]) / 2**20
 
 
 # ------------------------------------------------------------------------------------------------- correctness
@@ -220,10 +224,15 @@ def main() -> int:
         rows[name] = {"ms": ms, "peak_mb": mb, "note": note}
         log(f"{name:<34} {ms:9.3f} ms   peak {mb:9.1f} MiB  {note}")
 
-    def release():
+    def release(new_base=True):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
+            if new_base:
+                _BASE["bytes"] = torch.cuda.memory_allocated()
+                log(f"(left allocated by earlier rows: {_BASE['bytes'] / 2**20:.1f} MiB, not counted in peaks)")
+
+    release()
 
     # Adam ------------------------------------------------------------------------------------------------------
     model = mlp(args.layers, args.width, device)
@@ -328,7 +337,7 @@ def main() -> int:
             call()
             record("variant: per-parameter compiled step", bench(call))
     del opt
-    release()
+    release(new_base=False)
 
     if time.time() - t_start < args.budget_s:
         opt = AdaHessian(model.parameters(), lr=0.15, fused=True, update_each=2)
@@ -345,7 +354,7 @@ def main() -> int:
         two()
         record("hhfft AdaHessian update_each=2 (per it.)", bench(two) / 2, peak_mb(two, device))
         del opt
-        release()
+        release(new_base=False)
 
     if time.time() - t_start < args.budget_s:
         opt = AdaHessian(model.parameters(), lr=0.15, fused=True)
@@ -364,7 +373,7 @@ def main() -> int:
         log(f"(forward-over-reverse compile: {time.time() - t0:.1f} s)")
         record("hhfft AdaHessian, hutchinson(jvp∘grad, compiled)", bench(hh_func), peak_mb(hh_func, device))
         del opt
-        release()
+        release(new_base=False)
         opt = AdaHessian(model.parameters(), lr=0.15, fused=True, update_each=2)
         compiled_model = torch.compile(model)
 
