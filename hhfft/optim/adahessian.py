@@ -31,7 +31,10 @@ def average_curvature(d: Tensor, block_length: Optional[int], dtype: torch.dtype
 
     Where nothing is averaged, D itself is returned (cast to ``dtype``): the update only uses Dbar^2 = D^2.
     """
-    d = d.detach().to(dtype)
+    if d.requires_grad:
+        d = d.detach()
+    if d.dtype != dtype:
+        d = d.to(dtype)
     if d.dim() < 2 or (d.dim() == 2 and block_length is None):
         return d
     a = d.abs()
@@ -196,6 +199,7 @@ class AdaHessian(torch.optim.Optimizer):
             _count_hvp()
             out = [torch.zeros_like(p) for p in params] if len(with_graph) < len(params) else [None] * len(params)
             for i, h in zip(with_graph, hz):
+                # detach: autograd.grad returns views of its buffers; the compiled step gets plain tensors
                 out[i] = torch.zeros_like(params[i]) if h is None else h.detach()
             return out
         mean = [torch.zeros_like(p) for p in params]
@@ -258,14 +262,14 @@ class AdaHessian(torch.optim.Optimizer):
 
         due = self._hessian_step % self.update_each == 0 or any("hessian_diag" not in self.state[p] for p in params)
         if hessian is not None:
-            raw = [d.detach() for d in self._given_hessian(hessian, params)]
+            raw = self._given_hessian(hessian, params)
         elif due:
             raw = self._hutchinson(params, grads)
         else:
             raw = None
         # Detach the gradients: a create_graph gradient keeps the whole double-backward graph (and a reference cycle).
         for p in params:
-            if p.grad.grad_fn is not None or p.grad.requires_grad:
+            if p.grad.requires_grad:
                 p.grad = p.grad.detach()
         grads = [p.grad for p in params]
         if hessian is None and _distributed():
