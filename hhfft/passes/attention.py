@@ -495,6 +495,12 @@ def _match(sm: fx.Node) -> _Match:
             raise _Fail("scores and weights einsums disagree on rank")
     elif len(sp) != len(sw) or not all(known_eq(a, b) for a, b in zip(sp, sw)):
         raise _Fail("the weights are reshaped between the scores and the value product")
+    cdt = _dtype(prod)
+    if cdt.is_floating_point:
+        for n in [*schain, sm, *wchain]:
+            d = _dtype(n)
+            if d.is_floating_point and torch.finfo(d).eps > torch.finfo(cdt).eps:
+                raise _Fail(f"{n.name} rounds the {cdt} attention to {d}: SDPA would not round the same")
     spelling = op_name(prod)
     chain = [n for n in reversed(schain)] + [sm] + wchain
     return _Match(sm, pv, prod, chain, q, k, k_needs_t, v, scale, pieces, p, spelling, q_perm, k_perm, v_perm,
@@ -551,11 +557,22 @@ def _unmerge(n: fx.Node) -> Optional[fx.Node]:
 
 
 class _Builder:
+    """Inserts calls like ``like`` (meta filled under the fake mode) and remembers them, so a rewrite that fails
+    half-way can take them out again."""
+
     def __init__(self, graph: fx.Graph, like: fx.Node) -> None:
-        self.g, self.like = graph, like
+        self.g, self.like, self.made = graph, like, []
 
     def __call__(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
-        return insert_call(self.g, target, args, kwargs, like=self.like)
+        n = insert_call(self.g, target, args, kwargs, like=self.like)
+        self.made.append(n)
+        return n
+
+    def undo(self) -> None:
+        for n in reversed(self.made):
+            if not n.users:
+                self.g.erase_node(n)
+        self.made = []
 
 
 def _mul_scale(scale: list) -> tuple:
@@ -570,12 +587,20 @@ def _mul_scale(scale: list) -> tuple:
 
 
 def _rewrite(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAnalyzer) -> None:
+    b = _Builder(gm.graph, m.pv)
+    try:
+        _rewrite_with(gm, m, site, an, b)
+    except Exception as e:  # noqa: BLE001 - a failed proof (or an unforeseen graph) leaves the graph as it was
+        b.undo()
+        raise e if isinstance(e, _Fail) else _Fail(f"not rewritten: {type(e).__name__}: {e}") from e
+
+
+def _rewrite_with(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAnalyzer, b: "_Builder") -> None:
     g = gm.graph
-    b = _Builder(g, m.pv)
     with g.inserting_before(m.pv):
         q, k, v = m.q, m.k, m.v
         if m.q_perm is not None:
-            q, k = _permute(b, q, m.q_perm), _permute(b, k, m.k_perm)
+            q, k = _permute(b, q, m.q_perm, m.scale), _permute(b, k, m.k_perm, m.scale)
         elif m.k_needs_t:
             k = b(torch.transpose, k, -2, -1)
         if m.v_perm is not None:
@@ -587,7 +612,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAnalyze
             if uq is not None and uk is not None and uv is not None and all(
                 known_eq(_shape(uq)[i], _shape(x)[i]) for x in (uk, uv) for i in (0, 1)
             ):
-                q, k, v = uq, uk, uv
+                q, k, v = _peel_scale(uq, m.scale), _peel_scale(uk, m.scale), uv
                 squeeze = -1  # flatten (B, H) back
                 site.layout = "merged"
             else:
@@ -677,7 +702,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAnalyze
                     classify(an, pred, _align(t.dims, len(frame)), allowed)
                 else:
                     allowed.general = True
-                base = attn_mask if attn_mask is not None else 0.0
+                base = attn_mask if attn_mask is not None else b(torch.zeros_like, cond, dtype=cdt)
                 attn_mask = b(torch.where, cond, fill, base) if kind == "fill" else b(torch.where, cond, base, fill)
                 if _dtype(attn_mask) != cdt:
                     pass
@@ -746,10 +771,13 @@ def _perm_of(n: fx.Node) -> Optional[tuple]:
     return None
 
 
-def _permute(b: "_Builder", x: fx.Node, perm: tuple) -> fx.Node:
-    """x.permute(perm), folded into the transposes/permutes x came from (so q/k/v are the model's own tensors)."""
+def _permute(b: "_Builder", x: fx.Node, perm: tuple, scale: Optional[list] = None) -> fx.Node:
+    """x.permute(perm), folded into the transposes/permutes x came from (so q/k/v are the model's own tensors);
+    with ``scale``, scalar scales met on the way are folded into it (they commute with permutes)."""
     perm = tuple(perm)
     while True:
+        if scale is not None:
+            x = _peel_scale(x, scale)
         inner = _perm_of(x)
         if inner is None or len(inner) != len(perm):
             break
@@ -891,6 +919,21 @@ def _mha(gm: fx.GraphModule, n: fx.Node, site: AttentionSite, an: MaskAnalyzer, 
         return
     g = gm.graph
     b = _Builder(g, n)
+    try:
+        o, sdpa = _mha_build(g, n, b, arg, E, H, hd, kpm, am, p)
+    except Exception as e:  # noqa: BLE001
+        b.undo()
+        raise e if isinstance(e, _Fail) else _Fail(f"not rewritten: {type(e).__name__}: {e}") from e
+    for u in users:
+        if u.args[1] == 0:
+            u.replace_all_uses_with(o)
+        g.erase_node(u)
+    g.erase_node(n)
+    _fill(site, sdpa, allowed, sdpa.kwargs["is_causal"], None)
+
+
+def _mha_build(g: fx.Graph, n: fx.Node, b: "_Builder", arg: Any, E: int, H: int, hd: int, kpm: Any, am: Any,
+               p: float) -> tuple:
     with g.inserting_before(n):
         if arg("use_separate_proj_weight"):
             wq, wk, wv = arg("q_proj_weight"), arg("k_proj_weight"), arg("v_proj_weight")
@@ -905,9 +948,9 @@ def _mha(gm: fx.GraphModule, n: fx.Node, site: AttentionSite, an: MaskAnalyzer, 
         def heads(x: fx.Node) -> fx.Node:  # (L, N, E) -> (N, H, L, hd)
             return b(torch.permute, b(torch.unflatten, x, -1, (H, hd)), (1, 2, 0, 3))
 
-        q = heads(b(F.linear, query, wq, bq))
-        k = heads(b(F.linear, key, wk, bk))
-        v = heads(b(F.linear, value, wv, bv))
+        q = heads(b(F.linear, arg("query"), wq, bq))
+        k = heads(b(F.linear, arg("key"), wk, bk))
+        v = heads(b(F.linear, arg("value"), wv, bv))
         cdt = _dtype(q)
         mask = None
         if isinstance(am, fx.Node):
@@ -923,12 +966,7 @@ def _mha(gm: fx.GraphModule, n: fx.Node, site: AttentionSite, an: MaskAnalyzer, 
         sdpa.meta["hhfft_attention"] = True
         o = b(torch.flatten, b(torch.permute, sdpa, (2, 0, 1, 3)), 2)  # (L, N, E)
         o = b(F.linear, o, arg("out_proj_weight"), arg("out_proj_bias"))
-    for u in users:
-        if u.args[1] == 0:
-            u.replace_all_uses_with(o)
-        g.erase_node(u)
-    g.erase_node(n)
-    _fill(site, sdpa, allowed, is_causal, None)
+    return o, sdpa
 
 
 # --------------------------------------------------------------------------------------------------------------- run
@@ -961,8 +999,8 @@ def run(gm: fx.GraphModule, opts: Any, report: Any) -> None:
         if name == "sdpa":
             try:
                 site = _record_sdpa(n, an)
-            except _Fail as e:
-                site.reason = str(e)
+            except Exception as e:  # noqa: BLE001 - recording must never break a compile
+                site.reason = f"{type(e).__name__}: {e}"
             _site_record(report, site, "kept", "already F.scaled_dot_product_attention", _dtype(n.args[0]),
                          describe_shape(*(val(x) for x in n.args[:3])))
             bump("attention_sdpa_found")
@@ -982,10 +1020,17 @@ def run(gm: fx.GraphModule, opts: Any, report: Any) -> None:
             continue
         try:
             m = _match(n)
-        except _Fail as e:
+        except Exception as e:  # noqa: BLE001 - a softmax that is not provably attention is recorded, never fatal
             x = _softmax_parts(n)[0]
-            _site_record(report, site, "skipped", str(e), _dtype(x) if isinstance(x, fx.Node) else "-",
-                         describe_shape(val(x)))
+            if not (isinstance(x, fx.Node) and _reaches_product(x)) and not any(
+                op_name(u) in {"matmul", "bmm", "einsum"} for u in n.users
+            ):
+                bump("softmax_not_attention")  # a softmax over logits, not over products: not an attention site
+                continue
+            reason = str(e) if isinstance(e, _Fail) else f"not attention: {type(e).__name__}: {e}"
+            xv = val(x) if isinstance(x, fx.Node) else None
+            _site_record(report, site, "skipped", reason, xv.dtype if isinstance(xv, torch.Tensor) else "-",
+                         describe_shape(xv))
             bump("attention_skipped")
             continue
         site.spelling = m.spelling
@@ -997,7 +1042,7 @@ def run(gm: fx.GraphModule, opts: Any, report: Any) -> None:
         if not rewrite:
             try:
                 _classify_only(m, site, an)
-            except _Fail as e:
+            except Exception as e:  # noqa: BLE001
                 site.reason = str(e)
             _site_record(report, site, "kept", "attention='keep'", dtype, shapes)
             bump("attention_kept")

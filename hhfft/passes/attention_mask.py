@@ -714,7 +714,7 @@ def classify(an: MaskAnalyzer, allowed: Any, dims: tuple, out: Allowed) -> None:
             out.causal = True
         elif isinstance(p, _Cmp) and all(c < 0 for _, c in p.aff.coef) and _nonpos(p.aff.const):
             continue  # -c*idx + k <= 0 with k <= 0 holds for every index >= 0
-        elif isinstance(p, _Data) and j is not None and j in p.vars and p.vars <= batch | {j}:
+        elif isinstance(p, _Data) and p.vars <= batch | ({j} if j is not None else set()):
             out.key_padding.append((p.node, not p.negated))
         else:
             out.general = True
