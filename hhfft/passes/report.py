@@ -84,7 +84,8 @@ def module_path(node: torch.fx.Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     # Dynamo writes paths like "L['self'].blocks[0].conv" or "L['self'].blocks._modules['0']"; normalise to dotted.
-    path = re.sub(r"^L\['[^']*'\]", "", path)
+    # The root is the frame's local holding the model: L['self'], or L['args'][0] when a bound method is compiled.
+    path = re.sub(r"^L\[[^\]]*\](\[[^\]]*\])*", "", path)
     path = path.replace("._modules['", ".").replace("['", ".").replace("']", "").replace("[", ".").replace("]", "")
     return path.strip(".")
 
