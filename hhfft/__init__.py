@@ -7,14 +7,34 @@ into Hedgehog linear attention.
 Importing hhfft registers the ``hhfft::*`` ops and the ``"hhfft"`` backend (also reachable through the
 ``torch_dynamo_backends`` entry point without importing hhfft). It never initialises CUDA and prints nothing.
 """
+from hhfft import nn, optim
+from hhfft.convert import HedgehogConfig, convert, distill, load_converted, save_converted
 from hhfft.lowering import ops  # noqa: F401  (registers hhfft::* ops)
 from hhfft.lowering.backend import Options, explain, hhfft_backend, last_report
-from hhfft.lowering.ops import fftconv
+from hhfft.lowering.ops import fftconv, hedgehog_linear_attention, linear_attention
 from hhfft.passes.report import Report, Site
 
 __version__ = "0.1.0"
 
-__all__ = ["Options", "Report", "Site", "explain", "fftconv", "hhfft_backend", "last_report", "__version__"]
+__all__ = [
+    "HedgehogConfig",
+    "Options",
+    "Report",
+    "Site",
+    "__version__",
+    "convert",
+    "distill",
+    "explain",
+    "fftconv",
+    "hedgehog_linear_attention",
+    "hhfft_backend",
+    "last_report",
+    "linear_attention",
+    "load_converted",
+    "nn",
+    "optim",
+    "save_converted",
+]
 
 
 def _register_backend() -> None:
