@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from test_attention_spellings import (
+    LeanStack,
     Spec,
     Stack,
     assert_close_rule,
@@ -143,7 +144,7 @@ def test_pass_is_linear_in_graph_size():
 
     torch.manual_seed(0)
     layers = 48
-    model = Stack([Spec(mask="causal_keypad", heads=1, kv_heads=1, head_dim=4)] * layers, dim=8)
+    model = LeanStack([Spec(mask="causal_keypad", heads=1, kv_heads=1, head_dim=4)] * layers)
     timing = {}
 
     def backend(gm, example_inputs):
@@ -155,7 +156,7 @@ def test_pass_is_linear_in_graph_size():
         gm.recompile()
         return gm.forward
 
-    x, amask, kpad = make_inputs(dim=8, length=5)
+    x, amask, kpad = make_inputs(dim=LeanStack.width, length=5)
     out = torch.compile(model, backend=backend)(x, amask, kpad)
     ref = copy.deepcopy(model).double()(x.double(), amask.double(), kpad)
     assert_close_rule(out, model(x, amask, kpad), ref, "48-layer output")
