@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["load_hf_model", "load_tokenizer", "encode", "text_lines", "stdlib_docstrings"]
+__all__ = ["load_hf_model", "load_tokenizer", "as_positional", "encode", "text_lines", "stdlib_docstrings"]
 
 
 def _offline() -> None:
@@ -50,6 +50,18 @@ def load_hf_model(path: str, length: int = 128, batch: int = 2, attn_implementat
             "llama" in cfg.model_type:
         inputs["use_cache"] = False
     return model, inputs
+
+
+def as_positional(model: Any, inputs: dict) -> tuple:
+    """(fn, args) with ``fn(*args) == model(**inputs)``: for APIs that take positional inputs only
+    (``hhfft.explain(fn, *args)``). Tensors become the positional arguments; other values are bound."""
+    keys = [k for k, v in inputs.items() if isinstance(v, torch.Tensor)]
+    static = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
+
+    def fn(*args):
+        return model(**dict(zip(keys, args)), **static)
+
+    return fn, tuple(inputs[k] for k in keys)
 
 
 def encode(tokenizer: Any, texts: list, length: int) -> dict:
