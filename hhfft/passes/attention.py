@@ -20,7 +20,6 @@ opaque ``multi_head_attention_forward`` is decomposed into projections + SDPA wh
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -30,7 +29,18 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from hhfft.passes._fx import as_int, bump, insert_call, known_eq, val
-from hhfft.passes.attention_mask import _CASTS, _IDENT, Allowed, MaskAnalyzer, _Sel, absorbing, classify, op_name
+from hhfft.passes.attention_mask import (
+    _CASTS,
+    _IDENT,
+    Allowed,
+    MaskAnalyzer,
+    _is_pred,
+    _neg,
+    _Sel,
+    absorbing,
+    classify,
+    op_name,
+)
 from hhfft.passes.report import Site, describe_shape, module_path
 
 __all__ = ["AttentionSite", "run", "analyze", "find"]
@@ -45,7 +55,8 @@ class AttentionSite:
 
     layout: how q was laid out where the model wrote it: "bhld" (heads before length), "blhd" (einsum/permute of
     (B, L, H, D)), "merged" ((B*H, L, D) bmm/matmul), "mha". mask_kind: "none", "causal", "key_padding",
-    "causal+key_padding" or "additive". scale: the softmax scale (a number, or a graph node for symbolic scales).
+    "causal+key_padding" or "additive". scale: the softmax scale (a number; for symbolic scales the list of
+    ("mul" | "div", node) factors, which the rewrite folds into q).
     q/k/v: the nodes SDPA receives ((B, H, L, D); k/v with kv_heads heads when gqa); sdpa: the SDPA node (after the
     rewrite, or the model's own); key_padding: [(node, keep_when_true)] broadcastable to (B, 1, 1, S).
     """
@@ -428,7 +439,8 @@ def _analyze_product(prod: fx.Node, scale: list) -> tuple:
             raise _Fail(f"einsum {eq!r} does not produce (..., L, S) scores")
         qi, ki, batch = lo[-2], lo[-1], lo[:-2]
         contracted = (set(lq) & set(lk)) - set(lo)
-        if len(contracted) != 1 or set(lq) != set(batch) | {qi} | contracted or set(lk) != set(batch) | {ki} | contracted:
+        bset = set(batch)
+        if len(contracted) != 1 or set(lq) != bset | {qi} | contracted or set(lk) != bset | {ki} | contracted:
             raise _Fail(f"einsum {eq!r} is not a query-key product over one head dimension")
         d = contracted.pop()
         if len(set(lq)) != len(lq) or len(set(lk)) != len(lk):
@@ -477,7 +489,7 @@ def _match(sm: fx.Node) -> _Match:
     if nd < 2 or _ndim_arg(dim, nd) != nd - 1:
         raise _Fail(f"softmax over dim {dim} of a {nd}-d tensor, not over the keys (last dim)")
     pv, wchain, p = _walk_weights(sm)
-    if op_name(sm) == "softmax" and isinstance(sm.target, torch._ops.OpOverload) and sm.target.__name__.startswith("_softmax"):
+    if isinstance(sm.target, torch._ops.OpOverload) and sm.target.__name__.startswith("_softmax"):
         if len(sm.args) > 2 and sm.args[2]:
             sdtype = torch.float32
     prod, schain, scale, pieces = _walk_scores(x, sm)
@@ -551,7 +563,9 @@ def _unmerge(n: fx.Node) -> Optional[fx.Node]:
         return None
     x = n.args[0]
     si, so = _shape(x), _shape(n)
-    if len(si) == 4 and len(so) == 3 and known_eq(si[0] * si[1], so[0]) and known_eq(si[2], so[1]) and known_eq(si[3], so[2]):
+    if len(si) == 4 and len(so) == 3 and known_eq(si[0] * si[1], so[0]) and all(
+        known_eq(si[d + 1], so[d]) for d in (1, 2)
+    ):
         return x
     return None
 
@@ -633,7 +647,10 @@ def _rewrite_with(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAn
             site.gqa = gk[2]
         sq, sk, sv = _shape(q), _shape(k), _shape(v)
         for i in (0, 1):
-            ok = known_eq(sq[i], sk[i]) and known_eq(sk[i], sv[i]) if not (enable_gqa and i == 1) else known_eq(sk[1], sv[1])
+            if enable_gqa and i == 1:
+                ok = known_eq(sk[1], sv[1])
+            else:
+                ok = known_eq(sq[i], sk[i]) and known_eq(sk[i], sv[i])
             if not ok:
                 raise _Fail(f"q, k, v disagree on batch dim {i} ({sq[i]}, {sk[i]}, {sv[i]}): broadcast attention")
         if not known_eq(sk[2], sv[2]) or not known_eq(sq[3], sk[3]):
@@ -685,8 +702,6 @@ def _rewrite_with(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAn
                 if isinstance(val_, _Sel) and val_.a == 0 and absorbing(val_.b, cdt):
                     classify(an, val_.pred, _align(t.dims, len(frame)), allowed)
                 elif isinstance(val_, _Sel) and val_.b == 0 and absorbing(val_.a, cdt):
-                    from hhfft.passes.attention_mask import _neg
-
                     classify(an, _neg(val_.pred), _align(t.dims, len(frame)), allowed)
                 else:
                     allowed.general = True
@@ -695,8 +710,6 @@ def _rewrite_with(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAn
             else:
                 cond, fill = piece[1], piece[2]
                 t = an.of(cond)
-                from hhfft.passes.attention_mask import _is_pred, _neg
-
                 if _is_pred(t.value):
                     pred = _neg(t.value) if kind == "fill" else t.value
                     classify(an, pred, _align(t.dims, len(frame)), allowed)
@@ -704,8 +717,6 @@ def _rewrite_with(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAn
                     allowed.general = True
                 base = attn_mask if attn_mask is not None else b(torch.zeros_like, cond, dtype=cdt)
                 attn_mask = b(torch.where, cond, fill, base) if kind == "fill" else b(torch.where, cond, base, fill)
-                if _dtype(attn_mask) != cdt:
-                    pass
         is_causal = False
         if allowed.causal and not allowed.key_padding and not allowed.general:
             attn_mask = None
@@ -831,8 +842,6 @@ def _record_sdpa(n: fx.Node, an: MaskAnalyzer) -> AttentionSite:
     allowed = Allowed()
     if isinstance(mask, fx.Node):
         t = an.of(mask)
-        from hhfft.passes.attention_mask import _is_pred, _neg
-
         if _dtype(mask) == torch.bool and _is_pred(t.value):
             classify(an, t.value, _align(t.dims, 4), allowed)
         elif isinstance(t.value, _Sel) and t.value.a == 0 and absorbing(t.value.b, _dtype(mask)):
@@ -883,8 +892,6 @@ def _mha(gm: fx.GraphModule, n: fx.Node, site: AttentionSite, an: MaskAnalyzer, 
     allowed = Allowed()
     if isinstance(kpm, fx.Node):
         t = an.of(kpm)
-        from hhfft.passes.attention_mask import _is_pred, _neg
-
         if len(t.dims) != 2:
             raise _Fail("key_padding_mask is not (N, S)")
         dims = (t.dims[0], None, None, t.dims[1])
@@ -898,8 +905,6 @@ def _mha(gm: fx.GraphModule, n: fx.Node, site: AttentionSite, an: MaskAnalyzer, 
             allowed.general = True
     if isinstance(am, fx.Node):
         t = an.of(am)
-        from hhfft.passes.attention_mask import _is_pred, _neg
-
         if _dtype(am) == torch.bool and _is_pred(t.value):
             classify(an, _neg(t.value), _align(t.dims, 2), allowed)
         elif isinstance(t.value, _Sel) and t.value.b == 0 and absorbing(t.value.a, _dtype(am)):
@@ -1058,8 +1063,6 @@ def run(gm: fx.GraphModule, opts: Any, report: Any) -> None:
 
 
 def _classify_only(m: _Match, site: AttentionSite, an: MaskAnalyzer) -> None:
-    from hhfft.passes.attention_mask import _is_pred, _neg
-
     allowed = Allowed()
     for piece in m.pieces:
         if piece[0] in {"scale", "const"}:

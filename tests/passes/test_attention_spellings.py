@@ -39,7 +39,8 @@ def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a.double() - ref).abs().max().item()
 
 
-def assert_close_rule(got: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor, what: str, scale: float = 0.0) -> None:
+def assert_close_rule(got: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor, what: str,
+                      scale: float = 0.0) -> None:
     """STYLE.md: error against the fp64 reference at most 2x eager PyTorch's error at the same dtype, plus 16 units
     of roundoff at the magnitude of the computation (max of 1, the reference and ``scale``): eager is sometimes
     exact (fp64 models, or a gradient that cancels to exactly 0 when every row has a single key)."""
