@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from hhfft.passes.report import Report
 
-__all__ = ["Options", "hhfft_backend", "run_passes", "last_report", "explain"]
+__all__ = ["Options", "capture", "explain", "hhfft_backend", "last_report", "run_passes"]
 
 _graph_ids = itertools.count(1)
 _recent: collections.deque[Report] = collections.deque(maxlen=32)
@@ -136,6 +136,32 @@ def hhfft_backend(
     return compile_fx(gm, example_inputs, config_patches=_config_patches(opts, example_inputs))
 
 
+def capture(model: Callable, run: Callable[[Callable], Any], opts: Options) -> Report:
+    """Run ``run(compiled_model)`` once through Dynamo with hhfft's passes and no Inductor; return every graph's sites.
+
+    A fresh Dynamo cache before and after, so the capture happens even if the model was compiled before and leaves
+    nothing behind. The model runs under no_grad.
+    """
+    opts = dataclasses.replace(opts, compiler="eager")
+    reports: list[Report] = []
+
+    def backend(gm, example_inputs):
+        report = run_passes(gm, opts)
+        reports.append(report)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            run(torch.compile(model, backend=backend))
+    finally:
+        torch._dynamo.reset()
+    merged = Report()
+    for r in reports:
+        merged.extend(r)
+    return merged
+
+
 def explain(model: Callable, *example_inputs: Any, **options: Any) -> Report:
     """Every long-convolution and attention site hhfft finds in ``model``, and what it would do with each.
 
@@ -148,20 +174,4 @@ def explain(model: Callable, *example_inputs: Any, **options: Any) -> Report:
         >>> print(hhfft.explain(conv, torch.randn(2, 8, 256)).count("longconv", "rewritten"))
         1
     """
-    opts = dataclasses.replace(Options.parse(options), compiler="eager")
-    reports: list[Report] = []
-
-    def backend(gm, example_inputs):
-        return hhfft_backend(gm, example_inputs, options=dataclasses.asdict(opts), report_sink=reports.append)
-
-    # A fresh Dynamo cache entry: compile with this capturing backend even if the model was compiled before.
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            torch.compile(model, backend=backend)(*example_inputs)
-    finally:
-        torch._dynamo.reset()
-    merged = Report()
-    for r in reports:
-        merged.extend(r)
-    return merged
+    return capture(model, lambda compiled: compiled(*example_inputs), Options.parse(options))
