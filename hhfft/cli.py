@@ -21,9 +21,10 @@ def _explain(argv: list[str]) -> int:
 
         model, inputs = HyenaLM(), (torch.randint(0, 256, (2, args.length)),)
     else:
-        from hhfft.convert.hf import load_hf_model  # lazily: transformers is optional
+        from hhfft.convert.hf import as_positional, load_hf_model  # lazily: transformers is optional
 
-        model, inputs = load_hf_model(args.model, length=args.length)
+        hf_model, hf_inputs = load_hf_model(args.model, length=args.length)
+        model, inputs = as_positional(hf_model, hf_inputs)
     print(hhfft.explain(model, *inputs, min_kernel_size=args.min_kernel_size))
     return 0
 

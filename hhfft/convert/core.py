@@ -35,24 +35,11 @@ def call_model(model: Any, inputs: Any) -> Any:
 def capture(model: nn.Module, example_inputs: Any) -> Report:
     """The attention (and long-conv) sites hhfft finds in ``model`` on these inputs, nothing rewritten for real:
     one Dynamo capture with the passes and no Inductor; the model runs once under no_grad."""
-    from hhfft.lowering.backend import Options, run_passes
+    from hhfft.lowering.backend import Options
+    from hhfft.lowering.backend import capture as capture_graphs
 
-    reports: list = []
-
-    def backend(gm, ex):
-        reports.append(run_passes(gm, Options(longconv=False, linearize=False, compiler="eager")))
-        return gm.forward
-
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            call_model(torch.compile(model, backend=backend), example_inputs)
-    finally:
-        torch._dynamo.reset()
-    merged = Report()
-    for r in reports:
-        merged.extend(r)
-    return merged
+    return capture_graphs(model, lambda compiled: call_model(compiled, example_inputs),
+                          Options(longconv=False, linearize=False))
 
 
 def attention_sites(report: Report) -> list:
