@@ -72,20 +72,10 @@ class Options:
 
 def _passes(opts: Options) -> list[Callable[[fx.GraphModule, Options, Report], None]]:
     """The pass pipeline for these options, in order. Each pass mutates the graph and records sites in the report."""
-    from hhfft.passes import longconv
+    from hhfft.passes import attention, linearize, longconv
 
-    pipeline = [longconv.run] if opts.longconv else [longconv.analyze]
-    try:
-        from hhfft.passes import attention
-    except ImportError:
-        attention = None
-    if attention is not None:
-        pipeline.append(attention.run)
-    try:
-        from hhfft.passes import linearize
-    except ImportError:
-        linearize = None
-    if linearize is not None and opts.linearize:
+    pipeline = [longconv.run if opts.longconv else longconv.analyze, attention.run]
+    if opts.linearize:
         pipeline.append(linearize.run)
     return pipeline
 
