@@ -27,7 +27,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import hhfft  # noqa: F401
 from hhfft.kernels.adahessian.naive import adahessian_step_naive, average_curvature_naive, hutchinson_naive

@@ -174,7 +174,6 @@ def _number(x: Any, depth: int = 0) -> Any:
     if isinstance(v, torch.Tensor) and v.dim() == 0 and depth < 6 and x.op == "call_function":
         name = op_name(x)
         if name in {"full", "tensor", "ones", "zeros", "mul", "div", "sqrt", "rsqrt", "add", "sub"} or name in _CASTS:
-            args = []
             for a in list(x.args) + list(x.kwargs.values()):
                 if isinstance(a, fx.Node):
                     r = _number(a, depth + 1)
@@ -264,7 +263,7 @@ def _walk_weights(sm: fx.Node) -> tuple:
 def _walk_scores(x: fx.Node, sm: fx.Node) -> tuple:
     """softmax input -> (product node, chain, scale factors, mask pieces). Pieces are in application order."""
     chain, scale, pieces = [], [], []
-    cur, nxt = x, sm
+    cur = x
     for _ in range(_MAX_CHAIN):
         if not isinstance(cur, fx.Node):
             raise _Fail("the softmax input is not a tensor computed in the graph")
@@ -877,7 +876,7 @@ def _mha(gm: fx.GraphModule, n: fx.Node, site: AttentionSite, an: MaskAnalyzer, 
             raise _Fail(f"nn.MultiheadAttention with {k}")
     if arg("add_zero_attn"):
         raise _Fail("nn.MultiheadAttention with add_zero_attn")
-    query, key, value = arg("query"), arg("key"), arg("value")
+    query = arg("query")
     if len(_shape(query)) != 3:
         raise _Fail("unbatched nn.MultiheadAttention input")
     E, H = arg("embed_dim_to_check"), arg("num_heads")

@@ -14,10 +14,9 @@ the op. Everything else that looks similar stays untouched and is recorded with 
 from __future__ import annotations
 
 import functools
-import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import sympy
 import torch
@@ -109,13 +108,7 @@ def fft_as_fftconv(u, kernels, reverse, scales, out_len, skip=None, pregate=None
 
 # ------------------------------------------------------------------------------------------------ graph helpers
 def _is_call(n: Any, targets) -> bool:
-    if not isinstance(n, fx.Node):
-        return False
-    if n.op == "call_function":
-        return n.target in targets
-    if n.op == "call_method":
-        return n.target in targets
-    return False
+    return isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and n.target in targets
 
 
 def _single_user(n: fx.Node) -> Optional[fx.Node]:

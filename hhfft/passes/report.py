@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 

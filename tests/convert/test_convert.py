@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from hhfft.convert import HedgehogConfig, convert, hedgehog_sites, load_converted, save_converted
 from hhfft.lowering.linear_attention import hedgehog_linear_attention

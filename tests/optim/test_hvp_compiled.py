@@ -2,7 +2,6 @@
 backend="hhfft", on a model whose long depthwise Conv1d the backend rewrites to fftconv, equals the eager HVP."""
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn as nn
 

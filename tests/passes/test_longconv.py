@@ -6,8 +6,6 @@ of drawn models fit in CI; ``test_inductor_*`` runs a few through the full Induc
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -260,24 +258,23 @@ def check_model(model: nn.Module, x: torch.Tensor, expected_sites: int, options=
 
 
 # ------------------------------------------------------------------------------------------------ property tests
-@settings(max_examples=300)
-@given(models(kinds=["conv"]))
-def test_drawn_conv1d_models_match_eager(case):
+def check_drawn(case):
     B, L, specs, dtype = case
     torch.manual_seed(0)
     model = Sites(specs).to(dtype)
-    x = torch.randn(B, specs[0].C, L, dtype=dtype)
-    check_model(model, x, sum(s.is_long for s in specs))
+    check_model(model, torch.randn(B, specs[0].C, L, dtype=dtype), sum(s.is_long for s in specs))
+
+
+@settings(max_examples=300)
+@given(models(kinds=["conv"]))
+def test_drawn_conv1d_models_match_eager(case):
+    check_drawn(case)
 
 
 @settings(max_examples=200)
 @given(models(kinds=["fft", "conv"]))
 def test_drawn_fft_models_match_eager(case):
-    B, L, specs, dtype = case
-    torch.manual_seed(0)
-    model = Sites(specs).to(dtype)
-    x = torch.randn(B, specs[0].C, L, dtype=dtype)
-    check_model(model, x, sum(s.is_long for s in specs))
+    check_drawn(case)
 
 
 # ------------------------------------------------------------------------------------------------------ near misses
