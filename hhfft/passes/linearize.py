@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from hhfft.passes import decode
 from hhfft.passes._fx import arg, bump, insert_call, known_eq, val
 from hhfft.passes.report import Site, describe_shape, module_path
 
@@ -125,6 +126,9 @@ def run(gm: fx.GraphModule, opts: Any, report: Any, mode: str = "linear") -> Non
             continue
         n = site.sdpa
         p = _sdpa_parts(n)
+        if mode == "linear" and decode.rewrite(g, site, p, (wq, bq, wk, bk, kind), path,
+                                               lambda d, r: _record(report, site, path, d, r)):
+            continue  # it reads a HedgehogCache layer: constant-state decoding (passes/decode.py)
         if site.mask_kind not in LINEARIZABLE:
             _record(report, site, path, "skipped", f"mask is {site.mask_kind}: neither causal nor key padding; stays "
                                                    "softmax")

@@ -4,6 +4,10 @@ For one new token with features phi_q [Hq, F], phi_k [Hkv, F] and value v [Hkv, 
     S += phi_k^T v   [F, D]      z += phi_k   [F]        (fp32, updated in place)
     o_h = phi_q_h S / (phi_q_h . z)   for the G query heads h of the group   (0 where the denominator is 0)
 which equals row L of the chunked/quadratic forms over the whole prefix.
+
+One program per (sequence, key/value head) holds the whole [F, D] state in registers: it reads S once, writes it
+once, and serves the G query heads of its group from the updated tile (GQA without repeating K/V). A tiling of D
+over several programs would race on z (each program must see z before the update, and one of them writes it).
 """
 from __future__ import annotations
 
@@ -23,12 +27,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def linear_attention_step_kernel(
     q, k, v, keep, state, norm, o,
     F, D, G, Hkv,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
-    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # i_bh over B * Hkv
+    i_bh = tl.program_id(0).to(tl.int64)  # over B * Hkv
     i_b = i_bh // Hkv
     o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_v = tl.arange(0, BV)
     m_k, m_v = o_k < F, o_v < D
     m_kk, m_vk = m_k, m_v
     if HAS_MASK:
@@ -36,12 +40,12 @@ def linear_attention_step_kernel(
         m_kk, m_vk = m_k & b_keep, m_v & b_keep
     b_k = tl.load(k + i_bh * F + o_k, mask=m_kk, other=0).to(tl.float32)  # [BK]
     b_v = tl.load(v + i_bh * D + o_v, mask=m_vk, other=0).to(tl.float32)  # [BV]
+    m_s = m_k[:, None] & m_v[None, :]
     p_s = state + i_bh * F * D + o_k[:, None] * D + o_v[None, :]
-    b_s = tl.load(p_s, mask=m_k[:, None] & m_v[None, :], other=0) + b_k[:, None] * b_v[None, :]  # [BK, BV]
+    b_s = tl.load(p_s, mask=m_s, other=0) + b_k[:, None] * b_v[None, :]  # [BK, BV]
     b_z = tl.load(norm + i_bh * F + o_k, mask=m_k, other=0) + b_k  # [BK]
-    tl.store(p_s, b_s, mask=m_k[:, None] & m_v[None, :])
-    if i_v == 0:
-        tl.store(norm + i_bh * F + o_k, b_z, mask=m_k)
+    tl.store(p_s, b_s, mask=m_s)
+    tl.store(norm + i_bh * F + o_k, b_z, mask=m_k)
     for i_g in range(G):
         i_qh = i_bh * G + i_g
         b_q = tl.load(q + i_qh * F + o_k, mask=m_k, other=0).to(tl.float32)  # [BK]
@@ -53,27 +57,41 @@ def linear_attention_step_kernel(
 
 def linear_attention_step_triton(
     phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, normalizer: torch.Tensor,
-    keep: Optional[torch.Tensor] = None,
+    keep: Optional[torch.Tensor] = None, *, wrap: bool = True, out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """phi_q [B, Hq, F], phi_k [B, Hkv, F], v [B, Hkv, D], state [B, Hkv, F, D] fp32 and normalizer [B, Hkv, F] fp32
-    (both updated in place), keep [B] bool or None (False: this token is padding, the state is left as is)
-    -> o [B, Hq, D] in v's dtype."""
+    """One decoding step on CUDA (or the Triton interpreter).
+
+    Args:
+        phi_q: [B, Hq, F]; phi_k: [B, Hkv, F]; v: [B, Hkv, D]; Hq a multiple of Hkv; F, D <= 256
+        state: [B, Hkv, F, D] fp32, contiguous; normalizer: [B, Hkv, F] fp32, contiguous (both updated in place)
+        keep: [B] bool or None (False: this token is padding, the state is left as it is)
+        wrap: launch through ``torch.library.wrap_triton`` (inside a ``triton_op``); False for a plain launch
+        out: [B, Hq, D] buffer to write o into (default: a new tensor in v's dtype)
+    Returns:
+        o: [B, Hq, D]
+    """
     B, Hq, F = phi_q.shape
     Hkv, D = phi_k.shape[1], v.shape[-1]
-    if state.dtype != torch.float32 or normalizer.dtype != torch.float32 or not state.is_contiguous():
+    if state.dtype != torch.float32 or normalizer.dtype != torch.float32 or not state.is_contiguous() \
+            or not normalizer.is_contiguous():
         raise TypeError("linear_attention_step: state and normalizer must be contiguous fp32 tensors "
                         f"[B, Hkv, F, D] and [B, Hkv, F], got {state.dtype} and {normalizer.dtype}")
+    if tuple(state.shape) != (B, Hkv, F, D) or tuple(normalizer.shape) != (B, Hkv, F):
+        raise ValueError(f"linear_attention_step: state must be [B, Hkv, F, D] = {[B, Hkv, F, D]} and normalizer "
+                         f"[B, Hkv, F], got {list(state.shape)} and {list(normalizer.shape)}")
+    if F > 256 or D > 256:
+        raise ValueError(f"linear_attention_step_triton: F and D must be <= 256, got F={F}, D={D}")
     BK = max(16, triton.next_power_of_2(F))
-    BV = min(32, max(16, triton.next_power_of_2(D)))
-    o = v.new_empty(B, Hq, D)
+    BV = max(16, triton.next_power_of_2(D))
+    o = v.new_empty(B, Hq, D) if out is None else out
     k_arg = keep.contiguous().view(torch.uint8) if keep is not None else phi_q.new_empty(1, dtype=torch.uint8)
     kernel = linear_attention_step_kernel
-    if not _INTERPRET:
+    if wrap and not _INTERPRET:
         from torch.library import wrap_triton
 
         kernel = wrap_triton(kernel)
-    kernel[(triton.cdiv(D, BV), B * Hkv)](
+    kernel[(B * Hkv,)](
         phi_q.contiguous(), phi_k.contiguous(), v.contiguous(), k_arg, state, normalizer, o, F, D, Hq // Hkv, Hkv,
-        BK=BK, BV=BV, HAS_MASK=keep is not None, PREC="ieee", num_warps=4,
+        BK=BK, BV=BV, HAS_MASK=keep is not None, num_warps=4 if BK * BV <= 8192 else 8,
     )
     return o

@@ -1,0 +1,103 @@
+"""Constant-state decoding of converted HF causal LMs: ``generate`` with a HedgehogCache gives the greedy tokens of
+the same converted model run without a cache over the whole prefix at every step; logits within the tolerance rule
+(fp64 model as the referee); mixed models (a layer kept softmax keeps its KV cache); clear refusals."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hhfft
+from tests.utils import assert_within_baseline
+
+transformers = pytest.importorskip("transformers")
+from hhfft.convert.decode import HedgehogCache, HedgehogLayer  # noqa: E402
+
+NEW = 5
+
+
+def _lm(family, impl, layers=2):
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=128, vocab_size=64,
+                                      initializer_range=0.2, attn_implementation=impl)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=48, vocab_size=64,
+                                   max_position_embeddings=128, initializer_range=0.2, attn_implementation=impl)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _prompt(B, L, pad):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    if pad:
+        mask[0, :pad], ids[0, :pad] = 0, 0  # left padding, as for batched generation
+    return ids, mask
+
+
+def _greedy_without_cache(model, ids, mask, n):
+    seq, am = ids, mask
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=seq, attention_mask=am, use_cache=False).logits[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+            am = torch.cat([am, am.new_ones(am.shape[0], 1)], 1)
+    return seq, am
+
+
+CASES = [  # (family, attention implementation, prompt length, left padding, layers kept softmax)
+    ("gpt2", "sdpa", 70, 3, ()),  # a prompt longer than one chunk (64) goes through the chunked form
+    pytest.param("llama", "eager", 9, 2, (0,), marks=pytest.mark.slow),  # GQA, eager spelling, mixed cache
+]
+
+
+@pytest.mark.parametrize("family,impl,L,pad,softmax_layers", CASES,
+                         ids=["gpt2-sdpa-L70-pad3", "llama-eager-L9-pad2-mixed"])
+def test_generate_matches_full_prefix(family, impl, L, pad, softmax_layers):
+    model = _lm(family, impl)
+    ids, mask = _prompt(2, L, pad)
+    cfg = hhfft.HedgehogConfig(exclude=tuple(f"*.{i}.*" for i in softmax_layers))
+    report = hhfft.convert(model, {"input_ids": ids, "attention_mask": mask, "use_cache": False}, config=cfg)
+    assert report.count("hedgehog", "rewritten") == 2 - len(softmax_layers), str(report)
+    cache = HedgehogCache(model)
+    assert [isinstance(layer, HedgehogLayer) for layer in cache.layers] == [i not in softmax_layers for i in range(2)]
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW, do_sample=False,
+                         pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    want, am = _greedy_without_cache(model, ids, mask, NEW)
+    assert torch.equal(out.sequences, want), f"cached {out.sequences[:, L:].tolist()} != {want[:, L:].tolist()}"
+    assert torch._dynamo.utils.counters["hhfft"]["hedgehog_decode"] > 0
+    # constant size: the Hedgehog layers' state does not grow with the tokens generated
+    sizes = [layer.state.shape for layer in cache.layers if isinstance(layer, HedgehogLayer)]
+    assert all(s[2:] == (model.config.hidden_size // 2, 32 // 4) for s in sizes), sizes
+    assert cache.get_seq_length() == L + NEW - 1
+    # logits: error against the fp64 model at most 2x that of the fp32 model run over the whole prefix
+    ref64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        full32 = model(input_ids=want, attention_mask=am, use_cache=False).logits
+        full64 = ref64(input_ids=want, attention_mask=am, use_cache=False).logits
+    for t, lg in enumerate(out.logits):
+        pos = L - 1 + t
+        rows = slice(1, 2) if pad else slice(None)  # a padded row's logits at padded positions are not compared
+        assert_within_baseline(f"logits step {t}", lg[rows], full64[rows, pos], [full32[rows, pos]])
+
+
+def test_decode_refusals():
+    plain = _lm("gpt2", "sdpa", layers=1)
+    with pytest.raises(ValueError, match="no Hedgehog sites; convert it first"):
+        HedgehogCache(plain)
+    ids, mask = _prompt(1, 6, 0)
+    hhfft.convert(plain, {"input_ids": ids, "use_cache": False})
+    cache = HedgehogCache(plain)
+    with torch.no_grad():
+        plain(input_ids=ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(3)
+    # the converted model compiled with another backend: the cache's keys must not silently serve softmax attention
+    other = torch.compile(plain, backend="eager")
+    with pytest.raises(Exception, match="not rewritten to constant-state Hedgehog decoding"):
+        with torch.no_grad():
+            other(input_ids=ids, past_key_values=HedgehogCache(plain), use_cache=True)
