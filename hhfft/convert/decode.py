@@ -25,7 +25,7 @@ without a provably causal mask, cropping (assisted decoding) — a state cannot 
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,9 +55,9 @@ class HedgehogLayer(CacheLayerMixin):
     def __init__(self, feature_size: int, num_heads: int, **kwargs: Any) -> None:
         super().__init__()
         self.feature_size, self.num_heads = int(feature_size), int(num_heads)
-        self.state: Optional[Tensor] = None
-        self.normalizer: Optional[Tensor] = None
-        self._seen: Optional[Tensor] = None  # empty [0, n]: n tokens folded into the state (a size, so symbolic)
+        self.state: Tensor | None = None
+        self.normalizer: Tensor | None = None
+        self._seen: Tensor | None = None  # empty [0, n]: n tokens folded into the state (a size, so symbolic)
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         B = key_states.shape[0]

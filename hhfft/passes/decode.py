@@ -16,10 +16,10 @@ raises: decoding would compute something else than the model run over the whole 
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from hhfft.passes._fx import bump, insert_call, known_eq, val
 
@@ -41,9 +41,7 @@ def _through_views(n: Any) -> Any:
     import operator
 
     while isinstance(n, fx.Node):
-        if n.op == "call_method" and n.target in _VIEWS:
-            n = n.args[0]
-        elif n.op == "call_function" and n.target in (torch.reshape, torch.Tensor.contiguous, torch.Tensor.expand):
+        if n.op == "call_method" and n.target in _VIEWS or n.op == "call_function" and n.target in (torch.reshape, torch.Tensor.contiguous, torch.Tensor.expand):
             n = n.args[0]
         elif n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node) \
                 and not is_cache_marker(n.args[0]) and _is_none_index(n.args[1]):
@@ -59,7 +57,7 @@ def _is_none_index(idx: Any) -> bool:
     return all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in idx)
 
 
-def cache_marker(k: Any, v: Any) -> Optional[fx.Node]:
+def cache_marker(k: Any, v: Any) -> fx.Node | None:
     """The ``hedgehog_cache_kv`` node whose outputs 0 and 1 are (up to views) ``k`` and ``v``, or None."""
     import operator
 

@@ -12,7 +12,7 @@ import hhfft
 from tests.utils import assert_within_baseline
 
 transformers = pytest.importorskip("transformers")
-from hhfft.convert.decode import HedgehogCache, HedgehogLayer  # noqa: E402
+from hhfft.convert.decode import HedgehogCache, HedgehogLayer
 
 NEW = 5
 

@@ -12,7 +12,6 @@ over several programs would race on z (each program must see z before the update
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -57,7 +56,7 @@ def linear_attention_step_kernel(
 
 def linear_attention_step_triton(
     phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, normalizer: torch.Tensor,
-    keep: Optional[torch.Tensor] = None, *, wrap: bool = True, out: Optional[torch.Tensor] = None,
+    keep: torch.Tensor | None = None, *, wrap: bool = True, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoding step on CUDA (or the Triton interpreter).
 
