@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-MODULES = ["hhfft.lowering.backend", "hhfft.lowering.fftconv", "hhfft.nn.fftconv"]
+MODULES = ["hhfft.lowering.backend", "hhfft.lowering.fftconv", "hhfft.nn.fftconv", "hhfft.lowering.decode"]
 
 
 @pytest.mark.parametrize("name", MODULES)
