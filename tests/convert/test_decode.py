@@ -49,31 +49,32 @@ def _greedy_without_cache(model, ids, mask, n):
     return seq, am
 
 
-CASES = [  # (family, attention implementation, prompt length, left padding, layers kept softmax)
-    ("gpt2", "sdpa", 70, 3, ()),  # a prompt longer than one chunk (64) goes through the chunked form
-    pytest.param("llama", "eager", 9, 2, (0,), marks=pytest.mark.slow),  # GQA, eager spelling, mixed cache
+CASES = [  # (family, attention implementation, layers, prompt length, left padding, layers kept softmax, new tokens)
+    ("gpt2", "sdpa", 1, 70, 3, (), 3),  # a prompt longer than one chunk (64) goes through the chunked form
+    pytest.param("gpt2", "eager", 2, 70, 3, (), NEW, marks=pytest.mark.slow),
+    pytest.param("llama", "eager", 2, 9, 2, (0,), NEW, marks=pytest.mark.slow),  # GQA, eager spelling, mixed cache
 ]
 
 
-@pytest.mark.parametrize("family,impl,L,pad,softmax_layers", CASES,
-                         ids=["gpt2-sdpa-L70-pad3", "llama-eager-L9-pad2-mixed"])
-def test_generate_matches_full_prefix(family, impl, L, pad, softmax_layers):
-    model = _lm(family, impl)
+@pytest.mark.parametrize("family,impl,layers,L,pad,softmax_layers,new", CASES,
+                         ids=["gpt2-sdpa-1layer-L70-pad3", "gpt2-eager-L70-pad3", "llama-eager-L9-pad2-mixed"])
+def test_generate_matches_full_prefix(family, impl, layers, L, pad, softmax_layers, new):
+    model = _lm(family, impl, layers)
     ids, mask = _prompt(2, L, pad)
     cfg = hhfft.HedgehogConfig(exclude=tuple(f"*.{i}.*" for i in softmax_layers))
     report = hhfft.convert(model, {"input_ids": ids, "attention_mask": mask, "use_cache": False}, config=cfg)
-    assert report.count("hedgehog", "rewritten") == 2 - len(softmax_layers), str(report)
+    assert report.count("hedgehog", "rewritten") == layers - len(softmax_layers), str(report)
     cache = HedgehogCache(model)
-    assert [isinstance(layer, HedgehogLayer) for layer in cache.layers] == [i not in softmax_layers for i in range(2)]
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW, do_sample=False,
+    assert [isinstance(layer, HedgehogLayer) for layer in cache.layers] == [i not in softmax_layers for i in range(layers)]
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, do_sample=False,
                          pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    want, am = _greedy_without_cache(model, ids, mask, NEW)
+    want, am = _greedy_without_cache(model, ids, mask, new)
     assert torch.equal(out.sequences, want), f"cached {out.sequences[:, L:].tolist()} != {want[:, L:].tolist()}"
     assert torch._dynamo.utils.counters["hhfft"]["hedgehog_decode"] > 0
     # constant size: the Hedgehog layers' state does not grow with the tokens generated
     sizes = [layer.state.shape for layer in cache.layers if isinstance(layer, HedgehogLayer)]
     assert all(s[2:] == (model.config.hidden_size // 2, 32 // 4) for s in sizes), sizes
-    assert cache.get_seq_length() == L + NEW - 1
+    assert cache.get_seq_length() == L + new - 1
     # logits: error against the fp64 model at most 2x that of the fp32 model run over the whole prefix
     ref64 = copy.deepcopy(model).double()
     with torch.no_grad():
