@@ -64,7 +64,8 @@ def _feat(p_x, p_w, p_b, o_t, m_t, DX, FH,
     (column 2f is phi+_f, 2f+1 is phi-_f); rows outside m_t are 0. Also returns x [BT, BDX] and y [BT, BFH] fp32."""
     o_d, o_f = tl.arange(0, BDX), tl.arange(0, BFH)
     m_d, m_f = o_d < DX, (o_f < FH)[None, :]
-    b_x = tl.load(p_x + o_t[:, None] * DX + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0)  # [BT, BDX]
+    o_r = tl.where(m_t, o_t, 0)  # in-bounds addresses for masked rows too (pipelined copies may form them)
+    b_x = tl.load(p_x + o_r[:, None] * DX + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0)  # [BT, BDX]
     b_w = tl.load(p_w + o_d[:, None] * FH + o_f[None, :], mask=m_d[:, None] & m_f, other=0)  # [BDX, BFH]
     b_y = tl.dot(b_x, b_w.to(b_x.dtype), input_precision=PREC)
     b_y += tl.load(p_b + o_f, mask=o_f < FH, other=0).to(tl.float32)[None, :]  # [BT, BFH]
@@ -137,14 +138,15 @@ def linear_attention_state_fwd_kernel(
                 tl.store(p_z + i_t * F, b_z, mask=m_k)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
+        o_r = tl.where(m_t, o_t, 0)  # in-bounds addresses for masked rows too (pipelined copies may form them)
         if HAS_MASK:
-            m_t = m_t & (tl.load(mask + i_b * L + o_t, mask=o_t < L, other=0) != 0)
+            m_t = m_t & (tl.load(mask + i_b * L + o_r, mask=o_t < L, other=0) != 0)
         if FUSED:
             b_k, b_xk, b_yk = _feat(k + i_bh * L * DX, wk + (i_bh % Hkv) * DX * FH, bk + (i_bh % Hkv) * FH, o_t, m_t,
                                     DX, FH, BT, BDX, BFH, KIND, PREC)
         else:
-            b_k = tl.load(k + i_bh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
-        b_v = tl.load(p_v + o_t[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)  # [BT, BV]
+            b_k = tl.load(k + i_bh * L * F + o_r[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+        b_v = tl.load(p_v + o_r[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)  # [BT, BV]
         b_h += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
         b_z += tl.sum(b_k.to(tl.float32), 0)
     if LOCAL:
@@ -157,7 +159,9 @@ def linear_attention_state_fwd_kernel(
             tl.store(p_z, b_z, mask=m_k)
 
 
-@triton.autotune(configs=_configs(warps=(4,), stages=(3, 4)), key=["E", "BE", "REVERSE"])
+# One config only: the autotuner reruns a kernel to time its configs, and this one works in place (a second scan of
+# the same buffer would be wrong).
+@triton.autotune(configs=_configs(warps=(4,), stages=(3,)), key=["E", "BE", "REVERSE"])
 @triton.jit
 def linear_attention_state_scan_kernel(x, NT, E, BE: tl.constexpr, REVERSE: tl.constexpr):
     """In place, per head: x[t] <- sum_{m < t} x[m] (REVERSE: sum_{m > t}); x [B*H, NT, E] fp32."""
@@ -311,6 +315,7 @@ def linear_attention_state_bwd_kernel(
                 tl.store(p_dz + i_t * F, b_dz, mask=m_k)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
+        o_r = tl.where(m_t, o_t, 0)
         for i_g in range(G):
             i_qh = i_bh * G + i_g
             if FUSED:
@@ -318,11 +323,11 @@ def linear_attention_state_bwd_kernel(
                 b_q, b_xq, b_yq = _feat(q + i_qh * L * DX, wq + i_h * DX * FH, bq + i_h * FH, o_t, m_t,
                                         DX, FH, BT, BDX, BFH, KIND, PREC)
             else:
-                b_q = tl.load(q + i_qh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
-            b_do = tl.load(do + i_qh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
-            b_den = tl.load(den + i_qh * L + o_t, mask=m_t, other=1)
+                b_q = tl.load(q + i_qh * L * F + o_r[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+            b_do = tl.load(do + i_qh * L * D + o_r[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
+            b_den = tl.load(den + i_qh * L + o_r, mask=m_t, other=1)
             b_den = tl.where(b_den == 0, 1, b_den)
-            b_s = tl.load(s + i_qh * L + o_t, mask=m_t, other=0)
+            b_s = tl.load(s + i_qh * L + o_r, mask=m_t, other=0)
             b_g = b_do.to(tl.float32) / b_den[:, None]
             b_dh += tl.dot(tl.trans(b_q.to(tl.float32)), b_g, input_precision=PREC_STATE)  # [BK, BV]
             b_dz += tl.sum(b_q.to(tl.float32) * b_s[:, None], 0)
@@ -367,6 +372,7 @@ def linear_attention_bwd_dkdv_kernel(
     b_dv = tl.dot(b_k.to(tl.float32), b_dh, input_precision=PREC_STATE)  # [BT, BV]
     if CAUSAL:
         m_ji = o_t[None, :] >= o_t[:, None]  # [BT(j), BT(i)]: i >= j
+        o_r = tl.where(m_t, o_t, 0)
         for i_g in range(G):
             i_qh = i_bh * G + i_g
             if FUSED:
@@ -374,13 +380,13 @@ def linear_attention_bwd_dkdv_kernel(
                 b_q, b_xq, b_yq = _feat(q + i_qh * L * DX, wq + i_h * DX * FH, bq + i_h * FH, o_t, m_t,
                                         DX, FH, BT, BDX, BFH, KIND, PREC)
             else:
-                b_q = tl.load(q + i_qh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+                b_q = tl.load(q + i_qh * L * F + o_r[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
             p_do = do + i_qh * L * D
-            b_do = tl.load(p_do + o_t[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)  # [BT, BV]
-            b_doT = tl.load(p_do + o_t[None, :] * D + o_v[:, None], mask=m_t[None, :] & m_v[:, None], other=0)  # [BV, BT]
-            b_den = tl.load(den + i_qh * L + o_t, mask=m_t, other=1)
+            b_do = tl.load(p_do + o_r[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)  # [BT, BV]
+            b_doT = tl.load(p_do + o_r[None, :] * D + o_v[:, None], mask=m_t[None, :] & m_v[:, None], other=0)  # [BV, BT]
+            b_den = tl.load(den + i_qh * L + o_r, mask=m_t, other=1)
             b_den = tl.where(b_den == 0, 1, b_den)
-            b_s = tl.load(s + i_qh * L + o_t, mask=m_t, other=0)
+            b_s = tl.load(s + i_qh * L + o_r, mask=m_t, other=0)
             b_g = (b_do.to(tl.float32) / b_den[:, None]).to(b_v.dtype)  # [BT(i), BV]
             b_gT = b_doT.to(tl.float32) / b_den[None, :]  # [BV, BT(i)]
             b_At = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BT(j), BT(i)] = A^T
@@ -427,9 +433,15 @@ def _precisions(dtype: torch.dtype) -> Tuple[str, str]:
     return "tf32", "tf32x3"
 
 
+# Every tl.dot dimension is at least 64. Triton's sm_90 (Hopper) code for kernels with two or more tl.dot gives
+# illegal addresses or silently wrong results when a dot dimension is 16 or 32 (pytorch/helion#1905 works around the
+# same bug; triton-lang/triton#10486, #11366); each failure of these kernels on the H200 had F or D = 32.
+_MIN_BLOCK = 64
+
+
 def _block(n: int) -> int:
-    """A block covering n: a power of two, at least 16 (the smallest tl.dot operand the GPU compiler accepts)."""
-    return max(16, triton.next_power_of_2(n))
+    """A block covering n: a power of two, at least _MIN_BLOCK (masks cover the padding)."""
+    return max(_MIN_BLOCK, triton.next_power_of_2(n))
 
 
 def _new(ref: torch.Tensor, *shape: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -480,9 +492,8 @@ class _Plan:
             self.F, self.kind = Fin, 0
             self.BK = _block(Fin)
             self.w = (q, q, q, q)  # unused
-            t = 32 if B * Hkv < 64 else 64  # smaller state tiles when few heads, for enough programs
-            self.BKS = min(t, self.BK)
-        self.BVS = min(64 if self.fused else (32 if B * Hkv < 64 else 64), self.BV)
+            self.BKS = min(_MIN_BLOCK, self.BK)  # state tiles [BKS, BVS]: more programs per head
+        self.BVS = min(_MIN_BLOCK, self.BV)
         # Causal states: one sequential pass per head (cheap per chunk when phi is loaded), or, for the fused map
         # (phi recomputed per chunk), chunk-parallel local states then a memory-bound scan. HHFFT_LA_STATES overrides.
         mode = os.environ.get("HHFFT_LA_STATES", "")
