@@ -136,16 +136,23 @@ def _(a, b, c, mode):
     return a.new_empty(*a.shape[:-1], c.shape[-1], dtype=_compute_dtype(a, b, c))
 
 
+_TRITON_SWITCH = "HHFFT_LINEAR_ATTENTION_TRITON"
+
+
 def _triton_enabled() -> bool:
-    # The kernels failed their last GPU validation (2026-11-28: an illegal address in the dk/dv backward, wrong
-    # masked bf16 outputs; benchmarks/RESULTS.md). Until tests/gpu/test_linear_attention_gpu.py passes on a GPU, CUDA
-    # tensors take the plain-torch path unless HHFFT_LINEAR_ATTENTION_TRITON=1 asks for the kernels.
-    return os.environ.get("HHFFT_LINEAR_ATTENTION_TRITON", "0") == "1"
+    """HHFFT_LINEAR_ATTENTION_TRITON=1 turns the Triton kernels on for CUDA tensors; 0 (the default) keeps CUDA on the
+    plain-torch path. The default stays off until tests/gpu/test_linear_attention_gpu.py is seen to pass in full on a
+    GPU (the 2026-11-28 runs: benchmarks/RESULTS.md, "linear attention (Hedgehog)")."""
+    value = os.environ.get(_TRITON_SWITCH, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{_TRITON_SWITCH} must be 0 (plain torch on CUDA, the default) or 1 (the Triton kernels), "
+                         f"got {value!r}")
+    return value == "1"
 
 
 def _use_triton(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """The Triton kernels serve CUDA tensors of one dtype among fp16/bf16/fp32 with F, D <= 256 (when enabled, see
-    _triton_enabled); anything else (the CPU, fp64 references) runs the plain-torch implementation."""
+    """The Triton kernels serve CUDA tensors of one dtype among fp16/bf16/fp32 with F, D <= 256 (when switched on,
+    see _triton_enabled); anything else (the CPU, fp64 references) runs the plain-torch implementation."""
     return (
         _triton_enabled()
         and q.is_cuda

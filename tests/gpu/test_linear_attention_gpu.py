@@ -3,8 +3,14 @@
 Grid: L in {1, 63, 64, 65, 1000, 4096, 32768} x dtype {fp16, bf16, fp32} x {causal, non-causal}; D, F in {32, 64, 128}
 and GQA ratio 1/2/4 rotate through the cases, masks on every other case, so each value of each axis meets the
 others. Reference: naive.py in fp64 for L <= 4096, the chunked plain-torch form in fp64 above (naive is O(L^2)
-memory). Tolerance (STYLE.md): relative error <= 2x PyTorch's own at the input dtype (the quadratic form run by
-PyTorch in that dtype). Every buffer the kernels write starts as NaN.
+memory). Tolerance (STYLE.md): relative error <= 2x PyTorch's own at the input dtype (+ 4 ulp of it), PyTorch's own
+being the larger of its two ways to compute the same thing: the chunked state form (the CPU implementation, fp32
+maths) that the kernels also compute, and, for L <= 4096, the quadratic form in the input dtype. The first matters
+for fp32: there dq/dk carry the cancellation g.v_j - g.o_i, which the state form (fp32 states K^T V) resolves to
+~1e-4 relative at L = 1 while the quadratic form can be exact by luck (o = v bitwise); the kernels' error is that of
+the state form. Above L = 4096 only the state form is a baseline: for 16-bit inputs that is stricter (fp32 maths).
+Every buffer the kernels write starts as NaN and sits inside a larger NaN allocation whose guard regions are checked
+after each test (out-of-bounds stores).
 """
 from __future__ import annotations
 
@@ -16,14 +22,15 @@ import torch
 import hhfft  # noqa: F401  (registers the ops)
 from hhfft.kernels.linear_attention import chunk
 from hhfft.kernels.linear_attention.naive import linear_attention_naive, linear_attention_weights_naive
-from hhfft.lowering.linear_attention import _fwd_torch, linear_attention
+from hhfft.lowering.linear_attention import _bwd_composite, _fwd_torch, _product_torch, linear_attention
 from utils import assert_within_baseline
 
 
 @pytest.fixture(autouse=True)
 def _kernels_on(monkeypatch):
-    # The op serves CUDA with plain torch unless the kernels are asked for (they are not yet validated on a GPU).
+    # CUDA takes the plain-torch path unless the kernels are asked for (the default until this file passes in full).
     monkeypatch.setenv("HHFFT_LINEAR_ATTENTION_TRITON", "1")
+
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -40,17 +47,32 @@ def _cases():
         D, F, G = DIMS[(a + b) % 3], DIMS[(a + 2 * b + c) % 3], (1, 2, 4)[(2 * a + b + c) % 3]
         masked = (a + b + c) % 2 == 1
         B, Hkv = (2, 2) if L <= 4096 else (1, 1)
-        marks = [pytest.mark.xdist_group("long")] if L > 4096 else []  # one at a time: the L^2 baselines are large
-        out.append(pytest.param(B, Hkv * G, Hkv, L, F, D, masked, dtype, causal, marks=marks,
+        out.append(pytest.param(B, Hkv * G, Hkv, L, F, D, masked, dtype, causal,
                                 id=f"B{B}-Hq{Hkv * G}-Hkv{Hkv}-L{L}-F{F}-D{D}{'-mask' if masked else ''}-"
                                    f"{str(dtype)[6:]}-{'causal' if causal else 'full'}"))
     return out
 
 
+GUARD = 4096  # NaN elements on each side of every buffer the kernels write
+
+
 @pytest.fixture(autouse=True)
 def _nan_buffers(monkeypatch):
-    monkeypatch.setattr(chunk, "_new", lambda ref, *shape, dtype=None: torch.full(
-        shape, float("nan"), dtype=dtype or ref.dtype, device=ref.device))
+    allocated = []
+
+    def new(ref, *shape, dtype=None):
+        n = 1
+        for s in shape:
+            n *= s
+        buf = torch.full((n + 2 * GUARD,), float("nan"), dtype=dtype or ref.dtype, device=ref.device)
+        allocated.append((shape, buf, n))
+        return buf[GUARD:GUARD + n].view(shape)
+
+    monkeypatch.setattr(chunk, "_new", new)
+    yield
+    for shape, buf, n in allocated:
+        outside = torch.cat([buf[:GUARD], buf[GUARD + n:]])
+        assert torch.isnan(outside).all(), f"a kernel wrote outside its output buffer of shape {tuple(shape)}"
 
 
 def _reference(q, k, v, causal, mask):
@@ -84,13 +106,17 @@ def test_forward_backward(B, Hq, Hkv, L, F, D, masked, dtype, causal):
         return (oo.detach(), dd.detach()) + gr
 
     ref = grads(q.double(), k.double(), v.double())
-    base = grads(q, k, v)
-    for name, got, r, b in zip(("o", "den", "dq", "dk", "dv"), (o, den, dq, dk, dv), ref, base):
-        assert_within_baseline(name, got, r, [b], dtype=dtype)
+    o_c, den_c = _fwd_torch(q, k, v, causal, mask)  # the state form in PyTorch (fp32 maths)
+    baselines = [(o_c, den_c) + _bwd_composite(q, k, v, o_c, den_c, do, dden, causal, mask, _product_torch)]
+    if L <= 4096:  # the quadratic form in the input dtype (above, its L x L matrices cost more than the test is worth)
+        baselines.append(grads(q, k, v))
+    for i, (name, got) in enumerate(zip(("o", "den", "dq", "dk", "dv"), (o, den, dq, dk, dv))):
+        assert_within_baseline(name, got, ref[i], [b[i] for b in baselines], dtype=dtype)
 
 
 def test_op_dispatches_to_triton_and_matches(monkeypatch):
-    """The public wrapper on CUDA goes through the Triton kernels (fwd and the fused first-order bwd)."""
+    """With the kernels on, the public wrapper on CUDA goes through them (fwd and the fused first-order bwd);
+    HHFFT_LINEAR_ATTENTION_TRITON=0 turns them off."""
     calls = []
     for name in ("linear_attention_fwd", "linear_attention_bwd"):
         fn = getattr(chunk, name)
@@ -104,6 +130,9 @@ def test_op_dispatches_to_triton_and_matches(monkeypatch):
     linear_attention_naive(*ref, causal=True).sum().backward()
     for a, b in zip(x, ref):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
+    monkeypatch.setenv("HHFFT_LINEAR_ATTENTION_TRITON", "0")
+    linear_attention(*x, causal=True).sum().backward()
+    assert calls == ["linear_attention_fwd", "linear_attention_bwd"], "the kernels ran although switched off"
 
 
 FUSED = [  # (B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind)

@@ -167,6 +167,20 @@ def test_errors_say_what_was_expected():
         linear_attention_product(q, q, q, "tril")
 
 
+def test_triton_switch(monkeypatch):
+    """The kernels are off by default (until validated in full on a GPU); HHFFT_LINEAR_ATTENTION_TRITON=1 turns them
+    on, 0 off; other values are refused with the valid ones."""
+    monkeypatch.delenv("HHFFT_LINEAR_ATTENTION_TRITON", raising=False)
+    assert not la._triton_enabled()
+    monkeypatch.setenv("HHFFT_LINEAR_ATTENTION_TRITON", "1")
+    assert la._triton_enabled()
+    monkeypatch.setenv("HHFFT_LINEAR_ATTENTION_TRITON", "0")
+    assert not la._triton_enabled()
+    monkeypatch.setenv("HHFFT_LINEAR_ATTENTION_TRITON", "yes")
+    with pytest.raises(ValueError, match="must be 0 .* or 1"):
+        la._triton_enabled()
+
+
 def test_opcheck_every_op():
     q, k, v, mask = _inputs(1, 4, 2, 6, 3, 2, True, dtype=torch.float32)
     o, den = torch.ops.hhfft.linear_attention_fwd(q, k, v, True, mask)
