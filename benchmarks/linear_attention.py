@@ -8,12 +8,18 @@ B = 1 at 64K; bf16; causal), forward and forward+backward times of
   - fla:         fla.ops.linear_attn.chunk_linear_attn (fla-core 0.6) on the same phi (its layout [B, L, H, F]),
                  scale=1, normalize=True: the same function
   - sdpa:        F.scaled_dot_product_attention(q, k, v, is_causal=True) on q, k, v [B, H, L, 64] (FlashAttention)
+  - hhfft-par, hhfft-fused-seq: hhfft and hhfft-fused with the other way of computing the causal states
+                 (HHFFT_LA_STATES=parallel / sequential; the defaults are sequential for hhfft, parallel for fused)
 plus FLOPs and bytes of the chunked computation with the floors they give (the bf16 dense matmul rate and the copy
 bandwidth measured in the same run), and the peak memory of each forward+backward. Every method is checked against
 the fp32 plain-torch implementation on the same inputs before it is timed.
 
     PYTHONPATH=. python benchmarks/linear_attention.py --out /tmp/la          # the full table (one GPU run)
     PYTHONPATH=. python benchmarks/linear_attention.py --lengths 8192 --quick
+
+With --out, each row is also appended to OUT/rows.jsonl as soon as it is measured, so a run stopped by a time limit
+keeps what it measured; --method-timeout S gives up on one method at one length after S seconds (fla autotunes
+dozens of configs on its first call: it took the whole of an earlier run's time limit at L = 2K) and goes on.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -36,6 +43,8 @@ H, D, FH = 16, 64, 64
 FEAT = 2 * FH
 C = 64
 LENGTHS = [2048, 8192, 32768, 65536]
+METHODS = ["hhfft-fused", "hhfft", "sdpa", "hhfft-par", "hhfft-fused-seq", "fla"]
+STATES = {"hhfft-par": "parallel", "hhfft-fused-seq": "sequential"}  # HHFFT_LA_STATES for the variants
 
 
 def bench(fn) -> float:
@@ -82,7 +91,15 @@ def measure_rates() -> tuple[float, float]:
     return bw, 2 * 8192**3 / t
 
 
-def run_length(L: int, methods: list[str], quick: bool) -> list[dict]:
+class MethodTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise MethodTimeout()
+
+
+def run_length(L: int, methods: list[str], quick: bool, sink=None, timeout: int = 0) -> list[dict]:
     B = max(1, TOKENS // L)
     g = torch.Generator(device="cuda").manual_seed(L)
     dt = torch.bfloat16
@@ -101,12 +118,15 @@ def run_length(L: int, methods: list[str], quick: bool) -> list[dict]:
 
     rows = []
     for name in methods:
-        if name == "hhfft":
+        os.environ.pop("HHFFT_LA_STATES", None)
+        if name in STATES:
+            os.environ["HHFFT_LA_STATES"] = STATES[name]
+        if name in ("hhfft", "hhfft-par"):
             x = [t.clone().requires_grad_() for t in (pq, pk, v)]
             fwd = lambda: linear_attention(*x, causal=True)  # noqa: E731
             out = lambda o: o  # noqa: E731
             leaves = x
-        elif name == "hhfft-fused":
+        elif name in ("hhfft-fused", "hhfft-fused-seq"):
             x = [t.clone().requires_grad_() for t in (q, k, v)]
             params = [fq.weight, fq.bias, fk.weight, fk.bias]
             fwd = lambda: hedgehog_linear_attention(  # noqa: E731
@@ -127,6 +147,8 @@ def run_length(L: int, methods: list[str], quick: bool) -> list[dict]:
             leaves = x
         else:
             raise ValueError(f"unknown method {name!r}")
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(timeout)  # 0: no limit
         try:
             with torch.no_grad():
                 o = out(fwd())
@@ -143,9 +165,16 @@ def run_length(L: int, methods: list[str], quick: bool) -> list[dict]:
                 row["fwd_ms"] = bench(fwd)
             row["fwdbwd_ms"] = bench(fwdbwd)
             row["peak_mb_fwdbwd"] = peak_mb(fwdbwd)
+        except MethodTimeout:
+            row = dict(L=L, B=B, method=name, error=f"gave up after {timeout} s (--method-timeout)")
         except Exception as e:  # one failing method must not lose the others' figures
             row = dict(L=L, B=B, method=name, error=repr(e)[:800])
+        finally:
+            signal.alarm(0)
         print(json.dumps(row), flush=True)
+        if sink is not None:
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
         rows.append(row)
         if quick:
             continue
@@ -178,18 +207,24 @@ def table(rows: list[dict], fl: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
-    p.add_argument("--methods", nargs="*", default=["hhfft", "hhfft-fused", "fla", "sdpa"])
+    p.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--method-timeout", type=int, default=0, help="seconds per method and length (0: no limit)")
     p.add_argument("--out", default=None, help="folder for results.json and table.md")
     a = p.parse_args(argv)
     bw, fl_rate = measure_rates()
     head = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, copy_tb_s=bw / 1e12, bf16_tflop_s=fl_rate / 1e12)
     print(json.dumps(head), flush=True)
+    sink = None
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        sink = open(os.path.join(a.out, "rows.jsonl"), "a")
+        sink.write(json.dumps(head) + "\n")
     rows, fl = [], {}
     for L in a.lengths:
         fl[L] = floors(L, max(1, TOKENS // L), bw, fl_rate)
-        rows += run_length(L, a.methods, a.quick)
+        rows += run_length(L, a.methods, a.quick, sink, a.method_timeout)
         torch.cuda.empty_cache()
     md = table(rows, fl)
     print(md, flush=True)
