@@ -1,0 +1,160 @@
+"""The GPT of the conversion experiment (issue #8): corpus preparation, conversion of every layer, the attention
+transfer on it, and the whole command pipeline at a tiny size on the CPU."""
+from __future__ import annotations
+
+import doctest
+import importlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hhfft.convert import distill, hedgehog_sites
+from hhfft.convert.distill import site_maps
+from hhfft.data import pydocs
+from hhfft.models.gpt import GPT, GPTConfig
+from hhfft.models.gpt_pipeline import convert_gpt, load_gpt, main, save_gpt
+
+WORDS = ["the", "function", "returns", "a", "new", "object", "list", "of", "values", "when", "called", "with", "an", "argument", "module", "class", "method", "raises", "error", "if", "none", "is", "given", "default", "string", "bytes", "file", "path"]
+
+
+def _page(rng, title: str, paragraphs: int) -> str:
+    body = "".join(f"<p>{' '.join(rng.choice(WORDS, size=40))}.</p>\n" for _ in range(paragraphs))
+    return (f"<html><head><script>var x = 1;</script></head><body><div class='related'>nav</div>"
+            f"<div class=\"body\" role=\"main\"><h1>{title}</h1>\n{body}<pre>x = [1,\n     2]</pre></div>"
+            f"<div class='footer'>footer</div></body></html>")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A fake unpacked python3.11-doc html tree (20 library pages + the pages that are skipped) -> prepared data."""
+    root = tmp_path_factory.mktemp("html")
+    rng = np.random.default_rng(0)
+    (root / "library").mkdir()
+    (root / "_sources").mkdir()
+    for i in range(20):
+        (root / "library" / f"mod{i:02d}.html").write_text(_page(rng, f"mod{i:02d}", 12))
+    (root / "genindex-A.html").write_text(_page(rng, "index", 3))
+    (root / "_sources" / "x.html").write_text(_page(rng, "src", 3))
+    out = tmp_path_factory.mktemp("data")
+    manifest = pydocs.prepare(str(out), root=str(root), heldout_every=5)
+    return out, manifest
+
+
+def test_corpus_split_by_page_and_body_only(corpus):
+    out, m = corpus
+    assert m["files"]["val"] == [f"library/mod{i:02d}.html" for i in (4, 9, 14, 19)]
+    assert len(m["files"]["train"]) == 16 and not set(m["files"]["train"]) & set(m["files"]["val"])
+    train = bytes(pydocs.load_split(str(out), "train"))
+    val = bytes(pydocs.load_split(str(out), "val"))
+    assert len(train) == m["bytes"]["train"] and len(val) == m["bytes"]["val"]
+    assert b"mod04" in val and b"mod04" not in train and b"mod03" in train
+    for junk in (b"var x", b"nav", b"footer", b"index", b"src"):
+        assert junk not in train + val, junk
+    assert b"x = [1,\n     2]" in train  # <pre> kept as it is
+    with pytest.raises(ValueError, match="no HTML pages"):
+        pydocs.build_corpus(str(out))
+    with pytest.raises(ValueError, match="split must be"):
+        pydocs.load_split(str(out), "test")
+
+
+@pytest.mark.parametrize("name", ["hhfft.data.pydocs", "hhfft.models.gpt"])
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch})
+    assert result.attempted > 0 and result.failed == 0
+
+
+def _sharp_gpt(seed=0, layers=3):
+    """A GPT whose attention is far from uniform (large q/k weights), as a trained model's is."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=layers, n_embd=32, n_head=2, block_size=48))
+    with torch.no_grad():
+        for b in model.blocks:
+            b.attn.c_attn.weight[:64].normal_(0, 0.3)
+    return model.eval()
+
+
+def _corr(a, b, allowed):
+    xs, ys = a[allowed].double(), b[allowed].double()
+    xs, ys = xs - xs.mean(), ys - ys.mean()
+    return float((xs * ys).sum() / (xs.norm() * ys.norm()))
+
+
+def test_every_layer_converts_identity_maps_correlate_and_distillation_lowers_every_site():
+    model = _sharp_gpt()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (2, 48), generator=g)
+    ref = model(x)
+    convert_gpt(model, "hedgehog")
+    sites = hedgehog_sites(model)
+    assert [p for p, *_ in sites] == [f"blocks.{i}.attn" for i in range(3)]
+    out = model(x)
+    assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-3  # linear attention, not softmax
+    for i in range(3):
+        a_true, a_pred, allowed = site_maps(model, (x,), site=i)
+        assert (a_pred[~allowed] == 0).all()  # causal, like the teacher
+        # the null: causal averaging (uniform weights) correlates with any causal softmax through the row lengths
+        uniform = allowed.float() / allowed.float().sum(-1, keepdim=True)
+        corr, null = _corr(a_true, a_pred, allowed), _corr(a_true, uniform, allowed)
+        assert corr > 0.5 and corr > null + 0.15, (i, corr, null)
+        assert (a_true - uniform).abs().amax() > 0.5  # the softmax is far from uniform: the check means something
+    _distill_lowers_every_site(model, g)
+
+
+def _distill_lowers_every_site(model, g, steps=20):
+    batches = [(torch.randint(0, 256, (4, 48), generator=g),) for _ in range(4)]
+    held = [(torch.randint(0, 256, (4, 48), generator=g),)]
+    res = distill(model, batches, steps=steps, lr=3e-2, eval_batches=held, stream=None)
+    assert set(res.before) == {f"blocks.{i}.attn#0" for i in range(model.cfg.n_layer)}
+    for site, before in res.before.items():
+        assert res.after[site] < before - 0.02, (site, before, res.after[site])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["elu1", "t2r"])
+def test_distillation_of_baseline_maps_lowers_every_site(attention):
+    model = _sharp_gpt(seed=2)
+    convert_gpt(model, attention)
+    _distill_lowers_every_site(model, torch.Generator().manual_seed(3), steps=30)
+
+
+def test_checkpoint_round_trip_in_shards(tmp_path):
+    model = _sharp_gpt(layers=2)
+    save_gpt(model, str(tmp_path), shard_bytes=20_000)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    back = load_gpt(str(tmp_path))
+    x = torch.randint(0, 256, (1, 48))
+    assert torch.equal(back(x), model(x))
+    with pytest.raises(FileNotFoundError, match="--init must be"):
+        load_gpt(str(tmp_path / "nothing"))
+
+
+def test_tiny_pipeline_end_to_end(corpus, tmp_path):
+    data, _ = corpus
+    runs = tmp_path / "runs"
+    tiny = ["--layers", "2", "--width", "16", "--heads", "2", "--context", "32"]
+    common = ["--data", str(data), "--batch", "4", "--evals", "2", "--eval-windows", "4", "--val-windows", "8",
+              "--no-compile", "--seed", "0"]
+    assert main(["train", *common, *tiny, "--tokens", "2560", "--lr", "1e-2", "--warmup", "5", "--out", str(runs / "scratch_softmax")]) == 0
+    ft = [*common, "--tokens", "640", "--init", str(runs / "scratch_softmax")]
+    assert main(["finetune", *ft, "--attention", "hedgehog", "--distill-steps", "4", "--distill-context", "16",
+                 "--picture-layer", "1", "--picture-size", "8", "--out", str(runs / "ft_hedgehog")]) == 0
+    assert main(["finetune", *ft, "--attention", "softmax", "--out", str(runs / "ft_softmax")]) == 0
+    res = {n: json.loads((runs / n / "result.json").read_text()) for n in ("scratch_softmax", "ft_hedgehog",
+                                                                          "ft_softmax")}
+    assert res["scratch_softmax"]["tokens"] == 2560 and res["ft_hedgehog"]["tokens"] == res["ft_softmax"]["tokens"]
+    # pretraining learned something: the held-out loss fell from its value at initialisation (about ln 256)
+    first = res["scratch_softmax"]["curve"][0][1]
+    assert first == pytest.approx(math.log(256), abs=0.3) and res["scratch_softmax"]["val_ce"] < first - 0.3
+    # fine-tuning starts where the checkpoint is (softmax) and the curve starts before the first step
+    assert res["ft_softmax"]["val_ce_init"] == pytest.approx(res["scratch_softmax"]["val_ce"], rel=1e-5)
+    assert res["ft_hedgehog"]["curve"][0][0] == 0 and len(res["ft_hedgehog"]["curve"]) >= 3
+    assert set(res["ft_hedgehog"]["distill"]["before"]) == {"blocks.0.attn#0", "blocks.1.attn#0"}
+    maps = torch.load(runs / "ft_hedgehog" / "maps.pt")
+    assert maps["before"]["softmax"].shape == (2, 8, 8) and "after" in maps
+    png_dir = tmp_path / "png"
+    assert main(["table", "--runs", str(runs), "--png-dir", str(png_dir)]) == 0
+    for name in ("gpt_conversion_curves.png", "gpt_attention_maps.png"):
+        assert (png_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
