@@ -46,9 +46,15 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _gpt(argv: list[str]) -> int:
+    from hhfft.models.gpt_pipeline import main as gpt_main  # the GPT conversion experiment (issue #8)
+
+    return gpt_main(argv)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"demo": None, "explain": _explain, "bench": _bench}
+    commands = {"demo": None, "explain": _explain, "bench": _bench, "gpt": _gpt}
     try:
         from hhfft.convert import cli as convert_cli  # conversion commands, when present
         commands.update(convert_cli.COMMANDS)
@@ -58,7 +64,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("usage: hhfft {" + ",".join(commands) + "} [args]\n\n"
               "  demo     find, rewrite, check and time the long convolutions of a Hyena-style LM\n"
               "  explain  print every site hhfft finds in a model (the demo model, or a HF model directory)\n"
-              "  bench    run a GPU benchmark from benchmarks/", file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+              "  bench    run a GPU benchmark from benchmarks/\n"
+              "  gpt      the GPT conversion experiment: prepare | train | finetune | table", file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "demo":
         from hhfft.demo import main as demo_main
