@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, TextIO
+from typing import Any, Callable, Iterable, Literal, Optional, TextIO
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from hhfft.convert.core import call_model
 from hhfft.convert.modules import hedgehog_mode, hedgehog_sites, hedgehog_weights
 
-__all__ = ["distill", "DistillResult", "site_losses", "site_maps", "record_tap"]
+__all__ = ["distill", "DistillResult", "site_losses", "site_maps", "record_tap", "tune_maps", "lr_lambda"]
+
+Schedule = Literal["constant", "cosine"]
 
 
 class _Sink:
@@ -174,6 +176,8 @@ def distill(
     picture_site: int = 0,
     picture_head: int = 0,
     weight_decay: float = 0.0,
+    lr_schedule: Schedule = "constant",
+    warmup: int = 0,
 ) -> DistillResult:
     """Attention transfer: fit the feature maps of a converted model (:func:`hhfft.convert.convert`) to its softmax
     attention, with every original weight frozen (restored afterwards). Adam on the maps only.
@@ -183,6 +187,7 @@ def distill(
         batches: model inputs (tuples of positional inputs, dicts of keyword inputs, or tensors), cycled for
             ``steps`` steps
         steps, lr, weight_decay: the optimisation
+        lr_schedule, warmup: "constant" or "cosine" (decay to 0 over ``steps``), after ``warmup`` linear steps
         output_mse: weight of the per-site output MSE term (0 = cross-entropy only)
         eval_batches: inputs to measure the per-site loss on before and after (default: the first 2 of ``batches``)
         log_every: print "step i/n  loss" every this many steps to ``stream`` (None = silent)
@@ -200,6 +205,7 @@ def distill(
     if not batches:
         raise ValueError("distill: no batches given")
     eval_batches = list(eval_batches) if eval_batches is not None else batches[:2]
+    schedule = lr_lambda(lr_schedule, steps, warmup)
     maps = [p for _, _, _, hh in sites for p in hh.parameters()]
     map_ids = {id(p) for p in maps}
     frozen = {p: p.requires_grad for p in model.parameters()}
@@ -217,6 +223,7 @@ def distill(
                 _run(model, eval_batches[0], sink)
             pic_before = sink.maps
         opt = torch.optim.Adam(maps, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         history = []
         t0 = time.perf_counter()
         for step, b in zip(range(steps), itertools.cycle(batches)):
@@ -231,10 +238,12 @@ def distill(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            history.append(float(loss.detach()))
+            sched.step()
+            history.append(loss.detach())  # no device sync per step; floats at the end
             if stream is not None and log_every and (step % log_every == 0 or step == steps - 1):
-                print(f"distill step {step + 1}/{steps}  loss {history[-1]:.4f}  ({time.perf_counter() - t0:.1f} s)",
-                      file=stream, flush=True)
+                print(f"distill step {step + 1}/{steps}  loss {float(history[-1]):.4f}  "
+                      f"({time.perf_counter() - t0:.1f} s)", file=stream, flush=True)
+        history = torch.stack(history).float().tolist() if history else []
         after = site_losses(model, eval_batches)
         result = DistillResult(before=before, after=after, history=history)
         if picture:
@@ -245,6 +254,103 @@ def distill(
                 _picture(picture, pic_before, sink.maps, pic_site, picture_head)
                 result.picture = picture
         return result
+    finally:
+        for p, r in frozen.items():
+            p.requires_grad_(r)
+        model.train(was_training)
+
+
+def lr_lambda(schedule: Schedule, steps: int, warmup: int = 0) -> Callable[[int], float]:
+    """The factor on the base lr at step i: linear warmup over ``warmup`` steps, then 1 ("constant") or a cosine
+    decay to 0 at ``steps`` ("cosine")."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+
+    def f(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        t = (i - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def tune_maps(
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    steps: int,
+    lr: float = 1e-3,
+    *,
+    lr_schedule: Schedule = "constant",
+    warmup: int = 0,
+    log_every: int = 10,
+    stream: Optional[TextIO] = sys.stderr,
+) -> list:
+    """A second conversion stage after :func:`distill`: train the feature maps (and nothing else) through the
+    converted model's own Hedgehog forward on a loss of its outputs, e.g. the distance of its sentence embeddings
+    or hidden states to the original model's on the calibration text. Attention transfer fits every site to the
+    teacher's inputs; this stage corrects the errors that compound from one converted layer to the next. Every
+    original weight stays frozen (restored afterwards); dropout is off.
+
+    Args:
+        model: a converted model
+        batches: items handed to ``loss_fn`` (cycled for ``steps`` steps)
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``; calls the converted model (Hedgehog attention)
+        steps, lr, lr_schedule, warmup: Adam on the maps, schedule as in :func:`distill`
+        log_every, stream: progress ("tune step i/n  loss ...")
+    Returns:
+        the loss per step (floats)
+
+    Example:
+        >>> mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        >>> x = torch.randn(2, 5, 8)
+        >>> from hhfft.convert import convert
+        >>> _ = convert(mha, (x, x, x, None, False))
+        >>> target = torch.zeros(2, 5, 8)
+        >>> hist = tune_maps(mha, [x], lambda m, b: ((m(b, b, b, need_weights=False)[0] - target) ** 2).mean(),
+        ...                  steps=2, lr=1e-2, stream=None)
+        >>> len(hist)
+        2
+    """
+    sites = hedgehog_sites(model)
+    if not sites:
+        raise ValueError("tune_maps: the model has no Hedgehog sites; run hhfft.convert.convert(model, inputs) first")
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"tune_maps: steps must be a non-negative int, got {steps!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("tune_maps: no batches given")
+    maps = [p for _, _, _, hh in sites for p in hh.parameters()]
+    map_ids = {id(p) for p in maps}
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in map_ids)
+        model.eval()
+        opt = torch.optim.Adam(maps, lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(lr_schedule, steps, warmup))
+        history = []
+        t0 = time.perf_counter()
+        for step, b in zip(range(steps), itertools.cycle(batches)):
+            loss = loss_fn(model, b)
+            if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.requires_grad:
+                raise ValueError("tune_maps: loss_fn must return a scalar tensor that depends on the feature maps, got "
+                                 f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            history.append(loss.detach())
+            if stream is not None and log_every and (step % log_every == 0 or step == steps - 1):
+                print(f"tune step {step + 1}/{steps}  loss {float(history[-1]):.4f}  "
+                      f"({time.perf_counter() - t0:.1f} s)", file=stream, flush=True)
+        return torch.stack(history).float().tolist() if history else []
     finally:
         for p, r in frozen.items():
             p.requires_grad_(r)

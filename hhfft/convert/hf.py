@@ -5,7 +5,7 @@ downloaded (``HF_HUB_OFFLINE=1`` for the calls made here)."""
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -77,25 +77,50 @@ def text_lines(path: str, min_words: int = 4) -> list:
     return [line for line in lines if len(line.split()) >= min_words]
 
 
-def stdlib_docstrings(modules: Optional[list] = None, min_words: int = 6, limit: Optional[int] = None) -> list:
+# Standard-library modules never imported for their docstrings: they open windows or browsers, print on import,
+# or are test suites and build tools.
+_STDLIB_SKIP = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3",
+                          "ensurepip", "venv", "pydoc_data", "xxsubtype", "xxlimited"})
+
+_STDLIB_DEFAULT = ["os", "json", "collections", "functools", "itertools", "re", "string", "textwrap",
+                   "argparse", "logging", "pathlib", "shutil", "subprocess", "threading", "queue", "socket",
+                   "email", "http.client", "urllib.parse", "csv", "datetime", "calendar", "decimal",
+                   "fractions", "random", "statistics", "heapq", "bisect", "typing", "dataclasses",
+                   "contextlib", "abc", "enum", "inspect", "tempfile", "zipfile", "tarfile", "gzip",
+                   "pickle", "copy", "pprint", "difflib", "unittest", "doctest", "asyncio", "sqlite3"]
+
+
+def stdlib_docstrings(modules: Optional[Union[list, str]] = None, min_words: int = 6, limit: Optional[int] = None,
+                      methods: bool = False) -> list:
     """First paragraphs of the docstrings of Python standard library modules, classes and functions: English text
-    that ships with every Python (deterministic order)."""
+    that ships with every Python (deterministic order; the text differs between Python versions).
+
+    Args:
+        modules: module names; None = a fixed list of 46 common modules; "all" = every public top-level module of
+            ``sys.stdlib_module_names`` except GUI, test and side-effecting ones (about 200)
+        min_words: shortest paragraph kept
+        limit: stop after this many paragraphs
+        methods: also the methods of the classes found
+    """
     import importlib
     import inspect
+    import sys
 
-    modules = modules or ["os", "json", "collections", "functools", "itertools", "re", "string", "textwrap",
-                          "argparse", "logging", "pathlib", "shutil", "subprocess", "threading", "queue", "socket",
-                          "email", "http.client", "urllib.parse", "csv", "datetime", "calendar", "decimal",
-                          "fractions", "random", "statistics", "heapq", "bisect", "typing", "dataclasses",
-                          "contextlib", "abc", "enum", "inspect", "tempfile", "zipfile", "tarfile", "gzip",
-                          "pickle", "copy", "pprint", "difflib", "unittest", "doctest", "asyncio", "sqlite3"]
+    if modules == "all":
+        modules = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in _STDLIB_SKIP)
+    elif isinstance(modules, str):
+        raise ValueError(f"stdlib_docstrings: modules must be a list of module names, None or 'all', got {modules!r}")
+    modules = modules or _STDLIB_DEFAULT
     out, seen = [], set()
     for name in modules:
         try:
             mod = importlib.import_module(name)
-        except ImportError:
+        except Exception:  # noqa: BLE001  (platform-specific modules fail in many ways)
             continue
-        objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
+        objs = [mod] + [getattr(mod, a, None) for a in sorted(dir(mod)) if not a.startswith("_")]
+        if methods:
+            objs += [getattr(c, a, None) for c in list(objs) if inspect.isclass(c)
+                     for a in sorted(vars(c)) if not a.startswith("_")]
         for obj in objs:
             if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)):
                 continue
