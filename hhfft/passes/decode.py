@@ -41,7 +41,9 @@ def _through_views(n: Any) -> Any:
     import operator
 
     while isinstance(n, fx.Node):
-        if n.op == "call_method" and n.target in _VIEWS or n.op == "call_function" and n.target in (torch.reshape, torch.Tensor.contiguous, torch.Tensor.expand):
+        method = n.op == "call_method" and n.target in _VIEWS
+        if method or (n.op == "call_function" and n.target in (torch.reshape, torch.Tensor.contiguous,
+                                                                 torch.Tensor.expand)):
             n = n.args[0]
         elif n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node) \
                 and not is_cache_marker(n.args[0]) and _is_none_index(n.args[1]):
@@ -52,9 +54,13 @@ def _through_views(n: Any) -> Any:
 
 
 def _is_none_index(idx: Any) -> bool:
-    if not isinstance(idx, tuple):
+    """x[:, :, None] (optionally followed by full slices): the new axis right after the heads, as repeat_kv writes it,
+    so that query head h reads key/value head h // G (the order hedgehog_decode uses)."""
+    if not isinstance(idx, tuple) or len(idx) < 3:
         return False
-    return all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in idx)
+    full = slice(None)
+    return idx[0] == full and idx[1] == full and idx[2] is None and all(
+        i == full or i is Ellipsis for i in idx[3:])
 
 
 def cache_marker(k: Any, v: Any) -> fx.Node | None:
