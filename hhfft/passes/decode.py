@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hhfft.passes._fx import bump, insert_call, known_eq, val
+from hhfft.passes._fx import as_int, bump, insert_call, known_eq, val
 
 __all__ = ["cache_marker", "is_cache_marker", "rewrite"]
 
@@ -114,7 +114,8 @@ def rewrite(g: fx.Graph, site: Any, parts: dict, maps: tuple, path: str, report_
     kind_ok = site.mask_kind in ("causal", "causal+key_padding") or (site.mask_kind == "none" and bool(site.causal))
     if not one and not kind_ok:
         raise ValueError(
-            f"hhfft decode: the attention at {path or '<root>'!r} reads a HedgehogCache with {q_len} new tokens, but its "
+            f"hhfft decode: the attention at {path or '<root>'!r} reads a HedgehogCache with "
+            f"{q_len if as_int(q_len) is not None else 'several'} new tokens, but its "
             f"mask is {site.mask_kind!r}{' (not causal)' if site.mask_kind in ('none', 'key_padding') else ''}; "
             "constant-state decoding needs causal attention (a decoder LM). Feed a prompt through a fresh cache, then "
             "one token per step; for non-causal models run the full forward without a cache")
