@@ -124,6 +124,25 @@ def compare(ref: torch.Tensor, got: torch.Tensor) -> tuple:
     return cos, (top_ref == top_got).float().mean().item()
 
 
+def agreement_ceiling(ref: torch.Tensor, cosines=(0.97, 0.98, 0.99, 0.995, 0.999), draws: int = 20) -> dict:
+    """How much top-1 agreement survives errors without structure: every embedding moved in a random direction to
+    cosine c with its original; mean agreement over ``draws`` for each c. Also the top-1/top-2 gaps of the queries."""
+    g = torch.Generator().manual_seed(0)
+    n = ref.shape[0] // 2
+    top2 = (ref[:n] @ ref[n:].T).topk(2, -1).values
+    gap = top2[:, 0] - top2[:, 1]
+    out = {"gap_quantiles": {q: float(gap.quantile(q)) for q in (0.1, 0.2, 0.5)}}
+    for c in cosines:
+        agree = []
+        for _ in range(draws):
+            z = torch.randn(ref.shape, generator=g)
+            z = torch.nn.functional.normalize(z - (z * ref).sum(-1, keepdim=True) * ref, dim=-1)
+            angle = torch.arccos(torch.tensor(c))
+            agree.append(compare(ref, ref * torch.cos(angle) + z * torch.sin(angle))[1])
+        out[c] = sum(agree) / draws
+    return out
+
+
 def _to(batch: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -220,6 +239,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--picture", default=None)
     p.add_argument("--json", default=None, help="write the row's figures here")
     p.add_argument("--pack", default=None, metavar="DIR", help="write texts and weights for another machine; exit")
+    p.add_argument("--ceiling", action="store_true", help="print the agreement of random errors at given cosines; exit")
     p.add_argument("--sweep", action="store_true", help="run every row of ROWS after these options")
     p.add_argument("--out", default=None, help="sweep: directory for minilm_sweep.json / .md (written per row)")
     p.add_argument("--rows", default=None, help="sweep: comma-separated indices into ROWS (default: all)")
@@ -246,7 +266,9 @@ class Context:
             self.held = held_out_sentences(args.held_out)
         self.autocast = _autocast(args)
         self.eval_length = args.eval_length
-        self.ref = self.embed(self.original)
+        # the reference is the original model in fp32 whatever --dtype: a bf16 row reports the whole error
+        self.ref = embed(self.original, self.tok, self.held, self.eval_length, self.device,
+                         autocast=lambda: torch.autocast(torch.device(self.device).type, enabled=False))
 
     def embed(self, model) -> torch.Tensor:
         return embed(model, self.tok, self.held, self.eval_length, self.device, autocast=self.autocast)
@@ -361,6 +383,10 @@ def main(argv=None) -> dict:
     if args.sweep:
         return sweep(args, argv)
     ctx = Context(args)
+    if args.ceiling:
+        res = agreement_ceiling(ctx.ref.cpu())
+        print(json.dumps({str(k): v for k, v in res.items()}, indent=1))
+        return res
     print(f"calibration: {', '.join(f'{k} {len(v)}' for k, v in ctx.calib.items())} paragraphs; "
           f"held out: {len(ctx.held)} numpy/torch paragraphs; device {args.device}, {args.dtype}", flush=True)
     row = run(ctx, args)
