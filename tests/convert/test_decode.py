@@ -104,3 +104,20 @@ def test_decode_refusals():
     other = torch.compile(plain, backend="eager")
     with pytest.raises(Exception, match="not rewritten to constant-state Hedgehog decoding"), torch.no_grad():
         other(input_ids=ids, past_key_values=HedgehogCache(plain), use_cache=True)
+
+
+@pytest.mark.slow
+def test_decode_under_the_hhfft_backend():
+    """torch.compile(model, backend="hhfft") (Inductor, functionalised state updates) decodes like the eager path."""
+    model = _lm("gpt2", "sdpa", layers=1)
+    ids, _ = _prompt(2, 9, 0)
+    hhfft.convert(model, {"input_ids": ids, "use_cache": False})
+    eager_cache, comp_cache = HedgehogCache(model), HedgehogCache(model)
+    comp = torch.compile(model, backend="hhfft")
+    with torch.no_grad():
+        for step in range(3):
+            a = model(input_ids=ids, past_key_values=eager_cache, use_cache=True).logits
+            b = comp(input_ids=ids, past_key_values=comp_cache, use_cache=True).logits
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m, s=step: f"step {s}: {m}")
+            torch.testing.assert_close(comp_cache.layers[0].state, eager_cache.layers[0].state, rtol=1e-5, atol=1e-5)
+            ids = a[:, -1:].argmax(-1)
