@@ -10,6 +10,7 @@ B = 1 at 64K; bf16; causal), forward and forward+backward times of
   - sdpa:        F.scaled_dot_product_attention(q, k, v, is_causal=True) on q, k, v [B, H, L, 64] (FlashAttention)
   - hhfft-par, hhfft-fused-seq: hhfft and hhfft-fused with the other way of computing the causal states
                  (HHFFT_LA_STATES=parallel / sequential; the defaults are sequential for hhfft, parallel for fused)
+  - hhfft-split, hhfft-fused-split: with HHFFT_LA_PREC=split (fp32 operands as bf16 hi + lo, not tf32x3)
 plus FLOPs and bytes of the chunked computation with the floors they give (the bf16 dense matmul rate and the copy
 bandwidth measured in the same run), and the peak memory of each forward+backward. Every method is checked against
 the fp32 plain-torch implementation on the same inputs before it is timed.
@@ -43,8 +44,13 @@ H, D, FH = 16, 64, 64
 FEAT = 2 * FH
 C = 64
 LENGTHS = [2048, 8192, 32768, 65536]
-METHODS = ["hhfft-fused", "hhfft", "sdpa", "hhfft-par", "hhfft-fused-seq", "fla"]
-STATES = {"hhfft-par": "parallel", "hhfft-fused-seq": "sequential"}  # HHFFT_LA_STATES for the variants
+METHODS = ["hhfft-fused", "hhfft", "sdpa", "hhfft-split", "hhfft-fused-split", "hhfft-par", "hhfft-fused-seq", "fla"]
+VARIANTS = {  # the environment of each variant of the two hhfft paths
+    "hhfft-par": ("hhfft", {"HHFFT_LA_STATES": "parallel"}),
+    "hhfft-fused-seq": ("hhfft-fused", {"HHFFT_LA_STATES": "sequential"}),
+    "hhfft-split": ("hhfft", {"HHFFT_LA_PREC": "split"}),
+    "hhfft-fused-split": ("hhfft-fused", {"HHFFT_LA_PREC": "split"}),
+}
 
 
 def bench(fn) -> float:
@@ -118,15 +124,16 @@ def run_length(L: int, methods: list[str], quick: bool, sink=None, timeout: int 
 
     rows = []
     for name in methods:
-        os.environ.pop("HHFFT_LA_STATES", None)
-        if name in STATES:
-            os.environ["HHFFT_LA_STATES"] = STATES[name]
-        if name in ("hhfft", "hhfft-par"):
+        for var in ("HHFFT_LA_STATES", "HHFFT_LA_PREC"):
+            os.environ.pop(var, None)
+        base, env = VARIANTS.get(name, (name, {}))
+        os.environ.update(env)
+        if base == "hhfft":
             x = [t.clone().requires_grad_() for t in (pq, pk, v)]
             fwd = lambda: linear_attention(*x, causal=True)  # noqa: E731
             out = lambda o: o  # noqa: E731
             leaves = x
-        elif name in ("hhfft-fused", "hhfft-fused-seq"):
+        elif base == "hhfft-fused":
             x = [t.clone().requires_grad_() for t in (q, k, v)]
             params = [fq.weight, fq.bias, fk.weight, fk.bias]
             fwd = lambda: hedgehog_linear_attention(  # noqa: E731
@@ -212,6 +219,7 @@ def main(argv=None) -> None:
     p.add_argument("--method-timeout", type=int, default=0, help="seconds per method and length (0: no limit)")
     p.add_argument("--out", default=None, help="folder for results.json and table.md")
     a = p.parse_args(argv)
+    os.environ["HHFFT_LINEAR_ATTENTION_TRITON"] = "1"  # the kernels are opt-in on CUDA; this measures them
     bw, fl_rate = measure_rates()
     head = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, copy_tb_s=bw / 1e12, bf16_tflop_s=fl_rate / 1e12)

@@ -176,6 +176,21 @@ def test_fused_feature_map(B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind
         assert_within_baseline(name, a, b, [c], dtype=dtype)
 
 
+SPLIT = [c for c in _cases() if c.values[7] == torch.bfloat16 and c.values[3] in (1, 64, 1000, 32768)]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,L,F,D,masked,dtype,causal", SPLIT)
+def test_split_precision_bf16(B, Hq, Hkv, L, F, D, masked, dtype, causal, monkeypatch):
+    """HHFFT_LA_PREC=split (fp32 operands as bf16 hi + lo instead of tf32x3: fewer registers): same tolerance."""
+    monkeypatch.setenv("HHFFT_LA_PREC", "split")
+    test_forward_backward(B, Hq, Hkv, L, F, D, masked, dtype, causal)
+
+
+def test_split_precision_fused_bf16(monkeypatch):
+    monkeypatch.setenv("HHFFT_LA_PREC", "split")
+    test_fused_feature_map(2, 4, 2, 1000, 64, 64, 64, True, torch.bfloat16, True, "softmax_split")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_decoding_step_matches_forward(dtype):
     from hhfft.lowering.linear_attention import linear_attention_state, linear_attention_step

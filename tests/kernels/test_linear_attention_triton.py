@@ -186,3 +186,46 @@ def test_every_dot_block_is_at_least_64(fused):
     p = chunk._Plan(q, k, v, True, None, fmap)
     blocks = dict(BT=chunk.BT, BK=p.BK, BV=p.BV, BKS=p.BKS, BVS=p.BVS) | (dict(BDX=p.BDX, BFH=p.BFH) if fused else {})
     assert all(b >= 64 for b in blocks.values()), blocks
+
+
+def test_precision_modes(monkeypatch):
+    monkeypatch.delenv("HHFFT_LA_PREC", raising=False)
+    assert chunk._precisions(torch.bfloat16) == ("tf32", "tf32x3")
+    assert chunk._precisions(torch.float32) == ("ieee", "ieee")
+    monkeypatch.setenv("HHFFT_LA_PREC", "split")
+    assert chunk._precisions(torch.bfloat16) == ("tf32", "split")
+    assert chunk._precisions(torch.float16) == ("tf32", "tf32x3")  # fp16 halves could overflow
+    monkeypatch.setenv("HHFFT_LA_PREC", "bf16")
+    with pytest.raises(ValueError, match="tf32x3 .* or split"):
+        chunk._precisions(torch.bfloat16)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])
+def test_split_precision_within_tolerance(fused, monkeypatch):
+    """The split products (fp32 operands as hi + lo 16-bit halves; bf16 on the GPU, fp16 here because the interpreter's
+    bf16 dot is broken) meet the same tolerance as the tf32x3 ones, forward and backward, dW and db included."""
+    monkeypatch.setattr(chunk, "_precisions", lambda dtype: ("tf32", "split"))
+    if not fused:
+        test_forward_and_backward_vs_fp64(CASES[0], True, torch.float16)  # L = 1: dq, dk are all cancellation
+        test_forward_and_backward_vs_fp64(CASES[1], True, torch.float16)
+        return
+    B, Hq, Hkv, L, DX, FH, D, masked = FUSED_CASES[0]
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = [r(B, Hq, L, DX).half(), r(B, Hkv, L, DX).half(), r(B, Hkv, L, D).half(), r(Hq, DX, FH) * 0.5,
+         r(Hq, FH) * 0.3, r(Hkv, DX, FH) * 0.5, r(Hkv, FH) * 0.3]
+    mask = torch.rand(B, L, generator=g) > 0.3
+    o, den = chunk.hedgehog_attention_fwd(*x, "softmax_split", True, mask)
+    do, dden = r(*o.shape).half(), r(*den.shape)
+    got = chunk.hedgehog_attention_bwd(*x, o, den, do, dden, "softmax_split", True, mask)
+
+    def run(xs, dtype):
+        xs = [t.clone().requires_grad_() for t in xs]
+        low = [xs[0], xs[1], xs[2]] + [t.to(dtype) for t in xs[3:]]
+        oo, dd = _hedgehog_reference(low, True, mask, "softmax_split")
+        return [oo.detach(), dd.detach()] + list(torch.autograd.grad((oo, dd), xs, (do.to(oo.dtype), dden.to(dd.dtype))))
+
+    ref = run([t.double() for t in x], torch.float64)
+    base = run(x, torch.float16)
+    for name, a, b, c in zip(["o", "den", "dq", "dk", "dv", "dWq", "dbq", "dWk", "dbk"], [o, den] + list(got), ref, base):
+        assert_within_baseline(name, a, b, [c], dtype=torch.float16)

@@ -36,6 +36,39 @@ def _configs(warps=(4, 8), stages=(2, 3)):
 
 # ----------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
+def _dot_x(a, b, PS: tl.constexpr):
+    """a @ b in fp32 for a [M, K] in the inputs' dtype (exact there) and b [K, N] fp32. PS "split": b as hi + lo in
+    a's dtype, two 16-bit dots (~16 significant bits, half the registers of tf32x3); else one dot at precision PS."""
+    if PS == "split":
+        b_hi = b.to(a.dtype)
+        return tl.dot(a, (b - b_hi.to(tl.float32)).to(a.dtype), tl.dot(a, b_hi))
+    else:
+        return tl.dot(a.to(tl.float32), b, input_precision=PS)
+
+
+@triton.jit
+def _dot_fx(a, b, PS: tl.constexpr):
+    """a @ b in fp32 for a [M, K] fp32 and b [K, N] in the inputs' dtype (exact there); as _dot_x."""
+    if PS == "split":
+        a_hi = a.to(b.dtype)
+        return tl.dot((a - a_hi.to(tl.float32)).to(b.dtype), b, tl.dot(a_hi, b))
+    else:
+        return tl.dot(a, b.to(tl.float32), input_precision=PS)
+
+
+@triton.jit
+def _dot_xx(a, b, r, PS: tl.constexpr):
+    """a @ b in fp32 for a [M, K] and b [K, N] both fp32; r is any block in the inputs' dtype. PS "split": hi + lo in
+    r's dtype, three 16-bit dots (the lo x lo term dropped); else one dot at precision PS."""
+    if PS == "split":
+        a_hi, b_hi = a.to(r.dtype), b.to(r.dtype)
+        a_lo, b_lo = (a - a_hi.to(tl.float32)).to(r.dtype), (b - b_hi.to(tl.float32)).to(r.dtype)
+        return tl.dot(a_lo, b_hi, tl.dot(a_hi, b_lo, tl.dot(a_hi, b_hi)))
+    else:
+        return tl.dot(a, b, input_precision=PS)
+
+
+@triton.jit
 def _act(b_y, m_f, KIND: tl.constexpr):
     """Hedgehog halves (phi+, phi-) [BT, BFH] in fp32 from y = x W + b; columns outside m_f give 0.
     KIND 0: softmax_split, 1: exp (stabilised by the row max of |y|), 2: joint_softmax."""
@@ -96,8 +129,8 @@ def _feat_bwd(b_dphi, b_x, b_y, m_t, p_w, p_dw, p_db, DX, FH,
         b_dy = b_p * (b_dp - b_c) - b_n * (b_dn - b_c)
     b_dy = tl.where(m_t[:, None] & m_f, b_dy, 0)  # [BT, BFH]
     b_w = tl.load(p_w + o_d[:, None] * FH + o_f[None, :], mask=m_d[:, None] & m_f, other=0).to(tl.float32)
-    b_dx = tl.dot(b_dy, tl.trans(b_w), input_precision=PREC)  # [BT, BDX]
-    b_dw = tl.dot(tl.trans(b_x.to(tl.float32)), b_dy, input_precision=PREC)  # [BDX, BFH]
+    b_dx = _dot_xx(b_dy, tl.trans(b_w), b_x, PREC)  # [BT, BDX]
+    b_dw = _dot_x(tl.trans(b_x), b_dy, PREC)  # [BDX, BFH]
     tl.store(p_dw + o_d[:, None] * FH + o_f[None, :], b_dw, mask=m_d[:, None] & m_f)
     tl.store(p_db + o_f, tl.sum(b_dy, 0), mask=o_f < FH)
     return b_dx
@@ -201,7 +234,7 @@ def linear_attention_fwd_kernel(
         b_q = tl.load(q + i_bh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
     b_h = tl.load(h + (i_kvh * NS + i_s) * F * D + o_k[:, None] * D + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
     b_z = tl.load(z + (i_kvh * NS + i_s) * F + o_k, mask=m_k, other=0)
-    b_o = tl.dot(b_q.to(tl.float32), b_h, input_precision=PREC_STATE)  # [BT, BV]
+    b_o = _dot_x(b_q, b_h, PREC_STATE)  # [BT, BV]
     b_d = tl.sum(b_q.to(tl.float32) * b_z[None, :], 1)  # [BT]
     if CAUSAL:
         m_j = m_t
@@ -252,7 +285,8 @@ def linear_attention_bwd_dq_kernel(
     tl.store(s + i_bh * L + o_t, b_s, mask=m_t)
     b_h = tl.load(h + (i_kvh * NS + i_s) * F * D + o_k[:, None] * D + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
     b_z = tl.load(z + (i_kvh * NS + i_s) * F + o_k, mask=m_k, other=0)
-    b_dq = tl.dot(b_g, tl.trans(b_h), input_precision=PREC_STATE) + b_s[:, None] * b_z[None, :]  # [BT, BK]
+    b_dq = _dot_xx(b_g, tl.trans(b_h), b_do.to(do.dtype.element_ty), PREC_STATE)  # [BT, BK]
+    b_dq += b_s[:, None] * b_z[None, :]
     if CAUSAL:
         m_j = m_t
         if HAS_MASK:
@@ -264,7 +298,7 @@ def linear_attention_bwd_dq_kernel(
         else:
             b_k = tl.load(k + i_kvh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0)
         b_v = tl.load(v + i_kvh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
-        b_P = tl.dot(b_g, tl.trans(b_v.to(tl.float32)), input_precision=PREC_STATE) + b_s[:, None]  # [BT, BT]
+        b_P = _dot_fx(b_g, tl.trans(b_v), PREC_STATE) + b_s[:, None]  # [BT, BT]
         b_P = tl.where((o_t[:, None] >= o_t[None, :]) & m_j[None, :], b_P, 0)
         b_dq += tl.dot(b_P.to(b_k.dtype), b_k, input_precision=PREC)
     if FUSED:
@@ -329,7 +363,7 @@ def linear_attention_state_bwd_kernel(
             b_den = tl.where(b_den == 0, 1, b_den)
             b_s = tl.load(s + i_qh * L + o_r, mask=m_t, other=0)
             b_g = b_do.to(tl.float32) / b_den[:, None]
-            b_dh += tl.dot(tl.trans(b_q.to(tl.float32)), b_g, input_precision=PREC_STATE)  # [BK, BV]
+            b_dh += _dot_x(tl.trans(b_q), b_g, PREC_STATE)  # [BK, BV]
             b_dz += tl.sum(b_q.to(tl.float32) * b_s[:, None], 0)
     if LOCAL:
         tl.store(p_dh + i_0 * F * D, b_dh, mask=m_k[:, None] & m_v[None, :])
@@ -368,8 +402,8 @@ def linear_attention_bwd_dkdv_kernel(
     b_v = tl.load(v + i_bh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
     b_dh = tl.load(dh + (i_bh * NS + i_s) * F * D + o_k[:, None] * D + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
     b_dz = tl.load(dz + (i_bh * NS + i_s) * F + o_k, mask=m_k, other=0)
-    b_dk = tl.dot(b_v.to(tl.float32), tl.trans(b_dh), input_precision=PREC_STATE) + b_dz[None, :]  # [BT, BK]
-    b_dv = tl.dot(b_k.to(tl.float32), b_dh, input_precision=PREC_STATE)  # [BT, BV]
+    b_dk = _dot_x(b_v, tl.trans(b_dh), PREC_STATE) + b_dz[None, :]  # [BT, BK]
+    b_dv = _dot_x(b_k, b_dh, PREC_STATE)  # [BT, BV]
     if CAUSAL:
         m_ji = o_t[None, :] >= o_t[:, None]  # [BT(j), BT(i)]: i >= j
         o_r = tl.where(m_t, o_t, 0)
@@ -392,7 +426,7 @@ def linear_attention_bwd_dkdv_kernel(
             b_At = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BT(j), BT(i)] = A^T
             b_At = tl.where(m_ji, b_At, 0)
             b_dv += tl.dot(b_At.to(b_g.dtype), b_g, input_precision=PREC)
-            b_Pt = tl.dot(b_v.to(tl.float32), b_gT, input_precision=PREC_STATE) + b_s[None, :]  # [BT(j), BT(i)]
+            b_Pt = _dot_x(b_v, b_gT, PREC_STATE) + b_s[None, :]  # [BT(j), BT(i)]
             b_Pt = tl.where(m_ji, b_Pt, 0)
             b_dk += tl.dot(b_Pt.to(b_q.dtype), b_q, input_precision=PREC)
     b_dk = tl.where(m_j[:, None], b_dk, 0)
@@ -425,12 +459,19 @@ def _launcher(kernel):
 
 
 def _precisions(dtype: torch.dtype) -> Tuple[str, str]:
-    """(dot precision for products of inputs, for products with the fp32 states). fp32 inputs: exact fp32 dots."""
+    """(dot precision for products of inputs, for products with an fp32 operand). fp32 inputs: exact fp32 dots.
+
+    fp32 operands (states, g = dO / den) on 16-bit inputs: tf32x3 keeps about fp32 accuracy, which the backward's
+    cancellation g.v_j - g.o_i needs (plain tf32 measured 30x PyTorch's error at L=1, fp16, on the H200), but holds
+    big and small fp32 halves of both operands (register spills). HHFFT_LA_PREC=split on bf16 inputs instead splits the
+    fp32 operand into bf16 hi + lo (16 significant bits, two or three bf16 dots); fp16 keeps tf32x3 (a state
+    beyond 65504 would overflow fp16 halves). Not the default until timed and validated on a GPU."""
     if dtype == torch.float32:
         return "ieee", "ieee"
-    # fp32 operands (states, g = dO / den) on 16-bit inputs: tf32x3 keeps about fp32 accuracy, which the backward's
-    # cancellation g.v_j - g.o_i needs (plain tf32 measured 30x PyTorch's error at L=1, fp16, on the H200)
-    return "tf32", "tf32x3"
+    mode = os.environ.get("HHFFT_LA_PREC", "tf32x3")
+    if mode not in ("tf32x3", "split"):
+        raise ValueError(f"HHFFT_LA_PREC must be tf32x3 (the default) or split, got {mode!r}")
+    return "tf32", "split" if mode == "split" and dtype == torch.bfloat16 else "tf32x3"
 
 
 # Every tl.dot dimension is at least 64. Triton's sm_90 (Hopper) code for kernels with two or more tl.dot gives
