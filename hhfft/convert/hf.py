@@ -105,6 +105,7 @@ def stdlib_docstrings(modules: Optional[Union[list, str]] = None, min_words: int
     import importlib
     import inspect
     import sys
+    import warnings
 
     if modules == "all":
         modules = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in _STDLIB_SKIP)
@@ -114,7 +115,9 @@ def stdlib_docstrings(modules: Optional[Union[list, str]] = None, min_words: int
     out, seen = [], set()
     for name in modules:
         try:
-            mod = importlib.import_module(name)
+            with warnings.catch_warnings():  # deprecated stdlib modules warn on import; only their text is read
+                warnings.simplefilter("ignore", DeprecationWarning)
+                mod = importlib.import_module(name)
         except Exception:  # noqa: BLE001  (platform-specific modules fail in many ways)
             continue
         objs = [mod] + [getattr(mod, a, None) for a in sorted(dir(mod)) if not a.startswith("_")]

@@ -119,3 +119,25 @@ def test_cli_convert_writes_a_checkpoint_load_converted_restores_exactly(minilm,
     state = fresh.state_dict()
     assert len(saved) == 24 and all(torch.equal(state[k], v) for k, v in saved.items())
     assert not torch.equal(saved["encoder.layer.0.attention.self.hedgehog.q_map.weight"], torch.eye(32).expand(12, 32, 32))
+
+
+@pytest.mark.slow
+def test_pack_carries_texts_and_weights_that_give_the_original_embeddings(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+    import convert_minilm as ex
+
+    ex.main(["--pack", str(tmp_path), "--calibration", "40", "--held-out", "24"])
+    texts = json.loads((tmp_path / "texts.json").read_text())
+    assert len(texts["held_out"]) == 24 and len(texts["calibration"]["stdlib-all"]) == 40
+    tok, packed = ex.load_original(str(tmp_path))
+    tok0, original = ex.load_original(None)
+    fp32 = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    for part in (texts["held_out"], texts["calibration"]["stdlib-all"]):
+        e0 = ex.embed(original, tok0, part, 64, autocast=fp32)
+        e1 = ex.embed(packed, tok, part, 64, autocast=fp32)
+        assert torch.equal(e0, e1)  # exact for the packed texts: only unused embedding rows were dropped
+    w = packed.embeddings.word_embeddings.weight
+    assert w.shape == original.embeddings.word_embeddings.weight.shape and (w == 0).all(-1).sum() > 20000
