@@ -238,6 +238,7 @@ def train(model: torch.nn.Module, train_data: np.ndarray, windows: torch.Tensor,
     elapsed = time.time() - t_start
     final_curve = evaluate(model, curve_windows, bf16=s.bf16)
     curve.append([step * step_tokens, final_curve])
+    log(f"[{s.name}] tokens {step * step_tokens}  val {final_curve:.4f}  (end)")
     final = evaluate(model, windows, bf16=s.bf16)
     log(f"[{s.name}] done: {step * step_tokens} tokens in {elapsed:.0f} s, val {final:.4f} (ppl/byte "
         f"{math.exp(final):.4f})")
@@ -516,6 +517,40 @@ _ROWS = (("scratch_softmax", "softmax, from scratch (the checkpoint)"),
          ("scratch_hedgehog", "Hedgehog, from scratch (maps trained jointly)"))
 
 
+def _partial_from_log(runs: str, name: str) -> dict | None:
+    """What a run that was stopped before it wrote result.json left in its log.txt (the held-out curve), with its
+    command from the driver's log (``driver.log`` beside the runs) when there is one."""
+    import re
+
+    path = os.path.join(runs, name, "log.txt")
+    if not os.path.exists(path):
+        return None
+    res: dict = {"stage": "finetune" if name.startswith("ft_") else "train", "partial": True, "curve": [],
+                 "argv": [], "val_ce": None, "val_ppl": None, "val_bpb": None, "compiled": None}
+    keys = {"softmax checkpoint": "val_ce_init", "converted, before distillation": "val_ce_converted",
+            "after distillation": "val_ce_distilled"}
+    with open(path) as f:
+        for line in f:
+            m = re.match(r"\[[^\]]+\] tokens (\d+)\s+val (\S+)", line)
+            if m:
+                res["curve"].append([int(m.group(1)), float(m.group(2))])
+            m = re.search(r"group minimum (\d+)", line)
+            if m:
+                res["budget"] = int(m.group(1))
+            for k, v in keys.items():
+                m = re.match(rf"\[[^\]]+\] {k}: val (\S+)", line)
+                if m:
+                    res[v] = float(m.group(1))
+    res["tokens"] = res["curve"][-1][0] if res["curve"] else 0
+    driver = os.path.join(runs, "driver.log")
+    if os.path.exists(driver):
+        with open(driver) as f:
+            for line in f:
+                if line.startswith(f"[{name}] hhfft.cli gpt "):
+                    res["argv"] = ["hhfft", *line.split("]", 1)[1].split("(GPU")[0].split()[1:]]
+    return res
+
+
 def _load_results(runs: str) -> dict:
     out = {}
     for name, _ in _ROWS:
@@ -523,7 +558,18 @@ def _load_results(runs: str) -> dict:
         if os.path.exists(path):
             with open(path) as f:
                 out[name] = json.load(f)
+        else:
+            part = _partial_from_log(runs, name)
+            if part is not None and part["curve"]:
+                out[name] = part
     return out
+
+
+def _common_tokens(res: dict, stage: str) -> int | None:
+    """The largest token count at which every run of ``stage`` has a curve point."""
+    sets = [{t for t, _ in r["curve"]} for r in res.values() if r["stage"] == stage and r["curve"]]
+    common = set.intersection(*sets) if sets else set()
+    return max(common) if common else None
 
 
 def _curve_at(curve: list, tokens: int) -> float | None:
@@ -533,36 +579,64 @@ def _curve_at(curve: list, tokens: int) -> float | None:
     return None
 
 
+def _fmt(x: float | None, f: str = ".4f") -> str:
+    return "-" if x is None else format(x, f)
+
+
+def _rel(x: float | None, ref: float | None) -> str:
+    return f"{100 * (x / ref - 1):+.2f}%" if x is not None and ref and math.isfinite(x) else "-"
+
+
 def table(runs: str) -> str:
-    """The markdown table of the runs under ``runs`` (folders named as in ``_ROWS``)."""
+    """The markdown table of the runs under ``runs`` (folders named as in ``_ROWS``). Two comparisons: the final
+    held-out perplexity (every window), and the curve's value at the largest token count that every run of the same
+    stage reached (the curve's evenly spaced subset of windows; the only comparison for a run stopped early)."""
     res = _load_results(runs)
     if not res:
         raise FileNotFoundError(f"table: no result.json under {runs}/<run>/ (expected folders "
                                 f"{', '.join(n for n, _ in _ROWS)})")
-    header = ("| row | held-out ppl/byte | bits/byte | vs softmax fine-tuned | tokens trained | before fine-tuning "
-              "(ppl) | compiled | command |")
-    lines = [header, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    ref = res.get("ft_softmax", {}).get("val_ppl")
-    ref_scratch = res.get("scratch_softmax", {}).get("val_ppl")
+    common = {st: _common_tokens(res, st) for st in ("train", "finetune")}
+    header = ("| row | ppl/byte, end (all held-out windows) | vs softmax | ppl/byte at the common tokens (curve "
+              "windows) | vs softmax | tokens trained | ppl after convert (+ distill), before fine-tuning | "
+              "compiled | command |")
+    lines = [f"common tokens: from scratch {common['train']:,}, fine-tuning {common['finetune']:,}"
+             if common["train"] and common["finetune"] else "", header, "|" + " --- |" * 9]
+
+    def at(r):
+        st = r["stage"]
+        v = _curve_at(r["curve"], common[st]) if common[st] is not None else None
+        return None if v is None else math.exp(v)
+
+    ref = {"finetune": res.get("ft_softmax"), "train": res.get("scratch_softmax")}
     for name, label in _ROWS:
         r = res.get(name)
         if r is None:
-            lines.append(f"| {label} | not run | | | | | | |")
+            lines.append(f"| {label} | not run |" + " |" * 7)
             continue
-        base = ref_scratch if name.startswith("scratch") else ref
-        rel = f"{100 * (r['val_ppl'] / base - 1):+.2f}%" if base else "-"
-        pre = r.get("val_ce_distilled", r.get("val_ce_converted", r.get("val_ce_init")))
-        pre_s = f"{math.exp(pre):.3f}" if pre is not None and r["stage"] == "finetune" else "-"
-        argv = list(r["argv"])
-        if "--tokens" in argv:
-            argv[argv.index("--tokens") + 1] = str(r["tokens"])
+        base = ref["train" if name.startswith("scratch") else "finetune"]
+        end = r["val_ppl"]
+        if name == "scratch_softmax" and "ft_softmax" in res:
+            base_end, base_at = end, at(r)
+        else:
+            base_end, base_at = (base or {}).get("val_ppl"), at(base) if base else None
+        pre = r.get("val_ce_distilled", r.get("val_ce_converted"))
+        pre_s = _fmt(math.exp(pre), ".3f") if pre is not None else "-"
+        argv = list(r.get("argv") or [])
+        budget = r.get("budget") if r.get("partial") else r["tokens"]  # a partial run: the budget it fell short of
+        if "--tokens" in argv and budget is not None:
+            argv[argv.index("--tokens") + 1] = str(budget)
         for flag in ("--deadline", "--sync", "--group"):
             if flag in argv:
                 i = argv.index(flag)
                 del argv[i:i + 2]
-        comp = "yes" if r.get("compiled") else f"no ({r.get('compile_error') or 'eager asked'})"
-        lines.append(f"| {label} | {r['val_ppl']:.4f} | {r['val_bpb']:.4f} | {rel} | {r['tokens']:,} | {pre_s} | "
-                     f"{comp} | `{' '.join(argv)}` |")
+        if r.get("compiled") is None:
+            comp = "?"
+        else:
+            comp = "yes" if r["compiled"] else f"no ({r.get('compile_error') or 'eager asked'})"
+        stopped = " (stopped early)" if r.get("partial") else ""
+        lines.append(f"| {label}{stopped} | {_fmt(end)} | {_rel(end, base_end)} | {_fmt(at(r))} | "
+                     f"{_rel(at(r), base_at)} | {r['tokens']:,} | {pre_s} | {comp} | "
+                     f"`{' '.join(argv) or 'see log'}` |")
     return "\n".join(lines)
 
 

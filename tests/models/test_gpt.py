@@ -15,7 +15,7 @@ from hhfft.convert import distill, hedgehog_sites
 from hhfft.convert.distill import site_maps
 from hhfft.data import pydocs
 from hhfft.models.gpt import GPT, GPTConfig
-from hhfft.models.gpt_pipeline import convert_gpt, load_gpt, main, save_gpt
+from hhfft.models.gpt_pipeline import convert_gpt, load_gpt, main, save_gpt, table
 
 WORDS = ["the", "function", "returns", "a", "new", "object", "list", "of", "values", "when", "called", "with", "an", "argument", "module", "class", "method", "raises", "error", "if", "none", "is", "given", "default", "string", "bytes", "file", "path"]
 
@@ -158,3 +158,12 @@ def test_tiny_pipeline_end_to_end(corpus, tmp_path):
     assert main(["table", "--runs", str(runs), "--png-dir", str(png_dir)]) == 0
     for name in ("gpt_conversion_curves.png", "gpt_attention_maps.png"):
         assert (png_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a run stopped before it wrote result.json is read back from its log: its curve, compared at common tokens
+    (runs / "ft_hedgehog" / "result.json").unlink()
+    text = table(str(runs))
+    row = next(ln for ln in text.splitlines() if ln.startswith("| Hedgehog: convert"))
+    last_t, last_v = res["ft_hedgehog"]["curve"][-1]
+    assert "(stopped early)" in row, row
+    # the log keeps 4 decimals of the loss: exp() of it agrees with the result's value to about 5e-5 relative
+    assert float(row.split("|")[4]) == pytest.approx(math.exp(last_v), rel=1e-4), row
+    assert f"fine-tuning {last_t:,}" in text.splitlines()[0]
