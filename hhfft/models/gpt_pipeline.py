@@ -721,8 +721,11 @@ def main(argv: list | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 work (distillation, the optimizer) in TF32 on CUDA
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        helping = bool(argv) and argv[0] in ("-h", "--help")
+        print(__doc__, file=sys.stdout if helping else sys.stderr)
+        if argv and not helping:
+            print(f"hhfft gpt: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 0 if helping else 2
     return COMMANDS[argv[0]](argv[1:])
 
 
