@@ -127,6 +127,7 @@ class TrainSettings:
     group: int = 1
     name: str = "run"
     probe_steps: int = 6  # steps timed for the budget (after 3 steps of warm-up)
+    grace: float = 10.0  # seconds past the deadline after which training stops short of the budget
 
 
 def _lr(step: int, total_steps: int, s: TrainSettings) -> float:
@@ -188,7 +189,13 @@ def train(model: torch.nn.Module, train_data: np.ndarray, windows: torch.Tensor,
     next_eval = None
     step, t_probe, t_start, skipped = 0, None, time.time(), 0
     model.train()
+    stopped_early = False
     while total_steps is None or step < total_steps:
+        if s.deadline is not None and total_steps is not None and time.time() > s.deadline + s.grace:
+            # the agreed budget was too optimistic (say, a GPU shared with another row): stop, evaluate, record it
+            log(f"[{s.name}] past the deadline: stopped at {step * step_tokens} of {total_steps * step_tokens} tokens")
+            stopped_early = True
+            break
         x = _batch(train_data, s.batch, block, gen).to(device, non_blocking=True)
         lr = _lr(step, total_steps or 10**9, s)
         for g in opt.param_groups:
@@ -242,7 +249,8 @@ def train(model: torch.nn.Module, train_data: np.ndarray, windows: torch.Tensor,
     final = evaluate(model, windows, bf16=s.bf16)
     log(f"[{s.name}] done: {step * step_tokens} tokens in {elapsed:.0f} s, val {final:.4f} (ppl/byte "
         f"{math.exp(final):.4f})")
-    return {"curve": curve, "tokens": step * step_tokens, "steps": step, "skipped_steps": skipped, "compiled": compiled,
+    return {"curve": curve, "tokens": step * step_tokens, "steps": step, "skipped_steps": skipped, "stopped_early": stopped_early,
+            "budget": (total_steps or step) * step_tokens, "compiled": compiled,
             "compile_error": compile_error, "tokens_per_s": step * step_tokens / max(elapsed, 1e-9),
             "val_ce": final, "val_ppl": math.exp(final), "val_bpb": final / math.log(2)}
 
@@ -622,7 +630,7 @@ def table(runs: str) -> str:
         pre = r.get("val_ce_distilled", r.get("val_ce_converted"))
         pre_s = _fmt(math.exp(pre), ".3f") if pre is not None else "-"
         argv = list(r.get("argv") or [])
-        budget = r.get("budget") if r.get("partial") else r["tokens"]  # a partial run: the budget it fell short of
+        budget = r.get("budget") if r.get("partial") or r.get("stopped_early") else r["tokens"]  # the budget asked
         if "--tokens" in argv and budget is not None:
             argv[argv.index("--tokens") + 1] = str(budget)
         for flag in ("--deadline", "--sync", "--group"):
@@ -633,7 +641,7 @@ def table(runs: str) -> str:
             comp = "?"
         else:
             comp = "yes" if r["compiled"] else f"no ({r.get('compile_error') or 'eager asked'})"
-        stopped = " (stopped early)" if r.get("partial") else ""
+        stopped = " (stopped early)" if r.get("partial") or r.get("stopped_early") else ""
         lines.append(f"| {label}{stopped} | {_fmt(end)} | {_rel(end, base_end)} | {_fmt(at(r))} | "
                      f"{_rel(at(r), base_at)} | {r['tokens']:,} | {pre_s} | {comp} | "
                      f"`{' '.join(argv) or 'see log'}` |")

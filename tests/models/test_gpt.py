@@ -167,3 +167,32 @@ def test_tiny_pipeline_end_to_end(corpus, tmp_path):
     # the log keeps 4 decimals of the loss: exp() of it agrees with the result's value to about 5e-5 relative
     assert float(row.split("|")[4]) == pytest.approx(math.exp(last_v), rel=1e-4), row
     assert f"fine-tuning {last_t:,}" in text.splitlines()[0]
+
+
+def test_training_skips_non_finite_steps_and_stops_past_the_deadline(corpus):
+    import time
+
+    from hhfft.models.gpt_pipeline import TrainSettings, train, val_windows
+
+    data, _ = corpus
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, block_size=32))
+    calls = {"n": 0}
+
+    def poison(grad):  # the second backward gets a NaN gradient
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] == 2 else grad
+
+    model.wte.weight.register_hook(poison)
+    train_data = pydocs.load_split(str(data), "train")
+    windows = val_windows(pydocs.load_split(str(data), "val"), 32, 4)
+    kw = dict(batch=4, warmup=1, evals=1, eval_windows=2, compile=False, bf16=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    res = train(model, train_data, windows, TrainSettings(tokens=5 * 4 * 32, **kw), log=lambda m: None)
+    assert res["steps"] == 5 and res["skipped_steps"] == 1 and not res["stopped_early"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the other 4 steps trained
+    late = TrainSettings(tokens=100 * 4 * 32, deadline=time.time() - 60, **kw)
+    res = train(model, train_data, windows, late, log=lambda m: None)
+    assert res["stopped_early"] and res["steps"] == 0 and res["budget"] == 100 * 4 * 32
+    assert math.isfinite(res["val_ce"])
