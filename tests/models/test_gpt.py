@@ -188,7 +188,7 @@ def test_training_skips_non_finite_steps_and_stops_past_the_deadline(corpus):
     model.wte.weight.register_hook(poison)
     train_data = pydocs.load_split(str(data), "train")
     windows = val_windows(pydocs.load_split(str(data), "val"), 32, 4)
-    kw = dict(batch=4, warmup=1, evals=1, eval_windows=2, compile=False, bf16=False)
+    kw = {"batch": 4, "warmup": 1, "evals": 1, "eval_windows": 2, "compile": False, "bf16": False}
     before = [p.detach().clone() for p in model.parameters()]
     res = train(model, train_data, windows, TrainSettings(tokens=5 * 4 * 32, **kw), log=lambda m: None)
     assert res["steps"] == 5 and res["skipped_steps"] == 1 and not res["stopped_early"]
