@@ -47,16 +47,6 @@ def _dot_x(a, b, PS: tl.constexpr):
 
 
 @triton.jit
-def _dot_fx(a, b, PS: tl.constexpr):
-    """a @ b in fp32 for a [M, K] fp32 and b [K, N] in the inputs' dtype (exact there); as _dot_x."""
-    if PS == "split":
-        a_hi = a.to(b.dtype)
-        return tl.dot((a - a_hi.to(tl.float32)).to(b.dtype), b, tl.dot(a_hi, b))
-    else:
-        return tl.dot(a, b.to(tl.float32), input_precision=PS)
-
-
-@triton.jit
 def _dot_xx(a, b, r, PS: tl.constexpr):
     """a @ b in fp32 for a [M, K] and b [K, N] both fp32; r is any block in the inputs' dtype. PS "split": hi + lo in
     r's dtype, three 16-bit dots (the lo x lo term dropped); else one dot at precision PS."""
@@ -276,17 +266,17 @@ def linear_attention_bwd_dq_kernel(
     m_t, m_k, m_v = o_t < L, o_k < F, o_v < D
     p_ov = i_bh * L * D + o_t[:, None] * D + o_v[None, :]
     m_ov = m_t[:, None] & m_v[None, :]
-    b_do = tl.load(do + p_ov, mask=m_ov, other=0).to(tl.float32)  # [BT, BV]
+    # g = dO / den enters every product as dO, the row scale 1 / den after it: dO is exact in the inputs' dtype, so
+    # G V^T is one exact 16-bit product and G h^T needs no fp32 left operand
+    b_do = tl.load(do + p_ov, mask=m_ov, other=0)  # [BT, BV]
     b_o = tl.load(o + p_ov, mask=m_ov, other=0).to(tl.float32)
     b_den = tl.load(den + i_bh * L + o_t, mask=m_t, other=1)
     b_den = tl.where(b_den == 0, 1, b_den)
-    b_g = b_do / b_den[:, None]
-    b_s = tl.load(dden + i_bh * L + o_t, mask=m_t, other=0) - tl.sum(b_do * b_o, 1) / b_den  # [BT]
+    b_s = tl.load(dden + i_bh * L + o_t, mask=m_t, other=0) - tl.sum(b_do.to(tl.float32) * b_o, 1) / b_den  # [BT]
     tl.store(s + i_bh * L + o_t, b_s, mask=m_t)
     b_h = tl.load(h + (i_kvh * NS + i_s) * F * D + o_k[:, None] * D + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
     b_z = tl.load(z + (i_kvh * NS + i_s) * F + o_k, mask=m_k, other=0)
-    b_dq = _dot_xx(b_g, tl.trans(b_h), b_do.to(do.dtype.element_ty), PREC_STATE)  # [BT, BK]
-    b_dq += b_s[:, None] * b_z[None, :]
+    b_dq = _dot_x(b_do, tl.trans(b_h), PREC_STATE) / b_den[:, None] + b_s[:, None] * b_z[None, :]  # [BT, BK]
     if CAUSAL:
         m_j = m_t
         if HAS_MASK:
@@ -298,7 +288,7 @@ def linear_attention_bwd_dq_kernel(
         else:
             b_k = tl.load(k + i_kvh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0)
         b_v = tl.load(v + i_kvh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
-        b_P = _dot_fx(b_g, tl.trans(b_v), PREC_STATE) + b_s[:, None]  # [BT, BT]
+        b_P = tl.dot(b_do, tl.trans(b_v), input_precision=PREC) / b_den[:, None] + b_s[:, None]  # [BT, BT]
         b_P = tl.where((o_t[:, None] >= o_t[None, :]) & m_j[None, :], b_P, 0)
         b_dq += tl.dot(b_P.to(b_k.dtype), b_k, input_precision=PREC)
     if FUSED:
@@ -422,11 +412,10 @@ def linear_attention_bwd_dkdv_kernel(
             b_den = tl.where(b_den == 0, 1, b_den)
             b_s = tl.load(s + i_qh * L + o_r, mask=m_t, other=0)
             b_g = (b_do.to(tl.float32) / b_den[:, None]).to(b_v.dtype)  # [BT(i), BV]
-            b_gT = b_doT.to(tl.float32) / b_den[None, :]  # [BV, BT(i)]
             b_At = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BT(j), BT(i)] = A^T
             b_At = tl.where(m_ji, b_At, 0)
             b_dv += tl.dot(b_At.to(b_g.dtype), b_g, input_precision=PREC)
-            b_Pt = _dot_x(b_v, b_gT, PREC_STATE) + b_s[None, :]  # [BT(j), BT(i)]
+            b_Pt = tl.dot(b_v, b_doT, input_precision=PREC) / b_den[None, :] + b_s[None, :]  # [BT(j), BT(i)]
             b_Pt = tl.where(m_ji, b_Pt, 0)
             b_dk += tl.dot(b_Pt.to(b_q.dtype), b_q, input_precision=PREC)
     b_dk = tl.where(m_j[:, None], b_dk, 0)
