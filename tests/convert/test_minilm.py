@@ -64,12 +64,12 @@ def test_minilm_distillation_moves_embeddings_towards_the_original(minilm):
 
     def calib_loss():
         with torch.no_grad():
-            return sum(float(loss_fn(model, b)) for b in batches[:2]) / 2
+            return float(loss_fn(model, batches[0]))
 
     l0 = calib_loss()
-    hist = tune_maps(model, batches[:2], loss_fn, steps=4, lr=2e-3, stream=None)
+    hist = tune_maps(model, batches[:1], loss_fn, steps=3, lr=2e-3, stream=None)  # one shape: one compile
     l1 = calib_loss()
-    assert len(hist) == 4 and l1 < l0, (l0, l1, hist)
+    assert len(hist) == 3 and l1 < l0, (l0, l1, hist)
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in frozen.items())  # original weights untouched
     assert any(not torch.equal(state[k], v) for k, v in maps.items())
