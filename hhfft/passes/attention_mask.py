@@ -156,6 +156,16 @@ _FN_NAMES = {
     torch.flatten: "flatten", torch._C._nn.scaled_dot_product_attention: "sdpa",
     torch.nn.functional.multi_head_attention_forward: "mha", torch.t: "t",
 }
+# Tensor methods, including the operator dunders that some Dynamo versions record as call_method (torch 2.11 traces
+# ``a == b`` inside transformers' mask functions as ``a.__eq__(b)``). Only the unreflected dunders: their operands
+# come in the function's order.
+_METHOD_NAMES = {
+    "__and__": "and", "__or__": "or", "__invert__": "not", "logical_and": "and", "logical_or": "or",
+    "logical_not": "not", "bitwise_and": "and", "bitwise_or": "or", "bitwise_not": "not", "__getitem__": "getitem",
+    "true_divide": "div", "mT": "mT", "__eq__": "eq", "__ne__": "ne", "__le__": "le", "__lt__": "lt", "__ge__": "ge",
+    "__gt__": "gt", "__add__": "add", "__sub__": "sub", "__mul__": "mul", "__truediv__": "div", "__neg__": "neg",
+    "__matmul__": "matmul",
+}
 _ATEN = {"_safe_softmax": "softmax", "_softmax": "softmax", "bitwise_and": "and", "bitwise_or": "or",
          "logical_not": "not", "bitwise_not": "not", "scaled_dot_product_attention": "sdpa", "_to_copy": "to",
          "true_divide": "div", "expand_as": "expand_as", "view": "view", "_unsafe_view": "view"}
@@ -166,9 +176,7 @@ def op_name(n: Any) -> str:
     if not isinstance(n, fx.Node):
         return ""
     if n.op == "call_method":
-        return {"__and__": "and", "__or__": "or", "__invert__": "not", "logical_and": "and", "logical_or": "or",
-                "logical_not": "not", "bitwise_and": "and", "bitwise_or": "or", "bitwise_not": "not",
-                "__getitem__": "getitem", "true_divide": "div", "mT": "mT"}.get(n.target, n.target)
+        return _METHOD_NAMES.get(n.target, n.target)
     if n.op != "call_function":
         return ""
     name = _FN_NAMES.get(n.target)
