@@ -191,6 +191,16 @@ def test_split_precision_fused_bf16(monkeypatch):
     test_fused_feature_map(2, 4, 2, 1000, 64, 64, 64, True, torch.bfloat16, True, "softmax_split")
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])
+def test_dk_dv_in_separate_launches(fused, monkeypatch):
+    """HHFFT_LA_DKDV=apart: dk and dv by two launches (each with half the registers): same tolerance."""
+    monkeypatch.setenv("HHFFT_LA_DKDV", "apart")
+    if fused:
+        test_fused_feature_map(2, 4, 2, 1000, 64, 64, 64, True, torch.bfloat16, True, "softmax_split")
+    else:
+        test_forward_backward(2, 8, 2, 1000, 128, 64, True, torch.float16, True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_decoding_step_matches_forward(dtype):
     from hhfft.lowering.linear_attention import linear_attention_state, linear_attention_step

@@ -166,6 +166,19 @@ def test_recurrent_step_kernel_matches_chunked_forward(dtype):
     assert_within_baseline("o", got, ref[:, :, 3:], [base[:, :, 3:]])
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])
+def test_dk_dv_in_separate_launches(fused, monkeypatch):
+    """HHFFT_LA_DKDV=apart (dk and dv by two launches of the dk/dv kernel): same results, dW and db included."""
+    monkeypatch.setenv("HHFFT_LA_DKDV", "apart")
+    if fused:
+        test_fused_feature_map_forward_and_backward_vs_fp64(FUSED_CASES[0], True, "exp")
+    else:
+        test_forward_and_backward_vs_fp64(CASES[2], True, torch.float16)
+    monkeypatch.setenv("HHFFT_LA_DKDV", "both")
+    with pytest.raises(ValueError, match="joint .* or apart"):
+        chunk._Plan(*_inputs(*CASES[0], dtype=torch.float32)[:3], True, None, None)
+
+
 @pytest.mark.parametrize("states", ["parallel", "sequential"])
 @pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])
 def test_both_state_passes(states, fused, monkeypatch):

@@ -365,15 +365,16 @@ def linear_attention_state_bwd_kernel(
             tl.store(p_dz, b_dz, mask=m_k)
 
 
-@triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED", "DK", "DV"])
 @triton.jit
 def linear_attention_bwd_dkdv_kernel(
     q, k, v, mask, den, do, s, dh, dz, dk, dv, wq, bq, wk, bk, dwk, dbk,
     L, NT, F, D, Hkv, G, DX, FH,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr,
-    PREC: tl.constexpr, PREC_STATE: tl.constexpr,
+    PREC: tl.constexpr, PREC_STATE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
 ):
+    # DK, DV: which of the two this launch computes (both in one launch, or one each: half the live registers)
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # i_bh over B * Hkv
     i_b = i_bh // Hkv
     NS = NT if CAUSAL else 1
@@ -392,8 +393,12 @@ def linear_attention_bwd_dkdv_kernel(
     b_v = tl.load(v + i_bh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
     b_dh = tl.load(dh + (i_bh * NS + i_s) * F * D + o_k[:, None] * D + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
     b_dz = tl.load(dz + (i_bh * NS + i_s) * F + o_k, mask=m_k, other=0)
-    b_dk = _dot_x(b_v, tl.trans(b_dh), PREC_STATE) + b_dz[None, :]  # [BT, BK]
-    b_dv = _dot_x(b_k, b_dh, PREC_STATE)  # [BT, BV]
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    if DK:
+        b_dk = _dot_x(b_v, tl.trans(b_dh), PREC_STATE) + b_dz[None, :]  # [BT, BK]
+    if DV:
+        b_dv = _dot_x(b_k, b_dh, PREC_STATE)  # [BT, BV]
     if CAUSAL:
         m_ji = o_t[None, :] >= o_t[:, None]  # [BT(j), BT(i)]: i >= j
         o_r = tl.where(m_t, o_t, 0)
@@ -406,31 +411,36 @@ def linear_attention_bwd_dkdv_kernel(
             else:
                 b_q = tl.load(q + i_qh * L * F + o_r[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
             p_do = do + i_qh * L * D
-            b_do = tl.load(p_do + o_r[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)  # [BT, BV]
-            b_doT = tl.load(p_do + o_r[None, :] * D + o_v[:, None], mask=m_t[None, :] & m_v[:, None], other=0)  # [BV, BT]
             b_den = tl.load(den + i_qh * L + o_r, mask=m_t, other=1)
             b_den = tl.where(b_den == 0, 1, b_den)
-            b_s = tl.load(s + i_qh * L + o_r, mask=m_t, other=0)
-            b_g = (b_do.to(tl.float32) / b_den[:, None]).to(b_v.dtype)  # [BT(i), BV]
-            b_At = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BT(j), BT(i)] = A^T
-            b_At = tl.where(m_ji, b_At, 0)
-            b_dv += tl.dot(b_At.to(b_g.dtype), b_g, input_precision=PREC)
-            b_Pt = tl.dot(b_v, b_doT, input_precision=PREC) / b_den[None, :] + b_s[None, :]  # [BT(j), BT(i)]
-            b_Pt = tl.where(m_ji, b_Pt, 0)
-            b_dk += tl.dot(b_Pt.to(b_q.dtype), b_q, input_precision=PREC)
-    b_dk = tl.where(m_j[:, None], b_dk, 0)
-    b_dv = tl.where(m_j[:, None], b_dv, 0)
-    tl.store(dv + i_bh * L * D + o_t[:, None] * D + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-    if FUSED:
-        i_p = i_t * tl.num_programs(1) + i_bh
-        b_dx = _feat_bwd(b_dk, b_xk, b_yk, m_j, wk + (i_bh % Hkv) * DX * FH, dwk + i_p * DX * FH,
-                         dbk + i_p * FH, DX, FH, BT, BDX, BFH, KIND, PREC_STATE)
-        o_d = tl.arange(0, BDX)
-        tl.store(dk + i_bh * L * DX + o_t[:, None] * DX + o_d[None, :], b_dx.to(dk.dtype.element_ty),
-                 mask=m_t[:, None] & (o_d < DX)[None, :])
-    else:
-        tl.store(dk + i_bh * L * F + o_t[:, None] * F + o_k[None, :], b_dk.to(dk.dtype.element_ty),
-                 mask=m_t[:, None] & m_k[None, :])
+            if DV:
+                b_do = tl.load(p_do + o_r[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
+                b_g = (b_do.to(tl.float32) / b_den[:, None]).to(dv.dtype.element_ty)  # [BT(i), BV]
+                b_At = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BT(j), BT(i)] = A^T
+                b_At = tl.where(m_ji, b_At, 0)
+                b_dv += tl.dot(b_At.to(b_g.dtype), b_g, input_precision=PREC)
+            if DK:
+                b_doT = tl.load(p_do + o_r[None, :] * D + o_v[:, None], mask=m_t[None, :] & m_v[:, None], other=0)
+                b_s = tl.load(s + i_qh * L + o_r, mask=m_t, other=0)
+                b_Pt = tl.dot(b_v, b_doT, input_precision=PREC) / b_den[None, :] + b_s[None, :]  # [BT(j), BT(i)]
+                b_Pt = tl.where(m_ji, b_Pt, 0)
+                b_dk += tl.dot(b_Pt.to(b_q.dtype), b_q, input_precision=PREC)
+    if DV:
+        b_dv = tl.where(m_j[:, None], b_dv, 0)
+        tl.store(dv + i_bh * L * D + o_t[:, None] * D + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
+    if DK:
+        b_dk = tl.where(m_j[:, None], b_dk, 0)
+        if FUSED:
+            i_p = i_t * tl.num_programs(1) + i_bh
+            b_dx = _feat_bwd(b_dk, b_xk, b_yk, m_j, wk + (i_bh % Hkv) * DX * FH, dwk + i_p * DX * FH,
+                             dbk + i_p * FH, DX, FH, BT, BDX, BFH, KIND, PREC_STATE)
+            o_d = tl.arange(0, BDX)
+            tl.store(dk + i_bh * L * DX + o_t[:, None] * DX + o_d[None, :], b_dx.to(dk.dtype.element_ty),
+                     mask=m_t[:, None] & (o_d < DX)[None, :])
+        else:
+            tl.store(dk + i_bh * L * F + o_t[:, None] * F + o_k[None, :], b_dk.to(dk.dtype.element_ty),
+                     mask=m_t[:, None] & m_k[None, :])
 
 
 # ------------------------------------------------------------------------------------------------------------- host
@@ -528,6 +538,12 @@ class _Plan:
         # (phi recomputed per chunk), chunk-parallel local states then a memory-bound scan. HHFFT_LA_STATES overrides.
         mode = os.environ.get("HHFFT_LA_STATES", "")
         self.local = self.causal and (mode == "parallel" or (mode != "sequential" and self.fused))
+        # dk and dv in one launch (default) or one launch each (HHFFT_LA_DKDV=apart: each holds half the registers,
+        # compiled for sm_90 the spills drop from 1272 to 344 + 8 bytes per thread at 8 warps; untimed)
+        dkdv = os.environ.get("HHFFT_LA_DKDV", "joint")
+        if dkdv not in ("joint", "apart"):
+            raise ValueError(f"HHFFT_LA_DKDV must be joint (the default) or apart, got {dkdv!r}")
+        self.dkdv_parts = ((True, True),) if dkdv == "joint" else ((True, False), (False, True))
         if self.F > 256 or D > 256:
             raise ValueError(f"linear_attention (Triton): F and D must be <= 256, got F={self.F}, D={D}")
         self.n_tiles = triton.cdiv(self.F, self.BKS) * triton.cdiv(D, self.BVS)
@@ -597,11 +613,12 @@ def _bwd(q, k, v, o, den, do, dden, causal, key_mask, fmap):
     if p.local:
         p.scan(dh, p.F * p.D, True)
         p.scan(dz, p.F, True)
-    _launcher(linear_attention_bwd_dkdv_kernel)[(p.NT, p.B * p.Hkv)](
-        q, k, v, p.mask, den, do, s, dh, dz, dk, dv, *p.w, dwk, dbk,
-        p.L, p.NT, p.F, p.D, p.Hkv, p.G, p.DX, p.FH,
-        HAS_MASK=p.has_mask, PREC=p.prec, PREC_STATE=p.prec_state, **p.consts(),
-    )
+    for part_dk, part_dv in p.dkdv_parts:
+        _launcher(linear_attention_bwd_dkdv_kernel)[(p.NT, p.B * p.Hkv)](
+            q, k, v, p.mask, den, do, s, dh, dz, dk, dv, *p.w, dwk, dbk,
+            p.L, p.NT, p.F, p.D, p.Hkv, p.G, p.DX, p.FH,
+            HAS_MASK=p.has_mask, PREC=p.prec, PREC_STATE=p.prec_state, DK=part_dk, DV=part_dv, **p.consts(),
+        )
     if p.fused:
         dwq, dbq, dwk, dbk = (x.sum((0, 1)) for x in (dwq, dbq, dwk, dbk))
     return dq, dk, dv, (dwq, dbq, dwk, dbk)
