@@ -45,3 +45,14 @@ def assert_within_baseline(
     assert err <= bound, (
         f"{name}: relative error {err:.3e} > {factor} x PyTorch's {base:.3e} + {floor_ulps} ulp ({dtype}) = {bound:.3e}"
     )
+
+
+def sharp_features(seed: int = 0, B: int = 1, H: int = 2, L: int = 12, F: int = 16, D: int = 5) -> tuple:
+    """fp64 (phi_q, phi_k, v) with near one-hot feature maps (a softmax over F of logits ~60, as a Hedgehog map
+    trained from scratch reaches): some rows' linear-attention denominators underflow far below the floor
+    (hhfft.kernels.linear_attention.naive.DEN_FLOOR), the others stay of order 1."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.softmax(60 * torch.randn(B, H, L, F, generator=g, dtype=torch.float64), -1)
+    k = torch.softmax(60 * torch.randn(B, H, L, F, generator=g, dtype=torch.float64), -1)
+    v = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
+    return q, k, v

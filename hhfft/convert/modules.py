@@ -127,6 +127,7 @@ class HedgehogAttention(nn.Module):
 def hedgehog_weights(q: Tensor, k: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
                      kind: str, allowed: Optional[Tensor]) -> Tensor:
     """See :meth:`HedgehogAttention.weights`; the parameters given explicitly (graph nodes in the distill tap)."""
+    from hhfft.kernels.linear_attention.naive import DEN_FLOOR
     from hhfft.lowering.linear_attention import _project
 
     pq = feature_map(_project(q.float(), wq.float(), None if bq is None else bq.float()), kind)
@@ -137,7 +138,7 @@ def hedgehog_weights(q: Tensor, k: Tensor, wq: Tensor, bq: Optional[Tensor], wk:
     s = pq @ pk.transpose(-1, -2)
     if allowed is not None:
         s = s * allowed
-    return s / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+    return s / s.sum(-1, keepdim=True).clamp_min(DEN_FLOOR)  # what hhfft::linear_attention divides by
 
 
 # ------------------------------------------------------------------------------------------------------ the marker

@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from hhfft.kernels.linear_attention.naive import DEN_FLOOR
+
 __all__ = ["linear_attention_decode", "hedgehog_decode"]
 
 
@@ -57,7 +59,7 @@ def _decode_torch(phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Tensor, normal
         state.add_(k.transpose(-1, -2) @ vv)
         normalizer.add_(k.sum(-2))
     num, den = nd[..., :-1], nd[..., -1:]
-    o = num / torch.where(den == 0, 1, den)
+    o = num / den.clamp_min(DEN_FLOOR)
     return o.to(v.dtype)
 
 

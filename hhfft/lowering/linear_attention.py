@@ -7,8 +7,10 @@ Ops (torch.library, schema + fake + implementation):
     hhfft::linear_attention_product(a, b, c, mode) -> out                          out_i = sum_{j in M(i)} (a_i.b_j) c_j
 
 The maths (``hhfft/kernels/linear_attention/README.md``): with keep_j the key mask, k~ = keep*phi_k, v~ = keep*v,
-    num_i = sum_{j<=i} (q_i . k~_j) v~_j,   den_i = sum_{j<=i} q_i . k~_j,   o_i = num_i / den_i (0 where den_i = 0)
-and with g_i = do_i / den_i, s_i = dden_i - (do_i . o_i) / den_i,  g'_i = [g_i, s_i],  v'_j = [v~_j, 1]:
+    num_i = sum_{j<=i} (q_i . k~_j) v~_j,   den_i = sum_{j<=i} q_i . k~_j,   o_i = num_i / max(den_i, DEN_FLOOR)
+(``naive.DEN_FLOOR``: an empty row gives 0, a near-empty one fades to 0 with finite gradients), and with
+d_i = max(den_i, DEN_FLOOR), g_i = do_i / d_i, s_i = dden_i - [den_i >= DEN_FLOOR] (do_i . o_i) / d_i,
+g'_i = [g_i, s_i],  v'_j = [v~_j, 1]:
     dq_i = sum_{j<=i} (g'_i . v'_j) k~_j,   dk_j = keep_j sum_{i>=j} (v'_j . g'_i) q_i,   dv_j = keep_j sum_{i>=j} (k~_j . q_i) g_i
 Every one of these is ``product`` in the causal (j <= i), anticausal (j >= i) or full direction, and ``product``'s own
 derivatives are ``product`` again, so the wrapper :func:`linear_attention` is differentiable to any order
@@ -26,6 +28,8 @@ import os
 
 import torch
 from torch import Tensor
+
+from hhfft.kernels.linear_attention.naive import DEN_FLOOR
 
 __all__ = [
     "linear_attention",
@@ -105,7 +109,7 @@ def _fwd_torch(q, k, v, causal, key_mask, product=_product_torch) -> Tuple[Tenso
     v1 = torch.cat([v.to(ct), v.new_ones(*v.shape[:-1], 1, dtype=ct)], dim=-1)
     nd = product(q, k, v1, _mode(causal))
     num, den = nd[..., :-1], nd[..., -1].contiguous()
-    o = num / torch.where(den == 0, 1, den)[..., None]
+    o = num / den.clamp_min(DEN_FLOOR)[..., None]
     return o.to(v.dtype), den
 
 
@@ -114,9 +118,9 @@ def _bwd_composite(q, k, v, o, den, do, dden, causal, key_mask, product) -> Tupl
     mode = _mode(causal)
     rmode = _REVERSE[mode]
     km, vm = _keep(k, key_mask), _keep(v, key_mask)
-    den_s = torch.where(den == 0, 1, den).to(ct)
+    den_s = den.clamp_min(DEN_FLOOR).to(ct)
     g = do.to(ct) / den_s[..., None]
-    s = dden.to(ct) - (do.to(ct) * o.to(ct)).sum(-1) / den_s
+    s = dden.to(ct) - torch.where(den >= DEN_FLOOR, (do.to(ct) * o.to(ct)).sum(-1) / den_s, 0)
     g1 = torch.cat([g, s[..., None]], dim=-1)  # [B, Hq, L, D+1]
     v1 = torch.cat([vm.to(ct), vm.new_ones(*vm.shape[:-1], 1, dtype=ct)], dim=-1)  # [B, Hkv, L, D+1]
     dq = product(g1, v1, km, mode)
@@ -329,8 +333,8 @@ class _LinearAttention(torch.autograd.Function):
         if dnum is None:
             return torch.zeros_like(o), torch.zeros_like(den)
         dden = dnum[..., -1]
-        den_s = torch.where(den == 0, 1, den)
-        do = (dnum[..., :-1] - o.to(ct) * dden[..., None]) / den_s[..., None]
+        live = (den >= DEN_FLOOR)[..., None]  # below the floor o = num / DEN_FLOOR: no term through den
+        do = (dnum[..., :-1] - torch.where(live, o.to(ct) * dden[..., None], 0)) / den.clamp_min(DEN_FLOOR)[..., None]
         return do.to(o.dtype), dden.to(den.dtype)
 
 
@@ -371,7 +375,8 @@ def linear_attention(
     """Linear attention on feature-mapped queries and keys, differentiable to any order.
 
     ``o_i = sum_j (phi_q_i . phi_k_j) v_j / sum_j (phi_q_i . phi_k_j)`` over j <= i (causal) or all j, masked keys
-    excluded; rows whose denominator is 0 (every visible key masked) give 0. Accumulation in fp32 (fp64 for fp64).
+    excluded; the denominator is floored at ``naive.DEN_FLOOR`` (1e-6), so a row that meets no key gives 0 and a
+    near-empty one stays differentiable. Accumulation in fp32 (fp64 for fp64).
 
     Args:
         phi_q: [B, Hq, L, F] (non-negative features, e.g. from :class:`hhfft.nn.HedgehogFeatureMap`)
@@ -565,7 +570,7 @@ def _step_torch(phi_q, phi_k, v, state, normalizer, keep) -> Tensor:
     q = phi_q.to(state.dtype).reshape(B, Hkv, Hq // Hkv, F)
     num = q @ state  # [B, Hkv, G, D]
     den = (q * normalizer[:, :, None, :]).sum(-1, keepdim=True)
-    return (num / torch.where(den == 0, 1, den)).reshape(B, Hq, -1).to(v.dtype)
+    return (num / den.clamp_min(DEN_FLOOR)).reshape(B, Hq, -1).to(v.dtype)
 
 
 @torch.library.triton_op("hhfft::linear_attention_step", mutates_args=("state", "normalizer"))

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import hhfft.lowering.linear_attention as la
-from hhfft.kernels.linear_attention.naive import linear_attention_naive
+from hhfft.kernels.linear_attention.naive import DEN_FLOOR, linear_attention_naive, linear_attention_weights_naive
 from hhfft.lowering.linear_attention import linear_attention, linear_attention_product
+from utils import sharp_features
 
 CASES = [  # (B, Hq, Hkv, L, F, D, masked)
     (2, 2, 2, 1, 4, 3, False),
@@ -117,6 +118,34 @@ def test_jvp_and_forward_over_reverse_match_naive(causal, chunk):
                lambda f: torch.func.jvp(torch.func.grad(loss(f), argnums=(0, 1, 2)), (q, k, v), tuple(t))):
         got, want = fn(linear_attention), fn(linear_attention_naive)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_near_empty_rows_have_finite_gradients(causal, chunk):
+    q, k, v = sharp_features()
+    den = linear_attention_weights_naive(q, k, causal=causal).sum(-1)
+    assert (den < DEN_FLOOR).any() and (den >= DEN_FLOOR).any(), "the inputs must exercise both sides of the floor"
+    do = torch.randn(q.shape[:-1] + v.shape[-1:], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def run(f, dtype):
+        x = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
+        o = f(*x, causal=causal)
+        o.backward(do.to(dtype))
+        return [o] + [t.grad for t in x]
+
+    want = run(linear_attention_naive, torch.float64)
+    base32 = run(linear_attention_naive, torch.float32)
+    for dtype in (torch.float64, torch.float32):  # fp32: the denominators underflow; without the floor, NaN
+        got = run(linear_attention, dtype)
+        assert all(torch.isfinite(t).all() for t in got)
+        if dtype == torch.float32:
+            assert_within_torch_error(got[0], want[0], base32[0])
+        for name, g, ref in zip(("o", "dq", "dk", "dv"), got, want):
+            # normwise, at the conditioning of the problem: rows just above the floor divide by den ~ DEN_FLOOR,
+            # which scales rounding by up to 1 / DEN_FLOOR (the state form's g.v - g.o cancellation, fp32 chunks).
+            # A wrong floor rule is off by orders of magnitude.
+            err = ((g.double() - ref).norm() / ref.norm()).item()
+            assert err <= torch.finfo(dtype).eps / DEN_FLOOR, f"{name} {dtype}: {err:.2e}"
 
 
 @pytest.mark.parametrize("mode", ["causal", "anticausal", "full"])

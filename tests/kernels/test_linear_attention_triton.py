@@ -10,7 +10,8 @@ import torch
 
 from hhfft.kernels.linear_attention import chunk
 from hhfft.kernels.linear_attention.naive import linear_attention_naive, linear_attention_weights_naive
-from utils import assert_within_baseline
+from hhfft.kernels.linear_attention.naive import DEN_FLOOR
+from utils import assert_within_baseline, sharp_features
 
 CASES = [  # (B, Hq, Hkv, L, F, D, masked)
     (1, 2, 2, 1, 8, 4, False),
@@ -102,6 +103,30 @@ def test_forward_and_backward_vs_fp64(case, causal, dtype):
     for name, got, ref, b in zip(("dq", "dk", "dv"), grads, want, base):
         assert got.dtype == dtype
         assert_within_baseline(name, got, ref, [b])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_near_empty_rows_have_finite_gradients(causal):
+    """Rows whose denominator underflows (near one-hot features) give finite outputs and gradients, as naive.py's
+    floor defines them; L = 130 crosses chunk boundaries, so the state path sees them too."""
+    q64, k64, v64 = sharp_features(L=130)
+    mask = torch.zeros(1, 130, dtype=torch.bool)
+    mask[:, ::40] = True  # 4 visible keys: many queries meet none of their features
+    den = linear_attention_weights_naive(q64, k64, causal=causal, key_mask=mask).sum(-1)
+    assert (den < DEN_FLOOR).any() and (den >= DEN_FLOOR).any(), "the inputs must exercise both sides of the floor"
+    q, k, v = (t.float() for t in (q64, k64, v64))
+    o, den32 = chunk.linear_attention_fwd(q, k, v, causal, mask)
+    assert_within_baseline("o", o, _reference(q64, k64, v64, causal, mask)[0], [_reference(q, k, v, causal, mask)[0]])
+    g = torch.Generator().manual_seed(1)
+    do, dden = torch.randn(o.shape, generator=g), torch.zeros(den32.shape)
+    grads = chunk.linear_attention_bwd(q, k, v, o, den32, do, dden, causal, mask)
+    want = _grads(q64, k64, v64, causal, mask, do.double(), dden.double())
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, want):
+        assert torch.isfinite(got).all(), name
+        # normwise at the problem's conditioning (rows just above the floor divide by ~DEN_FLOOR); a wrong floor
+        # rule is off by orders of magnitude
+        err = ((got.double() - ref).norm() / ref.norm()).item()
+        assert err <= torch.finfo(torch.float32).eps / DEN_FLOOR, f"{name}: {err:.2e}"
 
 
 # ------------------------------------------------------------------------------- fused Hedgehog feature map kernels

@@ -19,9 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
+from hhfft.kernels.linear_attention.naive import DEN_FLOOR
+
 __all__ = ["linear_attention_fwd", "linear_attention_bwd", "hedgehog_attention_fwd", "hedgehog_attention_bwd"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DEN_FLOOR = tl.constexpr(DEN_FLOOR)  # o = num / max(den, DEN_FLOOR), as in naive.py
 # HHFFT_TRITON_AUTOTUNE=0: one config per kernel (test runs that compile many shapes and time nothing)
 _AUTOTUNE = os.environ.get("HHFFT_TRITON_AUTOTUNE", "1") != "0"
 
@@ -241,7 +244,7 @@ def linear_attention_fwd_kernel(
         b_A = tl.where((o_t[:, None] >= o_t[None, :]) & m_j[None, :], b_A, 0)
         b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
         b_d += tl.sum(b_A, 1)
-    b_ds = tl.where(b_d == 0, 1, b_d)
+    b_ds = tl.maximum(b_d, _DEN_FLOOR)
     tl.store(o + i_bh * L * D + o_t[:, None] * D + o_v[None, :], (b_o / b_ds[:, None]).to(o.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
     tl.store(den + i_bh * L + o_t, b_d, mask=m_t)
@@ -270,9 +273,11 @@ def linear_attention_bwd_dq_kernel(
     # G V^T is one exact 16-bit product and G h^T needs no fp32 left operand
     b_do = tl.load(do + p_ov, mask=m_ov, other=0)  # [BT, BV]
     b_o = tl.load(o + p_ov, mask=m_ov, other=0).to(tl.float32)
-    b_den = tl.load(den + i_bh * L + o_t, mask=m_t, other=1)
-    b_den = tl.where(b_den == 0, 1, b_den)
-    b_s = tl.load(dden + i_bh * L + o_t, mask=m_t, other=0) - tl.sum(b_do.to(tl.float32) * b_o, 1) / b_den  # [BT]
+    b_dr = tl.load(den + i_bh * L + o_t, mask=m_t, other=1)
+    b_den = tl.maximum(b_dr, _DEN_FLOOR)
+    # below the floor o = num / DEN_FLOOR: the gradient has no term through den
+    b_s = tl.where(b_dr >= _DEN_FLOOR, tl.sum(b_do.to(tl.float32) * b_o, 1) / b_den, 0)
+    b_s = tl.load(dden + i_bh * L + o_t, mask=m_t, other=0) - b_s  # [BT]
     tl.store(s + i_bh * L + o_t, b_s, mask=m_t)
     b_h = tl.load(h + (i_kvh * NS + i_s) * F * D + o_k[:, None] * D + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
     b_z = tl.load(z + (i_kvh * NS + i_s) * F + o_k, mask=m_k, other=0)
@@ -350,7 +355,7 @@ def linear_attention_state_bwd_kernel(
                 b_q = tl.load(q + i_qh * L * F + o_r[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
             b_do = tl.load(do + i_qh * L * D + o_r[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
             b_den = tl.load(den + i_qh * L + o_r, mask=m_t, other=1)
-            b_den = tl.where(b_den == 0, 1, b_den)
+            b_den = tl.maximum(b_den, _DEN_FLOOR)
             b_s = tl.load(s + i_qh * L + o_r, mask=m_t, other=0)
             b_g = b_do.to(tl.float32) / b_den[:, None]
             b_dh += _dot_x(tl.trans(b_q), b_g, PREC_STATE)  # [BK, BV]
@@ -412,7 +417,7 @@ def linear_attention_bwd_dkdv_kernel(
                 b_q = tl.load(q + i_qh * L * F + o_r[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
             p_do = do + i_qh * L * D
             b_den = tl.load(den + i_qh * L + o_r, mask=m_t, other=1)
-            b_den = tl.where(b_den == 0, 1, b_den)
+            b_den = tl.maximum(b_den, _DEN_FLOOR)
             if DV:
                 b_do = tl.load(p_do + o_r[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
                 b_g = (b_do.to(tl.float32) / b_den[:, None]).to(dv.dtype.element_ty)  # [BT(i), BV]

@@ -2,7 +2,12 @@
 every implementation is tested against (call it with fp64 inputs).
 
     A[i, j] = (phi_q[i] . phi_k[j]) * keep[j] * [j <= i if causal]
-    o[i]    = sum_j A[i, j] v[j] / sum_j A[i, j]       (0 where the denominator is 0)
+    o[i]    = sum_j A[i, j] v[j] / max(sum_j A[i, j], DEN_FLOOR)
+
+The floor keeps the op differentiable where the features of a query barely meet any key's (near one-hot feature
+maps: the denominator underflows and 1 / den^2 overflows): below it the output fades to 0 (an empty row gives 0),
+and the gradient through the denominator is 0 there. It is far below a real denominator (a Hedgehog map's features
+sum to 1 per half, so one visible key alone gives phi_q . phi_k of order 1 / F).
 
 GQA: query head h reads key/value head h // (Hq // Hkv).
 """
@@ -12,7 +17,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["linear_attention_naive", "linear_attention_weights_naive"]
+__all__ = ["DEN_FLOOR", "linear_attention_naive", "linear_attention_weights_naive"]
+
+DEN_FLOOR = 1e-6
 
 
 def linear_attention_weights_naive(
@@ -53,4 +60,4 @@ def linear_attention_naive(
     if key_mask is not None:
         vv = torch.where(key_mask[:, None, :, None], vv, 0)
     den = a.sum(-1, keepdim=True)
-    return (a @ vv) / torch.where(den == 0, 1, den)
+    return (a @ vv) / den.clamp_min(DEN_FLOOR)

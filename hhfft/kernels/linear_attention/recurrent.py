@@ -17,9 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
+from hhfft.kernels.linear_attention.naive import DEN_FLOOR
+
 __all__ = ["linear_attention_step_triton"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DEN_FLOOR = tl.constexpr(DEN_FLOOR)  # o = num / max(den, DEN_FLOOR), as in naive.py
 
 
 @triton.jit
@@ -50,7 +53,7 @@ def linear_attention_step_kernel(
         b_q = tl.load(q + i_qh * F + o_k, mask=m_k, other=0).to(tl.float32)  # [BK]
         b_num = tl.sum(b_q[:, None] * b_s, 0)  # [BV]
         b_den = tl.sum(b_q * b_z, 0)
-        b_den = tl.where(b_den == 0, 1, b_den)
+        b_den = tl.maximum(b_den, _DEN_FLOOR)
         tl.store(o + i_qh * D + o_v, (b_num / b_den).to(o.dtype.element_ty), mask=m_v)
 
 
