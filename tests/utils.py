@@ -6,11 +6,11 @@ units in the last place for the case where PyTorch happens to be exact.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
-__all__ = ["rel_err", "assert_within_baseline", "ulp"]
+__all__ = ["rel_err", "assert_within_baseline", "ulp", "sharp_features", "nan_guarded_buffers"]
 
 
 def ulp(dtype: torch.dtype) -> float:
@@ -56,3 +56,25 @@ def sharp_features(seed: int = 0, B: int = 1, H: int = 2, L: int = 12, F: int = 
     k = torch.softmax(60 * torch.randn(B, H, L, F, generator=g, dtype=torch.float64), -1)
     v = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
     return q, k, v
+
+
+def nan_guarded_buffers(monkeypatch, module, guard: int) -> Iterator[None]:
+    """Body of a fixture: ``module._new`` (the one allocator of every buffer its kernels write) is replaced by one that
+    returns NaN-filled views into larger NaN allocations, ``guard`` elements on each side. An unwritten element stays
+    NaN (so it fails the comparison); after the test, every guard region must still be NaN, or a kernel stored outside
+    its buffer. Use as ``yield from nan_guarded_buffers(monkeypatch, chunk, 256)``."""
+    allocated = []
+
+    def new(ref, *shape, dtype=None):
+        n = 1
+        for s in shape:
+            n *= s
+        buf = torch.full((n + 2 * guard,), float("nan"), dtype=dtype or ref.dtype, device=ref.device)
+        allocated.append((shape, buf, n))
+        return buf[guard:guard + n].view(shape)
+
+    monkeypatch.setattr(module, "_new", new)
+    yield
+    for shape, buf, n in allocated:
+        outside = torch.cat([buf[:guard], buf[guard + n:]])
+        assert torch.isnan(outside).all(), f"a kernel wrote outside its output buffer of shape {tuple(shape)}"

@@ -23,7 +23,7 @@ import hhfft  # noqa: F401  (registers the ops)
 from hhfft.kernels.linear_attention import chunk
 from hhfft.kernels.linear_attention.naive import linear_attention_naive, linear_attention_weights_naive
 from hhfft.lowering.linear_attention import _bwd_composite, _fwd_torch, _product_torch, linear_attention
-from utils import assert_within_baseline
+from utils import assert_within_baseline, nan_guarded_buffers
 
 
 @pytest.fixture(autouse=True)
@@ -58,21 +58,7 @@ GUARD = 4096  # NaN elements on each side of every buffer the kernels write
 
 @pytest.fixture(autouse=True)
 def _nan_buffers(monkeypatch):
-    allocated = []
-
-    def new(ref, *shape, dtype=None):
-        n = 1
-        for s in shape:
-            n *= s
-        buf = torch.full((n + 2 * GUARD,), float("nan"), dtype=dtype or ref.dtype, device=ref.device)
-        allocated.append((shape, buf, n))
-        return buf[GUARD:GUARD + n].view(shape)
-
-    monkeypatch.setattr(chunk, "_new", new)
-    yield
-    for shape, buf, n in allocated:
-        outside = torch.cat([buf[:GUARD], buf[GUARD + n:]])
-        assert torch.isnan(outside).all(), f"a kernel wrote outside its output buffer of shape {tuple(shape)}"
+    yield from nan_guarded_buffers(monkeypatch, chunk, GUARD)
 
 
 def _reference(q, k, v, causal, mask):

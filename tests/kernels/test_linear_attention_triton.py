@@ -11,7 +11,7 @@ import torch
 from hhfft.kernels.linear_attention import chunk
 from hhfft.kernels.linear_attention.naive import linear_attention_naive, linear_attention_weights_naive
 from hhfft.kernels.linear_attention.naive import DEN_FLOOR
-from utils import assert_within_baseline, sharp_features
+from utils import assert_within_baseline, nan_guarded_buffers, sharp_features
 
 CASES = [  # (B, Hq, Hkv, L, F, D, masked)
     (1, 2, 2, 1, 8, 4, False),
@@ -32,23 +32,7 @@ GUARD = 256  # NaN elements on each side of every buffer the kernels write; a wr
 
 @pytest.fixture(autouse=True)
 def _nan_buffers(monkeypatch):
-    """Every buffer the kernels write starts as NaN and is a view into a larger NaN allocation; after the test, the
-    guard regions around each one must still be NaN (an out-of-bounds store would have overwritten them)."""
-    allocated = []
-
-    def new(ref, *shape, dtype=None):
-        n = 1
-        for s in shape:
-            n *= s
-        buf = torch.full((n + 2 * GUARD,), float("nan"), dtype=dtype or ref.dtype)
-        allocated.append((shape, buf, n))
-        return buf[GUARD:GUARD + n].view(shape)
-
-    monkeypatch.setattr(chunk, "_new", new)
-    yield
-    for shape, buf, n in allocated:
-        outside = torch.cat([buf[:GUARD], buf[GUARD + n:]])
-        assert torch.isnan(outside).all(), f"a kernel wrote outside its output buffer of shape {tuple(shape)}"
+    yield from nan_guarded_buffers(monkeypatch, chunk, GUARD)
 
 
 def _inputs(B, Hq, Hkv, L, F, D, masked, dtype, seed=0):
