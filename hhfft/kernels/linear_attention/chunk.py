@@ -8,7 +8,8 @@ Kernels (README.md has the maths), chunk size BT, feature dim F, value dim D:
     linear_attention_state_bwd_kernel  reverse pass: dh_t = sum_{m>t} Q_m^T G_m, dz_t = sum_{m>t} Q_m^T s_m,
                                        summed over the query heads of each GQA group
     linear_attention_bwd_dkdv_kernel   per chunk: dk = tril(G V^T + s)^T Q + V dh_t^T + dz_t, dv = tril(Q K^T)^T G + K dh_t
-with G = dO / den and s = dden - rowsum(dO * O) / den. Queries of head h read key/value head h // (Hq / Hkv).
+with d = max(den, DEN_FLOOR), G = dO / d and s = dden - [den >= DEN_FLOOR] rowsum(dO * O) / d (naive.py's floor).
+Queries of head h read key/value head h // (Hq / Hkv).
 """
 from __future__ import annotations
 
