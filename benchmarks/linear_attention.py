@@ -56,6 +56,7 @@ VARIANTS = {  # the environment of each variant of the two hhfft paths
     "hhfft-fused-apart": ("hhfft-fused", {"HHFFT_LA_DKDV": "apart"}),
     "hhfft-fused-split-apart": ("hhfft-fused", {"HHFFT_LA_PREC": "split", "HHFFT_LA_DKDV": "apart"}),
 }
+_VARIANT_VARS = sorted({var for _, env in VARIANTS.values() for var in env})
 
 
 def bench(fn) -> float:
@@ -129,7 +130,7 @@ def run_length(L: int, methods: list[str], quick: bool, sink=None, timeout: int 
 
     rows = []
     for name in methods:
-        for var in ("HHFFT_LA_STATES", "HHFFT_LA_PREC", "HHFFT_LA_DKDV"):
+        for var in _VARIANT_VARS:  # each method starts from the defaults
             os.environ.pop(var, None)
         base, env = VARIANTS.get(name, (name, {}))
         os.environ.update(env)
@@ -242,7 +243,7 @@ def main(argv=None) -> None:
     md = table(rows, fl)
     print(md, flush=True)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
+        sink.close()
         with open(os.path.join(a.out, "results.json"), "w") as f:
             json.dump(dict(head=head, rows=rows, floors=fl), f, indent=1)
         with open(os.path.join(a.out, "table.md"), "w") as f:
