@@ -110,8 +110,3 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
-
-    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-byte cross-entropy (nats) of tokens [B, T+1]."""
-        logits = self(tokens[:, :-1])
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))

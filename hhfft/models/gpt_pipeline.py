@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -45,6 +46,7 @@ __all__ = [
     "save_gpt",
     "train",
     "val_windows",
+    "val_windows_subset",
 ]
 
 ATTENTIONS = ("softmax", "hedgehog", "elu1", "t2r")  # from scratch
@@ -71,6 +73,13 @@ def val_windows(val: np.ndarray, block: int, limit: int | None = None) -> torch.
     return torch.from_numpy(arr.astype(np.int64))
 
 
+def val_windows_subset(windows: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` evenly spaced windows of ``windows`` (all of them when n >= N)."""
+    if n >= windows.shape[0]:
+        return windows
+    return windows[torch.linspace(0, windows.shape[0] - 1, n).round().long()]
+
+
 def _batch(train: np.ndarray, batch: int, block: int, gen: np.random.Generator) -> torch.Tensor:
     starts = gen.integers(0, len(train) - block - 1, size=batch)
     return torch.from_numpy(np.stack([np.asarray(train[s:s + block + 1]) for s in starts]).astype(np.int64))
@@ -82,8 +91,10 @@ def _autocast(device: torch.device, bf16: bool):
     return contextlib.nullcontext()
 
 
-def _ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+def _ce(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-byte cross-entropy (nats) of logits [B, T, V] against tokens [B, T + 1] (fp32)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                           reduction=reduction)
 
 
 @torch.no_grad()
@@ -98,8 +109,7 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch: int = 16, bf1
             w = windows[i:i + batch].to(device)
             with _autocast(device, bf16):
                 logits = model(w[:, :-1])
-            total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
-                                           reduction="sum"))
+            total += float(_ce(logits, w, reduction="sum"))
             count += w[:, 1:].numel()
     finally:
         model.train(was)
@@ -166,8 +176,10 @@ def train(model: torch.nn.Module, train_data: np.ndarray, windows: torch.Tensor,
           log=print) -> dict:
     """Train every parameter of ``model`` (AdamW, warm-up + cosine) on random windows of ``train_data``.
 
-    Returns {"curve": [[tokens, val_ce], ...], "tokens": budget, "compiled": bool, "compile_error": str|None,
-    "tokens_per_s": float}. The first curve point is before the first step."""
+    Returns {"curve": [[tokens, val_ce], ...] (the first point before the first step, the held-out subset of
+    ``eval_windows``), "tokens" and "steps" trained, "skipped_steps" (non-finite gradients), "stopped_early" (past
+    the deadline), "budget" (tokens asked), "compiled", "compile_error" (str or None), "tokens_per_s", and the final
+    loss on every window: "val_ce" (nats/byte), "val_ppl", "val_bpb" (bits/byte)}."""
     device = next(model.parameters()).device
     block = windows.shape[1] - 1
     gen = np.random.default_rng(s.seed)
@@ -235,8 +247,7 @@ def train(model: torch.nn.Module, train_data: np.ndarray, windows: torch.Tensor,
             budget = max(step * step_tokens, _agree(s, possible, log) // step_tokens * step_tokens)
             total_steps = budget // step_tokens
         if total_steps is not None and next_eval is None:
-            every = max(1, total_steps // s.evals)
-            next_eval = every
+            next_eval = max(1, total_steps // s.evals)
         if next_eval is not None and step >= next_eval and step < total_steps:
             curve.append([step * step_tokens, evaluate(model, curve_windows, bf16=s.bf16)])
             log(f"[{s.name}] tokens {curve[-1][0]}  val {curve[-1][1]:.4f}  loss {loss.item():.4f}  lr {lr:.2e}  "
@@ -249,17 +260,10 @@ def train(model: torch.nn.Module, train_data: np.ndarray, windows: torch.Tensor,
     final = evaluate(model, windows, bf16=s.bf16)
     log(f"[{s.name}] done: {step * step_tokens} tokens in {elapsed:.0f} s, val {final:.4f} (ppl/byte "
         f"{math.exp(final):.4f})")
-    return {"curve": curve, "tokens": step * step_tokens, "steps": step, "skipped_steps": skipped, "stopped_early": stopped_early,
-            "budget": (total_steps or step) * step_tokens, "compiled": compiled,
+    return {"curve": curve, "tokens": step * step_tokens, "steps": step, "skipped_steps": skipped,
+            "stopped_early": stopped_early, "budget": (total_steps or step) * step_tokens, "compiled": compiled,
             "compile_error": compile_error, "tokens_per_s": step * step_tokens / max(elapsed, 1e-9),
             "val_ce": final, "val_ppl": math.exp(final), "val_bpb": final / math.log(2)}
-
-
-def val_windows_subset(windows: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` evenly spaced windows of ``windows`` (all of them when n >= N)."""
-    if n >= windows.shape[0]:
-        return windows
-    return windows[torch.linspace(0, windows.shape[0] - 1, n).round().long()]
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -309,15 +313,15 @@ def load_gpt(directory: str, device: torch.device | None = None) -> GPT:
     return model.to(device) if device is not None else model
 
 
-def convert_gpt(model: GPT, attention: str, device: torch.device | None = None):
+def convert_gpt(model: GPT, attention: str):
     """Convert every attention site of ``model`` to linear attention with the feature map of ``attention``
     (hedgehog/identity: softmax_split maps at their identity init; elu1; t2r). Returns the report."""
     from hhfft.convert import HedgehogConfig, convert
 
     if attention not in _KIND:
         raise ValueError(f"convert_gpt: attention must be one of {sorted(_KIND)}, got {attention!r}")
-    device = device or next(model.parameters()).device
-    example = torch.randint(0, model.cfg.vocab_size, (2, min(64, model.cfg.block_size)), device=device)
+    example = torch.randint(0, model.cfg.vocab_size, (2, min(64, model.cfg.block_size)),
+                            device=next(model.parameters()).device)
     report = convert(model, (example,), HedgehogConfig(kind=_KIND[attention]))
     if report.count("hedgehog", "rewritten") != model.cfg.n_layer:
         raise RuntimeError(f"convert_gpt: expected {model.cfg.n_layer} converted sites, got:\n{report}")
@@ -528,8 +532,6 @@ _ROWS = (("scratch_softmax", "softmax, from scratch (the checkpoint)"),
 def _partial_from_log(runs: str, name: str) -> dict | None:
     """What a run that was stopped before it wrote result.json left in its log.txt (the held-out curve), with its
     command from the driver's log (``driver.log`` beside the runs) when there is one."""
-    import re
-
     path = os.path.join(runs, name, "log.txt")
     if not os.path.exists(path):
         return None
@@ -623,10 +625,7 @@ def table(runs: str) -> str:
             continue
         base = ref["train" if name.startswith("scratch") else "finetune"]
         end = r["val_ppl"]
-        if name == "scratch_softmax" and "ft_softmax" in res:
-            base_end, base_at = end, at(r)
-        else:
-            base_end, base_at = (base or {}).get("val_ppl"), at(base) if base else None
+        base_end, base_at = (base or {}).get("val_ppl"), at(base) if base else None
         pre = r.get("val_ce_distilled", r.get("val_ce_converted"))
         pre_s = _fmt(math.exp(pre), ".3f") if pre is not None else "-"
         argv = list(r.get("argv") or [])
