@@ -11,8 +11,8 @@ UTF-8 bytes (vocabulary 256, no tokenizer files); pages are joined with a blank 
 
     python -m hhfft.data.pydocs OUT_DIR            # or: hhfft gpt prepare --data OUT_DIR
 
-writes ``OUT_DIR/train.bin``, ``OUT_DIR/val.bin`` (uint8) and ``OUT_DIR/manifest.json`` (the page lists, sizes and
-the source package's name and version). ``apt-get download python3.11-doc`` fetches the package when no
+writes ``OUT_DIR/train.bin``, ``OUT_DIR/val.bin`` (uint8) and ``OUT_DIR/manifest.json`` (the source package's name,
+the page lists, sizes and SHA-256 digests). ``apt-get download python3.11-doc`` fetches the package when no
 ``--deb``/``--root`` is given.
 """
 from __future__ import annotations
@@ -136,7 +136,12 @@ def build_corpus(html_root: str, heldout_every: int = 10) -> tuple:
 
 def _fetch_package(workdir: str) -> str:
     """apt-get download + dpkg-deb -x; returns the html root."""
-    subprocess.run(["apt-get", "download", PACKAGE], cwd=workdir, check=True, capture_output=True)
+    try:
+        subprocess.run(["apt-get", "download", PACKAGE], cwd=workdir, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = (getattr(e, "stderr", None) or str(e)).strip()
+        raise RuntimeError(f"apt-get download {PACKAGE} failed ({why}); download the .deb elsewhere and pass "
+                           f"--deb FILE, or pass --root with an unpacked {HTML_DIR} folder") from e
     debs = sorted(glob.glob(os.path.join(workdir, f"{PACKAGE}_*.deb")))
     if not debs:
         raise RuntimeError(f"apt-get download {PACKAGE} left no .deb in {workdir}")
@@ -158,6 +163,8 @@ def prepare(out_dir: str, *, deb: str | None = None, root: str | None = None, he
         root: an already unpacked html folder (takes precedence over ``deb``)
         heldout_every: every k-th page (sorted by path) is held out
     """
+    if root is None and deb is not None and not os.path.isfile(deb):
+        raise FileNotFoundError(f"prepare: deb {deb!r} is not a file; expected a downloaded {PACKAGE}_*.deb")
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if root is None:

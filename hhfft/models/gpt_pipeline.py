@@ -272,6 +272,12 @@ def save_gpt(model: GPT, directory: str, dtype: torch.dtype = torch.float32, sha
     ``gpt_config.json``. Only an unconverted GPT (softmax) is saved this way."""
     from safetensors.torch import save_file
 
+    from hhfft.convert import hedgehog_sites
+
+    sites = hedgehog_sites(model)
+    if sites:
+        raise ValueError(f"save_gpt: expected an unconverted GPT (softmax attention), found {len(sites)} converted "
+                         f"sites ({sites[0][0]}, ...); save a converted model with hhfft.save_converted")
     os.makedirs(directory, exist_ok=True)
     sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
           if k != "lm_head.weight"}  # tied to wte.weight
@@ -345,8 +351,8 @@ def _common(p: argparse.ArgumentParser, lr: float, warmup: int) -> None:
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--deadline", type=float, default=None, help="wall-clock time.time() to finish by (--tokens auto)")
-    p.add_argument("--sync", default=None)
-    p.add_argument("--group", type=int, default=1)
+    p.add_argument("--sync", default=None, help="folder where the runs of a group agree the budget (--tokens auto)")
+    p.add_argument("--group", type=int, default=1, help="how many runs agree the budget through --sync")
 
 
 def _settings(a: argparse.Namespace, name: str) -> TrainSettings:
@@ -398,10 +404,10 @@ def cmd_prepare(argv: list) -> int:
     from hhfft.data.pydocs import main as pydocs_main
 
     p = argparse.ArgumentParser(prog="hhfft gpt prepare", description="Write the python3.11-doc byte corpus.")
-    p.add_argument("--data", required=True)
-    p.add_argument("--deb", default=None)
-    p.add_argument("--root", default=None)
-    p.add_argument("--heldout-every", type=int, default=10)
+    p.add_argument("--data", required=True, help="output folder")
+    p.add_argument("--deb", default=None, help="a downloaded python3.11-doc_*.deb (default: apt-get download it)")
+    p.add_argument("--root", default=None, help="an unpacked html folder")
+    p.add_argument("--heldout-every", type=int, default=10, help="every k-th page (sorted by path) is held out")
     a = p.parse_args(argv)
     rest = [a.data, "--heldout-every", str(a.heldout_every)]
     rest += ["--deb", a.deb] if a.deb else []
@@ -500,7 +506,8 @@ def cmd_finetune(argv: list) -> int:
             t0 = time.time()
             # fp32 (TF32 matmuls on CUDA): the per-site cross-entropy needs more than bf16's 8 bits
             dres = distill(model, batches, steps=a.distill_steps, lr=a.distill_lr,
-                           eval_batches=[(windows[i:i + 4, :-1].to(device),) for i in (0, 4)],
+                           eval_batches=[(windows[i:i + 4, :-1].to(device),)
+                                         for i in range(0, min(8, windows.shape[0]), 4)],
                            log_every=50, stream=sys.stdout)
             res["distill"] = {"before": dres.before, "after": dres.after, "steps": a.distill_steps,
                               "lr": a.distill_lr, "batch": a.distill_batch, "context": dctx, "seconds": time.time() - t0,
@@ -726,14 +733,18 @@ COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "finetune": cmd_finetune
 
 def main(argv: list | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 work (distillation, the optimizer) in TF32 on CUDA
     if not argv or argv[0] not in COMMANDS:
         helping = bool(argv) and argv[0] in ("-h", "--help")
         print(__doc__, file=sys.stdout if helping else sys.stderr)
         if argv and not helping:
             print(f"hhfft gpt: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 0 if helping else 2
-    return COMMANDS[argv[0]](argv[1:])
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 work (distillation, the optimizer) in TF32 on CUDA
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    finally:  # for in-process callers (the tests): the setting is this command's, not the process's
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 if __name__ == "__main__":
