@@ -15,7 +15,9 @@ throughput and a wall-clock limit (``--tokens auto``), so that the runs of a sta
     python examples/convert_gpt.py --runs /tmp/gpt --tiny          # CPU smoke test: tiny model, fixed tiny budgets
     hhfft gpt table --runs out/gpt --png-dir docs                  # the table and the PNGs
 
-The data (``hhfft gpt prepare --data .data/pydocs``) is prepared on the CPU and carried to the GPU.
+The data (``hhfft gpt prepare --data .data/pydocs``) is prepared on the CPU and carried to the GPU. Keep this
+script's output as ``RUNS/driver.log`` (``... | tee out/gpt/driver.log``): for a row stopped before it wrote its
+``result.json``, the table reads the row's command from there.
 """
 from __future__ import annotations
 
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
         sc = ["--tokens", "30000"] if args.tiny else []
         codes.update(_stage([
             ("scratch_softmax", ["train", *d, *model, *seed, *sc, "--attention", "softmax",
-                                 "--out", f"{R}/scratch_softmax", "--save-dtype", "float32" if args.tiny else "float16"]),
+                                 "--out", f"{R}/scratch_softmax",
+                                 "--save-dtype", "float32" if args.tiny else "float16"]),
             ("scratch_hedgehog", ["train", *d, *model, *seed, *sc, "--attention", "hedgehog",
                                   "--out", f"{R}/scratch_hedgehog"]),
         ], args, args.scratch_seconds, "scratch"))

@@ -1,4 +1,4 @@
-"""The ``hhfft`` command line: ``hhfft demo | explain | bench | convert | distill``."""
+"""The ``hhfft`` command line: ``hhfft demo | explain | bench | gpt | convert | distill``."""
 from __future__ import annotations
 
 import argparse
