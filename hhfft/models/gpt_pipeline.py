@@ -356,6 +356,10 @@ def _common(p: argparse.ArgumentParser, lr: float, warmup: int) -> None:
 
 
 def _settings(a: argparse.Namespace, name: str) -> TrainSettings:
+    for flag, v in (("--batch", a.batch), ("--evals", a.evals), ("--eval-windows", a.eval_windows),
+                    ("--val-windows", a.val_windows), ("--group", a.group)):
+        if v is not None and v < 1:
+            raise SystemExit(f"{flag} must be at least 1, got {v}")
     if a.tokens == "auto":
         if a.deadline is None:
             raise SystemExit("--tokens auto needs --deadline (a time.time() value)")

@@ -187,6 +187,8 @@ def test_tiny_pipeline_end_to_end(corpus, tmp_path):
     # the log keeps 4 decimals of the loss: exp() of it agrees with the result's value to about 5e-5 relative
     assert float(row.split("|")[4]) == pytest.approx(math.exp(last_v), rel=1e-4), row
     assert f"fine-tuning {last_t:,}" in text.splitlines()[0]
+    with pytest.raises(SystemExit, match="--evals must be at least 1, got 0"):
+        main(["train", *common, *tiny, "--evals", "0", "--out", str(runs / "bad")])
 
 
 def test_training_skips_non_finite_steps_and_stops_past_the_deadline(corpus):
