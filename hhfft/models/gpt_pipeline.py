@@ -62,7 +62,7 @@ def _device(name: str | None) -> torch.device:
 
 
 def val_windows(val: np.ndarray, block: int, limit: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows [N, block + 1] of the held-out bytes (the first ``limit`` of them, evenly spaced)."""
+    """Non-overlapping windows [N, block + 1] of the held-out bytes: all of them, or ``limit`` evenly spaced ones."""
     n = (len(val) - 1) // block
     if n < 1:
         raise ValueError(f"val_windows: held-out split has {len(val)} bytes, fewer than one window of {block + 1}")
