@@ -12,6 +12,7 @@ site is fed the original model's activations, and all original weights stay froz
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 import math
@@ -129,13 +130,20 @@ def site_losses(model: nn.Module, batches: Iterable) -> dict:
 def site_maps(model: nn.Module, inputs: Any, site: int = 0) -> tuple:
     """(softmax weights, Hedgehog weights, allowed) [H, L, S] of the first sequence of ``inputs`` at converted site
     number ``site`` (module order), computed from the teacher's q and k."""
-    sites = hedgehog_sites(model)
-    sink = _Sink(picture=(f"{sites[site][0]}#{sites[site][1]}", 0))
+    sink = _Sink(picture=(_site_key(hedgehog_sites(model), site, "site_maps"), 0))
     with torch.no_grad():
         _run(model, inputs, sink)
     if sink.maps is None:
         raise RuntimeError(f"site_maps: site {site} was not reached by the forward")
     return sink.maps
+
+
+def _site_key(sites: list, index: int, who: str) -> str:
+    """The name "owner.path#index" of converted site number ``index`` (module order)."""
+    if not -len(sites) <= index < len(sites):
+        raise ValueError(f"{who}: site {index} does not exist; the model has {len(sites)} converted sites "
+                         f"(0 to {len(sites) - 1})")
+    return f"{sites[index][0]}#{sites[index][1]}"
 
 
 def _site_order(model: nn.Module, name: str) -> tuple:
@@ -196,25 +204,23 @@ def distill(
     Returns:
         :class:`DistillResult` with per-site loss ``before`` / ``after`` (keys "owner.path#index") and ``history``
     """
-    sites = hedgehog_sites(model)
-    if not sites:
-        raise ValueError("distill: the model has no Hedgehog sites; run hhfft.convert.convert(model, inputs) first")
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"distill: steps must be a non-negative int, got {steps!r}")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("distill: no batches given")
+    sites, batches = _check_args("distill", model, steps, batches)
     eval_batches = list(eval_batches) if eval_batches is not None else batches[:2]
     schedule = lr_lambda(lr_schedule, steps, warmup)
-    maps = [p for _, _, _, hh in sites for p in hh.parameters()]
-    map_ids = {id(p) for p in maps}
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    pic_site = f"{sites[picture_site][0]}#{sites[picture_site][1]}" if picture else None
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in map_ids)
-        model.eval()  # the teacher without dropout
+    pic_site = _site_key(sites, picture_site, "distill (picture_site)") if picture else None
+
+    def loss_of(b) -> Tensor:
+        sink = _Sink(output_mse=output_mse)
+        _run(model, b, sink)
+        if not sink.losses:
+            raise RuntimeError("distill: no converted site was reached by the forward (were the inputs the kind "
+                               "the model was converted with?)")
+        loss = torch.stack([torch.stack(v).mean() for v in sink.losses.values()]).mean()
+        if output_mse and sink.mse:
+            loss = loss + output_mse * torch.stack([torch.stack(v).mean() for v in sink.mse.values()]).mean()
+        return loss
+
+    with _maps_only(model, sites) as maps:  # the teacher without dropout
         before = site_losses(model, eval_batches)
         pic_before = None
         if picture:
@@ -223,27 +229,7 @@ def distill(
                 _run(model, eval_batches[0], sink)
             pic_before = sink.maps
         opt = torch.optim.Adam(maps, lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        history = []
-        t0 = time.perf_counter()
-        for step, b in zip(range(steps), itertools.cycle(batches)):
-            sink = _Sink(output_mse=output_mse)
-            _run(model, b, sink)
-            if not sink.losses:
-                raise RuntimeError("distill: no converted site was reached by the forward (were the inputs the kind "
-                                   "the model was converted with?)")
-            loss = torch.stack([torch.stack(v).mean() for v in sink.losses.values()]).mean()
-            if output_mse and sink.mse:
-                loss = loss + output_mse * torch.stack([torch.stack(v).mean() for v in sink.mse.values()]).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            history.append(loss.detach())  # no device sync per step; floats at the end
-            if stream is not None and log_every and (step % log_every == 0 or step == steps - 1):
-                print(f"distill step {step + 1}/{steps}  loss {float(history[-1]):.4f}  "
-                      f"({time.perf_counter() - t0:.1f} s)", file=stream, flush=True)
-        history = torch.stack(history).float().tolist() if history else []
+        history = _fit("distill", opt, schedule, batches, steps, loss_of, log_every, stream)
         after = site_losses(model, eval_batches)
         result = DistillResult(before=before, after=after, history=history)
         if picture:
@@ -254,10 +240,58 @@ def distill(
                 _picture(picture, pic_before, sink.maps, pic_site, picture_head)
                 result.picture = picture
         return result
+
+
+def _check_args(who: str, model: nn.Module, steps: int, batches: Iterable) -> tuple:
+    """(converted sites, batches as a list) after checking what :func:`distill` and :func:`tune_maps` share."""
+    sites = hedgehog_sites(model)
+    if not sites:
+        raise ValueError(f"{who}: the model has no Hedgehog sites; run hhfft.convert.convert(model, inputs) first")
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{who}: steps must be a non-negative int, got {steps!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"{who}: no batches given")
+    return sites, batches
+
+
+@contextlib.contextmanager
+def _maps_only(model: nn.Module, sites: list):
+    """Yields the feature maps' parameters with only them trainable and the model in eval mode (no dropout); every
+    requires_grad flag and the train/eval mode are restored afterwards."""
+    maps = [p for _, _, _, hh in sites for p in hh.parameters()]
+    map_ids = {id(p) for p in maps}
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in map_ids)
+        model.eval()
+        yield maps
     finally:
         for p, r in frozen.items():
             p.requires_grad_(r)
         model.train(was_training)
+
+
+def _fit(who: str, opt: torch.optim.Optimizer, schedule: Callable[[int], float], batches: list, steps: int,
+         loss_of: Callable[[Any], Tensor], log_every: int, stream: Optional[TextIO]) -> list:
+    """``steps`` optimiser steps on ``loss_of(batch)``, batches cycled, lr factor ``schedule(step)``; the losses as
+    floats (read once at the end: no device sync per step)."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    history = []
+    t0 = time.perf_counter()
+    for step, b in zip(range(steps), itertools.cycle(batches)):
+        loss = loss_of(b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(loss.detach())
+        if stream is not None and log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"{who} step {step + 1}/{steps}  loss {float(history[-1]):.4f}  "
+                  f"({time.perf_counter() - t0:.1f} s)", file=stream, flush=True)
+    return torch.stack(history).float().tolist() if history else []
 
 
 def lr_lambda(schedule: Schedule, steps: int, warmup: int = 0) -> Callable[[int], float]:
@@ -317,41 +351,15 @@ def tune_maps(
         >>> len(hist)
         2
     """
-    sites = hedgehog_sites(model)
-    if not sites:
-        raise ValueError("tune_maps: the model has no Hedgehog sites; run hhfft.convert.convert(model, inputs) first")
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"tune_maps: steps must be a non-negative int, got {steps!r}")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("tune_maps: no batches given")
-    maps = [p for _, _, _, hh in sites for p in hh.parameters()]
-    map_ids = {id(p) for p in maps}
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in map_ids)
-        model.eval()
-        opt = torch.optim.Adam(maps, lr=lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(lr_schedule, steps, warmup))
-        history = []
-        t0 = time.perf_counter()
-        for step, b in zip(range(steps), itertools.cycle(batches)):
-            loss = loss_fn(model, b)
-            if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.requires_grad:
-                raise ValueError("tune_maps: loss_fn must return a scalar tensor that depends on the feature maps, got "
-                                 f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            history.append(loss.detach())
-            if stream is not None and log_every and (step % log_every == 0 or step == steps - 1):
-                print(f"tune step {step + 1}/{steps}  loss {float(history[-1]):.4f}  "
-                      f"({time.perf_counter() - t0:.1f} s)", file=stream, flush=True)
-        return torch.stack(history).float().tolist() if history else []
-    finally:
-        for p, r in frozen.items():
-            p.requires_grad_(r)
-        model.train(was_training)
+    sites, batches = _check_args("tune_maps", model, steps, batches)
+    schedule = lr_lambda(lr_schedule, steps, warmup)
+
+    def loss_of(b) -> Tensor:
+        loss = loss_fn(model, b)
+        if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.requires_grad:
+            raise ValueError("tune_maps: loss_fn must return a scalar tensor that depends on the feature maps, got "
+                             f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
+        return loss
+
+    with _maps_only(model, sites) as maps:
+        return _fit("tune", torch.optim.Adam(maps, lr=lr), schedule, batches, steps, loss_of, log_every, stream)

@@ -2,12 +2,14 @@
 and distillation lowers the per-site loss on every site (and can draw one head before/after)."""
 from __future__ import annotations
 
+import doctest
 import io
 
+import pytest
 import torch
 
 from hhfft.convert import HedgehogConfig, convert, distill, hedgehog_sites, site_losses
-from hhfft.convert.distill import site_maps
+from hhfft.convert.distill import lr_lambda, site_maps, tune_maps
 
 
 def _bert(layers=2):
@@ -69,3 +71,47 @@ def test_output_mse_term_and_frozen_weights():
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert not torch.equal(after["encoder.layer.0.attention.self.hedgehog.q_map.weight"],
                            torch.eye(8).expand(4, 8, 8))
+
+
+def test_lr_schedule_warmup_and_cosine():
+    f = lr_lambda("cosine", steps=10, warmup=2)
+    got = [f(i) for i in range(11)]
+    assert got[0] == pytest.approx(0.5) and got[1] == pytest.approx(1.0) and got[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(got[2:], got[3:])) and got[10] == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_lambda("constant", 10)(i) == 1.0 for i in range(10))
+    with pytest.raises(ValueError, match="'constant' or 'cosine'"):
+        lr_lambda("linear", 10)
+    with pytest.raises(ValueError, match="warmup must be a non-negative int"):
+        lr_lambda("cosine", 10, warmup=-1)
+
+
+def test_errors_say_what_was_expected():
+    model = _bert(layers=1)
+    batches = _batches(1)
+    for fn, args in ((distill, ()), (tune_maps, (lambda m, b: None,))):
+        name = fn.__name__
+        with pytest.raises(ValueError, match=f"{name}: the model has no Hedgehog sites; run .*convert"):
+            fn(model, batches, *args, steps=1)
+    convert(model, batches[0])
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    for fn, args in ((distill, ()), (tune_maps, (lambda m, b: None,))):
+        name = fn.__name__
+        with pytest.raises(ValueError, match=f"{name}: steps must be a non-negative int, got 1.5"):
+            fn(model, batches, *args, steps=1.5)
+        with pytest.raises(ValueError, match=f"{name}: no batches given"):
+            fn(model, [], *args, steps=1)
+    with pytest.raises(ValueError, match=r"picture_site.*site 3 does not exist; the model has 1 converted sites"):
+        distill(model, batches, steps=1, picture="x.png", picture_site=3)
+    with pytest.raises(ValueError, match="tune_maps: loss_fn must return a scalar tensor .* got float"):
+        tune_maps(model, batches, lambda m, b: 1.0, steps=1, stream=None)
+    # a refused call leaves the model as it was: weights, requires_grad, eval mode
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_docstring_examples_run():
+    import importlib
+
+    module = importlib.import_module("hhfft.convert.distill")  # the attribute hhfft.convert.distill is the function
+    result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, result
