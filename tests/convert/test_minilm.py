@@ -23,26 +23,36 @@ def minilm():
     return path, AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
 
-def _embed(model, enc):
-    with torch.no_grad():
-        h = model(**enc).last_hidden_state
+def _embed_grad(model, enc):
+    """Mean-pooled, L2-normalised sentence embeddings (differentiable)."""
+    h = model(**enc).last_hidden_state
     m = enc["attention_mask"][..., None].float()
     return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
 
 
-def test_minilm_distillation_moves_embeddings_towards_the_original(minilm):
+def _embed(model, enc):
+    with torch.no_grad():
+        return _embed_grad(model, enc)
+
+
+def _example():
+    """examples/convert_minilm.py as a module."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
-    from convert_minilm import held_out_sentences
+    import convert_minilm
 
+    return convert_minilm
+
+
+def test_minilm_distillation_moves_embeddings_towards_the_original(minilm):
     from hhfft.convert import convert, distill
     from hhfft.convert.hf import encode, stdlib_docstrings
 
     _, tok, original = minilm
     model = copy.deepcopy(original)
     calib = stdlib_docstrings(limit=64)
-    held = encode(tok, held_out_sentences(24), 32)
+    held = encode(tok, _example().held_out_sentences(24), 32)
     batches = [encode(tok, calib[i:i + 8], 32) for i in range(0, 64, 8)]
     report = convert(model, batches[0])
     assert report.count("hedgehog", "rewritten") == 6, str(report)
@@ -76,24 +86,6 @@ def test_minilm_distillation_moves_embeddings_towards_the_original(minilm):
     assert all(p.requires_grad for p in model.parameters())  # restored afterwards
 
 
-def _embed_grad(model, enc):
-    h = model(**enc).last_hidden_state
-    m = enc["attention_mask"][..., None].float()
-    return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
-
-
-def test_lr_schedule_warmup_and_cosine():
-    from hhfft.convert.distill import lr_lambda
-
-    f = lr_lambda("cosine", steps=10, warmup=2)
-    got = [f(i) for i in range(11)]
-    assert got[0] == pytest.approx(0.5) and got[1] == pytest.approx(1.0) and got[2] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(got[2:], got[3:])) and got[10] == pytest.approx(0.0, abs=1e-12)
-    assert all(lr_lambda("constant", 10)(i) == 1.0 for i in range(10))
-    with pytest.raises(ValueError, match="'constant' or 'cosine'"):
-        lr_lambda("linear", 10)
-
-
 def test_cli_convert_writes_a_checkpoint_load_converted_restores_exactly(minilm, tmp_path):
     from hhfft.cli import main
     from hhfft.convert import load_converted, save_converted
@@ -124,10 +116,8 @@ def test_cli_convert_writes_a_checkpoint_load_converted_restores_exactly(minilm,
 @pytest.mark.slow
 def test_pack_carries_texts_and_weights_that_give_the_original_embeddings(tmp_path):
     import json
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
-    import convert_minilm as ex
+    ex = _example()
 
     ex.main(["--pack", str(tmp_path), "--calibration", "40", "--held-out", "24"])
     texts = json.loads((tmp_path / "texts.json").read_text())
