@@ -29,6 +29,7 @@ import os
 import shlex
 import sys
 import time
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -86,8 +87,8 @@ def held_out_sentences(limit: int) -> list:
 
 
 def calibration_text(source: str, limit: int) -> list:
-    """The calibration paragraphs: "stdlib" (46 common modules, the first documented runs) or "stdlib-all" (every
-    public top-level stdlib module and its classes' methods)."""
+    """The calibration paragraphs: "stdlib" (46 common modules) or "stdlib-all" (every public top-level stdlib module
+    and its classes' methods)."""
     from hhfft.convert.hf import stdlib_docstrings
 
     if source == "stdlib":
@@ -184,7 +185,7 @@ def pack(directory: str, args) -> None:
           f"{len(texts['calibration']['stdlib-all'])} + {len(texts['held_out'])} paragraphs into {directory}")
 
 
-def load_original(data: str = None):
+def load_original(data: Optional[str] = None):
     """(tokenizer, original model in eval mode): from the installed package, or from a directory made by :func:`pack`
     (the full word-embedding matrix rebuilt, rows of tokens absent from the texts set to zero)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -216,7 +217,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300, help="attention-transfer steps")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
-    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps of the distillation (not the tuning)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--length", type=int, default=64, help="tokens per calibration sequence")
     p.add_argument("--eval-length", type=int, default=64, help="tokens per held-out sentence")
@@ -227,7 +228,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="softmax_split", help="softmax_split (Hedgehog), exp, joint_softmax, elu1, t2r")
     p.add_argument("--feature-dim", type=int, default=None)
     p.add_argument("--layers", default=None, help="comma-separated site indices to convert (others stay softmax)")
-    p.add_argument("--tune-steps", type=int, default=0, help="second stage: maps tuned on the embedding loss")
+    p.add_argument("--tune-steps", type=int, default=0, help="second stage: maps tuned on --tune-loss (0: none)")
     p.add_argument("--tune-lr", type=float, default=2e-3)
     p.add_argument("--tune-loss", choices=("embedding", "tokens"), default="embedding",
                    help="1 - cosine to the original's sentence embeddings, or to its hidden state at every token")
@@ -298,7 +299,10 @@ def run(ctx: Context, args, stream=sys.stdout) -> dict:
     if calib is None:
         raise ValueError(f"--calibration-source {args.calibration_source!r} is not in {sorted(ctx.calib)}")
     model = copy.deepcopy(ctx.original)
-    layers = None if args.layers is None else tuple(int(i) for i in args.layers.split(","))
+    try:
+        layers = None if args.layers is None else tuple(int(i) for i in args.layers.split(","))
+    except ValueError:
+        raise ValueError(f"--layers takes comma-separated site indices such as 1,2,3,4; got {args.layers!r}") from None
     cfg = HedgehogConfig(kind=args.kind, feature_dim=args.feature_dim, layers=layers)
     t0 = time.perf_counter()
     report = convert(model, _to(encode(ctx.tok, calib[:4], args.length), args.device), cfg)
@@ -412,7 +416,10 @@ def sweep(args, argv: list) -> dict:
             del common[i:i + 2]
     out = args.out or "."
     os.makedirs(out, exist_ok=True)
-    chosen = list(enumerate(ROWS)) if args.rows is None else [(int(i), ROWS[int(i)]) for i in args.rows.split(",")]
+    picked = range(len(ROWS)) if args.rows is None else args.rows.split(",")
+    if not all(str(i).isdigit() and int(i) < len(ROWS) for i in picked):
+        raise ValueError(f"--rows takes comma-separated indices into ROWS (0 to {len(ROWS) - 1}), got {args.rows!r}")
+    chosen = [(int(i), ROWS[int(i)]) for i in picked]
     tmp = tempfile.mkdtemp(prefix="minilm_sweep_")
     todo, running, done = list(chosen), {}, {}
     gpus = torch.cuda.device_count() if torch.device(args.device).type == "cuda" else 0
