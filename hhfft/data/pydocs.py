@@ -188,14 +188,18 @@ def load_split(data_dir: str, split: str) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m hhfft.data.pydocs", out_option: str | None = None) -> int:
+    """The command line; ``hhfft gpt prepare`` is this with ``out_option="--data"`` (the folder as an option)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m hhfft.data.pydocs", description=__doc__.split("\n\n")[0])
-    p.add_argument("out", help="output folder")
-    p.add_argument("--deb", default=None, help=f"a downloaded {PACKAGE}_*.deb")
-    p.add_argument("--root", default=None, help="an unpacked html folder")
-    p.add_argument("--heldout-every", type=int, default=10)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    if out_option:
+        p.add_argument(out_option, dest="out", metavar="DIR", required=True, help="output folder")
+    else:
+        p.add_argument("out", help="output folder")
+    p.add_argument("--deb", default=None, help=f"a downloaded {PACKAGE}_*.deb (default: apt-get download it)")
+    p.add_argument("--root", default=None, help=f"an unpacked {HTML_DIR} folder")
+    p.add_argument("--heldout-every", type=int, default=10, help="every k-th page (sorted by path) is held out")
     a = p.parse_args(argv)
     m = prepare(a.out, deb=a.deb, root=a.root, heldout_every=a.heldout_every)
     print(f"{len(m['files']['train'])} train pages ({m['bytes']['train']} bytes), {len(m['files']['val'])} held-out "

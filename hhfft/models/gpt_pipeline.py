@@ -407,16 +407,7 @@ def _env() -> dict:
 def cmd_prepare(argv: list) -> int:
     from hhfft.data.pydocs import main as pydocs_main
 
-    p = argparse.ArgumentParser(prog="hhfft gpt prepare", description="Write the python3.11-doc byte corpus.")
-    p.add_argument("--data", required=True, help="output folder")
-    p.add_argument("--deb", default=None, help="a downloaded python3.11-doc_*.deb (default: apt-get download it)")
-    p.add_argument("--root", default=None, help="an unpacked html folder")
-    p.add_argument("--heldout-every", type=int, default=10, help="every k-th page (sorted by path) is held out")
-    a = p.parse_args(argv)
-    rest = [a.data, "--heldout-every", str(a.heldout_every)]
-    rest += ["--deb", a.deb] if a.deb else []
-    rest += ["--root", a.root] if a.root else []
-    return pydocs_main(rest)
+    return pydocs_main(argv, prog="hhfft gpt prepare", out_option="--data")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -41,11 +41,11 @@ def corpus(tmp_path_factory):
     (root / "_sources" / "x.html").write_text(_page(rng, "src", 3))
     out = tmp_path_factory.mktemp("data")
     manifest = pydocs.prepare(str(out), root=str(root), heldout_every=5)
-    return out, manifest
+    return out, manifest, root
 
 
-def test_corpus_split_by_page_and_body_only(corpus):
-    out, m = corpus
+def test_corpus_split_by_page_and_body_only(corpus, tmp_path):
+    out, m, root = corpus
     assert m["files"]["val"] == [f"library/mod{i:02d}.html" for i in (4, 9, 14, 19)]
     assert len(m["files"]["train"]) == 16 and not set(m["files"]["train"]) & set(m["files"]["val"])
     train = bytes(pydocs.load_split(str(out), "train"))
@@ -61,6 +61,10 @@ def test_corpus_split_by_page_and_body_only(corpus):
         pydocs.load_split(str(out), "test")
     with pytest.raises(FileNotFoundError, match="expected a downloaded python3.11-doc"):
         pydocs.prepare(str(out / "again"), deb=str(out / "missing.deb"))
+    # the command line writes the same files
+    assert main(["prepare", "--data", str(tmp_path), "--root", str(root), "--heldout-every", "5"]) == 0
+    for name in ("train.bin", "val.bin", "manifest.json"):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
 
 
 def test_corpus_says_what_to_do_when_apt_get_fails(tmp_path, monkeypatch):
@@ -148,7 +152,7 @@ def test_checkpoint_round_trip_in_shards(tmp_path):
 
 
 def test_tiny_pipeline_end_to_end(corpus, tmp_path):
-    data, _ = corpus
+    data, *_ = corpus
     runs = tmp_path / "runs"
     tiny = ["--layers", "2", "--width", "16", "--heads", "2", "--context", "32"]
     common = ["--data", str(data), "--batch", "4", "--evals", "2", "--eval-windows", "4", "--val-windows", "8",
@@ -196,7 +200,7 @@ def test_training_skips_non_finite_steps_and_stops_past_the_deadline(corpus):
 
     from hhfft.models.gpt_pipeline import TrainSettings, train, val_windows
 
-    data, _ = corpus
+    data, *_ = corpus
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, block_size=32))
     calls = {"n": 0}
