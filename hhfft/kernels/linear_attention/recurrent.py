@@ -2,7 +2,7 @@
 
 For one new token with features phi_q [Hq, F], phi_k [Hkv, F] and value v [Hkv, D], per key/value head:
     S += phi_k^T v   [F, D]      z += phi_k   [F]        (fp32, updated in place)
-    o_h = phi_q_h S / (phi_q_h . z)   for the G query heads h of the group   (0 where the denominator is 0)
+    o_h = phi_q_h S / max(phi_q_h . z, DEN_FLOOR)   for the G query heads h of the group   (naive.py's floor)
 which equals row L of the chunked/quadratic forms over the whole prefix.
 
 One program per (sequence, key/value head) holds the whole [F, D] state in registers: it reads S once, writes it
@@ -74,15 +74,28 @@ def linear_attention_step_triton(
     """
     B, Hq, F = phi_q.shape
     Hkv, D = phi_k.shape[1], v.shape[-1]
+    if tuple(phi_k.shape) != (B, Hkv, F) or tuple(v.shape) != (B, Hkv, D) or Hq % Hkv:
+        raise ValueError("linear_attention_step_triton: expected phi_q [B, Hq, F], phi_k [B, Hkv, F], v [B, Hkv, D] "
+                         f"with Hq a multiple of Hkv; got {tuple(phi_q.shape)}, {tuple(phi_k.shape)}, {tuple(v.shape)}")
     if state.dtype != torch.float32 or normalizer.dtype != torch.float32 or not state.is_contiguous() \
             or not normalizer.is_contiguous():
-        raise TypeError("linear_attention_step: state and normalizer must be contiguous fp32 tensors "
-                        f"[B, Hkv, F, D] and [B, Hkv, F], got {state.dtype} and {normalizer.dtype}")
+        raise TypeError("linear_attention_step_triton: state and normalizer must be contiguous fp32 tensors, got "
+                        f"{state.dtype} (contiguous: {state.is_contiguous()}) and {normalizer.dtype} (contiguous: "
+                        f"{normalizer.is_contiguous()}); pass state.float().contiguous()")
     if tuple(state.shape) != (B, Hkv, F, D) or tuple(normalizer.shape) != (B, Hkv, F):
-        raise ValueError(f"linear_attention_step: state must be [B, Hkv, F, D] = {[B, Hkv, F, D]} and normalizer "
-                         f"[B, Hkv, F], got {list(state.shape)} and {list(normalizer.shape)}")
+        raise ValueError(f"linear_attention_step_triton: state must be [B, Hkv, F, D] = {[B, Hkv, F, D]} and "
+                         f"normalizer [B, Hkv, F] = {[B, Hkv, F]}, got {list(state.shape)} and "
+                         f"{list(normalizer.shape)}")
+    if keep is not None and (keep.dtype != torch.bool or tuple(keep.shape) != (B,)):
+        raise ValueError(f"linear_attention_step_triton: keep must be a bool tensor [B] = [{B}], got {keep.dtype} "
+                         f"{tuple(keep.shape)}")
+    if out is not None and (tuple(out.shape) != (B, Hq, D) or not out.is_contiguous()):
+        raise ValueError(f"linear_attention_step_triton: out must be a contiguous [B, Hq, D] = {[B, Hq, D]} tensor, "
+                         f"got {tuple(out.shape)} (contiguous: {out.is_contiguous()})")
     if F > 256 or D > 256:
-        raise ValueError(f"linear_attention_step_triton: F and D must be <= 256, got F={F}, D={D}")
+        raise ValueError(f"linear_attention_step_triton: F and D must be <= 256 (the whole [F, D] state is one tile), "
+                         f"got F={F}, D={D}; use hhfft.lowering.decode.linear_attention_decode, which falls back to "
+                         "PyTorch there")
     BK = max(16, triton.next_power_of_2(F))
     BV = max(16, triton.next_power_of_2(D))
     o = v.new_empty(B, Hq, D) if out is None else out
