@@ -4,7 +4,7 @@ Ops (torch.library):
     hhfft::linear_attention_decode(phi_q, phi_k, v, state, normalizer, keep) -> o      (mutates state, normalizer)
         L new tokens attend causally to each other and to everything folded into the state before them:
             num_i = phi_q_i S + sum_{j <= i} (phi_q_i . k~_j) v~_j      den_i = phi_q_i . z + sum_{j <= i} phi_q_i . k~_j
-            o_i = num_i / den_i (0 where den_i = 0);   then S += sum_j k~_j^T v~_j,  z += sum_j k~_j
+            o_i = num_i / max(den_i, DEN_FLOOR);   then S += sum_j k~_j^T v~_j,  z += sum_j k~_j
         with k~_j = keep_j phi_k_j, v~_j = keep_j v_j. L = 1 is the recurrent step (a Triton kernel on CUDA,
         ``hhfft/kernels/linear_attention/recurrent.py``); L > 1 (a prompt) is the chunked causal product plus the
         state's contribution, so a long prompt never forms an [L, L] matrix.
@@ -29,7 +29,7 @@ from hhfft.kernels.linear_attention.naive import DEN_FLOOR
 __all__ = ["linear_attention_decode", "hedgehog_decode"]
 
 
-def _triton_step_ok(phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Tensor, normalizer: Tensor) -> bool:
+def _triton_step_ok(phi_q: Tensor, v: Tensor, state: Tensor, normalizer: Tensor) -> bool:
     return (phi_q.is_cuda and phi_q.shape[2] == 1 and state.dtype == torch.float32 and normalizer.dtype == torch.float32
             and state.is_contiguous() and normalizer.is_contiguous()
             and phi_q.dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -46,18 +46,20 @@ def _decode_torch(phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Tensor, normal
     k, vv = phi_k.to(ct), v.to(ct)
     if keep is not None:
         k, vv = torch.where(keep[:, None, :, None], k, 0), torch.where(keep[:, None, :, None], vv, 0)
-    q5 = phi_q.to(ct).reshape(B, Hkv, Hq // Hkv, L, F)
+    q = phi_q.to(ct)
+
+    def fold() -> None:  # the new tokens into the state, in place
+        state.add_(k.transpose(-1, -2) @ vv)
+        normalizer.add_(k.sum(-2))
+
     if L == 1:  # the recurrent step: update, then read (the Triton kernel's order)
-        state.add_(k.transpose(-1, -2) @ vv)
-        normalizer.add_(k.sum(-2))
-        s1 = torch.cat([state, normalizer[..., None]], dim=-1)  # [B, Hkv, F, D + 1]
-        nd = (q5 @ s1[:, :, None]).reshape(B, Hq, L, D + 1)
-    else:  # a prompt: chunked causal product over the new tokens + what the state already holds
-        s1 = torch.cat([state, normalizer[..., None]], dim=-1)
+        fold()
+    s1 = torch.cat([state, normalizer[..., None]], dim=-1)  # [B, Hkv, F, D + 1]: num and den in one product
+    nd = (q.reshape(B, Hkv, Hq // Hkv, L, F) @ s1[:, :, None]).reshape(B, Hq, L, D + 1)
+    if L > 1:  # a prompt: the chunked causal product over the new tokens on top of what the state held before them
         v1 = torch.cat([vv, vv.new_ones(B, Hkv, L, 1)], dim=-1)
-        nd = (q5 @ s1[:, :, None]).reshape(B, Hq, L, D + 1) + linear_attention_product(phi_q.to(ct), k, v1, "causal").to(ct)
-        state.add_(k.transpose(-1, -2) @ vv)
-        normalizer.add_(k.sum(-2))
+        nd = nd + linear_attention_product(q, k, v1, "causal").to(ct)
+        fold()
     num, den = nd[..., :-1], nd[..., -1:]
     o = num / den.clamp_min(DEN_FLOOR)
     return o.to(v.dtype)
@@ -66,7 +68,7 @@ def _decode_torch(phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Tensor, normal
 @torch.library.custom_op("hhfft::linear_attention_decode", mutates_args=("state", "normalizer"))
 def _decode_op(phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Tensor, normalizer: Tensor,
                keep: Optional[Tensor] = None) -> Tensor:
-    if _triton_step_ok(phi_q, phi_k, v, state, normalizer):
+    if _triton_step_ok(phi_q, v, state, normalizer):
         from hhfft.kernels.linear_attention.recurrent import linear_attention_step_triton
 
         o = linear_attention_step_triton(phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], state, normalizer,
