@@ -216,13 +216,13 @@ def try_batch(model, kind, B, context, device, steps):
             torch.cuda.reset_peak_memory_stats()
 
 
-def search(model, kind, context, device, per_seq_bytes, steps, log, deadline, start=None):
+def search(model, kind, context, device, per_seq_bytes, steps, log, deadline):
     """Largest batch that fits: descend from an estimate by 10% per failure; returns the first that runs."""
     if device == "cuda":
         free, _ = torch.cuda.mem_get_info()
-        B = start or max(1, int(free * 0.97 / per_seq_bytes))
+        B = max(1, int(free * 0.97 / per_seq_bytes))
     else:
-        B = start or 4
+        B = 4
     tried = []
     while B >= 1 and time.time() < deadline:
         r = try_batch(model, kind, B, context, device, steps)
