@@ -134,26 +134,33 @@ def _hedgehog_reference(x, causal, mask, kind):
 @pytest.mark.parametrize("case", FUSED_CASES, ids=[f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-L{c[3]}-DX{c[4]}-FH{c[5]}-D{c[6]}"
                                                   + ("-mask" if c[7] else "") for c in FUSED_CASES])
 def test_fused_feature_map_forward_and_backward_vs_fp64(case, causal, kind):
+    _check_fused(case, causal, kind, torch.float32)
+
+
+def _check_fused(case, causal, kind, dtype):
+    """The fused kernels on inputs of ``dtype`` (fp32 weights) against the feature maps then the quadratic form, in fp64
+    and, as the baseline, in ``dtype`` (weights cast to it); o, den and every gradient, dW and db included."""
     B, Hq, Hkv, L, DX, FH, D, masked = case
     g = torch.Generator().manual_seed(L + FH)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    x = [r(B, Hq, L, DX), r(B, Hkv, L, DX), r(B, Hkv, L, D), r(Hq, DX, FH) * 0.5, r(Hq, FH) * 0.3,
-         r(Hkv, DX, FH) * 0.5, r(Hkv, FH) * 0.3]
+    x = [r(B, Hq, L, DX).to(dtype), r(B, Hkv, L, DX).to(dtype), r(B, Hkv, L, D).to(dtype), r(Hq, DX, FH) * 0.5,
+         r(Hq, FH) * 0.3, r(Hkv, DX, FH) * 0.5, r(Hkv, FH) * 0.3]
     mask = (torch.rand(B, L, generator=g) > 0.3) if masked else None
     o, den = chunk.hedgehog_attention_fwd(*x, kind, causal, mask)
-    do, dden = r(*o.shape), r(*den.shape)
-    got = chunk.hedgehog_attention_bwd(*x[:7], o, den, do, dden, kind, causal, mask)
+    do, dden = r(*o.shape).to(dtype), r(*den.shape)
+    got = chunk.hedgehog_attention_bwd(*x, o, den, do, dden, kind, causal, mask)
 
     def run(xs):
         xs = [t.clone().requires_grad_() for t in xs]
-        oo, dd = _hedgehog_reference(xs, causal, mask, kind)
+        low = xs[:3] + [t.to(xs[0].dtype) for t in xs[3:]]  # the weights in the inputs' dtype
+        oo, dd = _hedgehog_reference(low, causal, mask, kind)
         return [oo.detach(), dd.detach()] + list(torch.autograd.grad((oo, dd), xs, (do.to(oo.dtype), dden.to(dd.dtype))))
 
     ref = run([t.double() for t in x])
     base = run(x)
     names = ["o", "den", "dq", "dk", "dv", "dWq", "dbq", "dWk", "dbk"]
     for name, a, b, c in zip(names, [o, den] + list(got), ref, base):
-        assert_within_baseline(name, a, b, [c], dtype=torch.float32)
+        assert_within_baseline(name, a, b, [c], dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -231,23 +238,4 @@ def test_split_precision_within_tolerance(fused, monkeypatch):
         test_forward_and_backward_vs_fp64(CASES[0], True, torch.float16)  # L = 1: dq, dk are all cancellation
         test_forward_and_backward_vs_fp64(CASES[1], True, torch.float16)
         return
-    B, Hq, Hkv, L, DX, FH, D, masked = FUSED_CASES[0]
-    g = torch.Generator().manual_seed(3)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    x = [r(B, Hq, L, DX).half(), r(B, Hkv, L, DX).half(), r(B, Hkv, L, D).half(), r(Hq, DX, FH) * 0.5,
-         r(Hq, FH) * 0.3, r(Hkv, DX, FH) * 0.5, r(Hkv, FH) * 0.3]
-    mask = torch.rand(B, L, generator=g) > 0.3
-    o, den = chunk.hedgehog_attention_fwd(*x, "softmax_split", True, mask)
-    do, dden = r(*o.shape).half(), r(*den.shape)
-    got = chunk.hedgehog_attention_bwd(*x, o, den, do, dden, "softmax_split", True, mask)
-
-    def run(xs, dtype):
-        xs = [t.clone().requires_grad_() for t in xs]
-        low = [xs[0], xs[1], xs[2]] + [t.to(dtype) for t in xs[3:]]
-        oo, dd = _hedgehog_reference(low, True, mask, "softmax_split")
-        return [oo.detach(), dd.detach()] + list(torch.autograd.grad((oo, dd), xs, (do.to(oo.dtype), dden.to(dd.dtype))))
-
-    ref = run([t.double() for t in x], torch.float64)
-    base = run(x, torch.float16)
-    for name, a, b, c in zip(["o", "den", "dq", "dk", "dv", "dWq", "dbq", "dWk", "dbk"], [o, den] + list(got), ref, base):
-        assert_within_baseline(name, a, b, [c], dtype=torch.float16)
+    _check_fused(FUSED_CASES[0], True, "softmax_split", torch.float16)
