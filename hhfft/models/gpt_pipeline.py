@@ -348,8 +348,8 @@ def _common(p: argparse.ArgumentParser, lr: float, warmup: int) -> None:
     p.add_argument("--val-windows", type=int, default=None, help="limit the final held-out windows (default all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compile", action="store_true", help="train eagerly instead of torch.compile(backend='hhfft')")
-    p.add_argument("--no-bf16", action="store_true")
-    p.add_argument("--device", default=None)
+    p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too (bf16 autocast only ever applies there)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--deadline", type=float, default=None, help="wall-clock time.time() to finish by (--tokens auto)")
     p.add_argument("--sync", default=None, help="folder where the runs of a group agree the budget (--tokens auto)")
     p.add_argument("--group", type=int, default=1, help="how many runs agree the budget through --sync")
@@ -504,10 +504,11 @@ def cmd_finetune(argv: list) -> int:
                            eval_batches=[(windows[i:i + 4, :-1].to(device),)
                                          for i in range(0, min(8, windows.shape[0]), 4)],
                            log_every=50, stream=sys.stdout)
+            seconds = time.time() - t0
             res["distill"] = {"before": dres.before, "after": dres.after, "steps": a.distill_steps,
-                              "lr": a.distill_lr, "batch": a.distill_batch, "context": dctx, "seconds": time.time() - t0,
+                              "lr": a.distill_lr, "batch": a.distill_batch, "context": dctx, "seconds": seconds,
                               "history": dres.history[:: max(1, len(dres.history) // 50)]}
-            log(f"[{s.name}] distilled in {time.time() - t0:.0f} s:\n{dres}")
+            log(f"[{s.name}] distilled in {seconds:.0f} s:\n{dres}")
             res["val_ce_distilled"] = evaluate(model, windows, bf16=s.bf16)
             log(f"[{s.name}] after distillation: val {res['val_ce_distilled']:.4f}")
             if a.picture_layer is not None:
