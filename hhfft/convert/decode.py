@@ -71,9 +71,15 @@ class HedgehogLayer(CacheLayerMixin):
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[0] != self.state.shape[0] or self.num_heads % key_states.shape[1]:
-            raise ValueError(f"HedgehogCache: keys [B, Hkv, L, D] = {tuple(key_states.shape)} do not match the state "
-                             f"{tuple(self.state.shape)} ([B, H, F, D]); start a new HedgehogCache for a new batch")
+        if key_states.shape[0] != self.state.shape[0]:
+            raise ValueError(f"HedgehogCache: keys [B, Hkv, L, D] = {tuple(key_states.shape)} are for another batch "
+                             f"size than the state {tuple(self.state.shape)} ([B, H, F, D]); start a new HedgehogCache "
+                             "for a new batch")
+        if self.num_heads % key_states.shape[1]:
+            raise ValueError(f"HedgehogCache: keys [B, Hkv, L, D] = {tuple(key_states.shape)} have "
+                             f"{key_states.shape[1]} heads, which do not divide the {self.num_heads} heads of the "
+                             "layer's feature map; the model does not match its conversion: convert it again "
+                             "(hhfft.convert)")
         past = self.get_seq_length()
         k_all, v_all = torch.ops.hhfft.hedgehog_cache_kv(key_states, value_states, self.state, self.normalizer, past)
         self._seen = self._seen.new_empty(0, past + key_states.shape[-2])
@@ -138,12 +144,10 @@ def decoding_layers(model: nn.Module) -> list:
         raise ValueError("HedgehogCache: the model has no Hedgehog sites; convert it first with hhfft.convert(model, "
                          "example_inputs) (or hhfft.load_converted)")
     by_owner: dict = {}
-    for path, index, _, hh in sites:
+    for path, _, _, hh in sites:
         by_owner.setdefault(path, []).append(hh)
     layers: dict = {}
     for path, hhs in by_owner.items():
-        if path == "" and not hhs:
-            continue
         owner = model.get_submodule(path)
         idx = getattr(owner, "layer_idx", None)
         if isinstance(idx, bool) or not isinstance(idx, int):
@@ -206,6 +210,6 @@ class HedgehogCache(Cache):
         for layer in self.layers:
             if isinstance(layer, HedgehogLayer):
                 total += layer.state_bytes()
-            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-                total += layer.keys.numel() * layer.keys.element_size() * 2
+            elif getattr(layer, "keys", None) is not None:
+                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
         return total
