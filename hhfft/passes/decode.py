@@ -2,7 +2,7 @@
 
 Called by the linearize pass for each site it pairs with feature maps. A site reads the cache when the k and v that
 SDPA receives are the outputs of the marker ``hhfft::hedgehog_cache_kv(k_new, v_new, S, z, past)`` (directly or
-through GQA repeats/views that keep their values: expand, reshape, view, contiguous). Such a site is replaced by
+through GQA repeats/views that keep their values: expand, reshape, view, contiguous, clone). Such a site is replaced by
 
     hedgehog_decode(q, k_new, v_new, wq, bq, wk, bk, kind, S, z, keep)
 
@@ -16,6 +16,7 @@ raises: decoding would compute something else than the model run over the whole 
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -38,8 +39,6 @@ def is_cache_marker(n: Any) -> bool:
 
 def _through_views(n: Any) -> Any:
     """Follow a node back through value-preserving single-input ops (GQA repeat: [:, :, None] -> expand -> reshape)."""
-    import operator
-
     while isinstance(n, fx.Node):
         method = n.op == "call_method" and n.target in _VIEWS
         if method or (n.op == "call_function" and n.target in (torch.reshape, torch.Tensor.contiguous,
@@ -65,8 +64,6 @@ def _is_none_index(idx: Any) -> bool:
 
 def cache_marker(k: Any, v: Any) -> fx.Node | None:
     """The ``hedgehog_cache_kv`` node whose outputs 0 and 1 are (up to views) ``k`` and ``v``, or None."""
-    import operator
-
     src = []
     for x, i in ((k, 0), (v, 1)):
         x = _through_views(x)
