@@ -112,3 +112,14 @@ def test_decode_rejects_bad_state():
     with pytest.raises(TypeError, match="fp32"):
         linear_attention_decode(q.float(), k.float(), v.float(), torch.zeros(1, 2, 4, 3, dtype=torch.float16),
                                 torch.zeros(1, 2, 4, dtype=torch.float16))
+
+
+def test_triton_step_rejects_bad_input():
+    q, k, v = torch.rand(1, 2, 4), torch.rand(1, 2, 4), torch.randn(1, 2, 3)
+    S, z = torch.zeros(1, 2, 4, 3), torch.zeros(1, 2, 4)
+    with pytest.raises(TypeError, match=r"float32 \(contiguous: False\)"):
+        linear_attention_step_triton(q, k, v, torch.zeros(1, 2, 3, 4).transpose(-1, -2), z)
+    with pytest.raises(ValueError, match=r"keep must be a bool tensor \[B\] = \[1\], got torch.int64"):
+        linear_attention_step_triton(q, k, v, S, z, torch.ones(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"phi_k \[B, Hkv, F\].*\(1, 2, 5\)"):
+        linear_attention_step_triton(q, torch.rand(1, 2, 5), v, S, z)
