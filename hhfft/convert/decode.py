@@ -16,8 +16,9 @@ and the layer's (S, z). The converted model's forward runs through Dynamo with h
 forward does); the linearize pass finds the attention that reads the marker and replaces it by
 ``hhfft.lowering.decode.hedgehog_decode`` on the new tokens and the state: a prompt goes through the chunked causal
 form on top of the state, a single token through the recurrent step (a Triton kernel on CUDA), and the state is
-updated in place. The number of tokens seen is carried as the size of an empty tensor, so Dynamo compiles one graph
-for the prompt and one (dynamic) graph for all later steps instead of one per length.
+updated in place. The number of tokens seen is carried as the size of an empty tensor, so Dynamo compiles three graphs
+in all, not one per length: the prompt's, the first step's, and at the second step one dynamic graph for every later
+step (automatic dynamic shapes).
 
 Refused with a message: a model with no converted site, converted attention modules without an integer
 ``layer_idx``, an owner with several converted sites, a non-causal site, a multi-token step after the first
