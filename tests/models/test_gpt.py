@@ -17,8 +17,9 @@ from hhfft.data import pydocs
 from hhfft.models.gpt import GPT, GPTConfig
 from hhfft.models.gpt_pipeline import convert_gpt, load_gpt, main, save_gpt, table
 
-WORDS = ("the function returns a new object list of values when called with an argument module class method raises "
-         "error if none is given default string bytes file path").split()
+WORDS = ["the", "function", "returns", "a", "new", "object", "list", "of", "values", "when", "called", "with", "an",
+         "argument", "module", "class", "method", "raises", "error", "if", "none", "is", "given", "default", "string",
+         "bytes", "file", "path"]
 
 
 def _page(rng, title: str, paragraphs: int) -> str:
