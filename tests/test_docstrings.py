@@ -6,7 +6,8 @@ import importlib
 
 import pytest
 
-MODULES = ["hhfft.lowering.backend", "hhfft.lowering.fftconv", "hhfft.nn.fftconv", "hhfft.lowering.decode"]
+MODULES = ["hhfft.lowering.backend", "hhfft.lowering.fftconv", "hhfft.nn.fftconv", "hhfft.lowering.decode",
+           pytest.param("hhfft.convert.decode", marks=pytest.mark.slow)]  # converts and generates: ~25 s on 2 cores
 
 
 @pytest.mark.parametrize("name", MODULES)
