@@ -10,7 +10,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-__all__ = ["rel_err", "assert_within_baseline", "ulp", "sharp_features", "nan_guarded_buffers"]
+__all__ = ["rel_err", "assert_within_baseline", "ulp", "sharp_features", "linear_features", "nan_guarded_buffers"]
 
 
 def ulp(dtype: torch.dtype) -> float:
@@ -56,6 +56,19 @@ def sharp_features(seed: int = 0, B: int = 1, H: int = 2, L: int = 12, F: int = 
     k = torch.softmax(60 * torch.randn(B, H, L, F, generator=g, dtype=torch.float64), -1)
     v = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
     return q, k, v
+
+
+def linear_features(B: int, Hq: int, Hkv: int, L: int, F: int, D: int, masked: bool, seed: int = 0) -> tuple:
+    """fp64 (phi_q [B, Hq, L, F], phi_k [B, Hkv, L, F], v [B, Hkv, L, D], keep [B, L] bool or None): non-negative
+    features in [0, 1), keys kept with probability 0.7 (the first always, so no row is empty)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(B, Hq, L, F, generator=g, dtype=torch.float64)
+    k = torch.rand(B, Hkv, L, F, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64)
+    keep = (torch.rand(B, L, generator=g) > 0.3) if masked else None
+    if keep is not None:
+        keep[:, 0] = True
+    return q, k, v, keep
 
 
 def nan_guarded_buffers(monkeypatch, module, guard: int) -> Iterator[None]:

@@ -13,7 +13,7 @@ import hhfft
 from hhfft.kernels.linear_attention.naive import linear_attention_naive
 from hhfft.kernels.linear_attention.recurrent import linear_attention_step_triton
 from hhfft.lowering.decode import _decode_torch
-from tests.utils import assert_within_baseline
+from tests.utils import assert_within_baseline, linear_features
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -28,13 +28,7 @@ CASES = [(f, d, g, DTYPES[i % 3], (i % 2) == 1)
 def test_step_kernel(F, D, G, dt, masked):
     B, Hkv, T = 3, 2, 5
     Hq = Hkv * G
-    g = torch.Generator().manual_seed(F * 1000 + D * 10 + G)
-    q = torch.rand(B, Hq, T, F, generator=g, dtype=torch.float64)
-    k = torch.rand(B, Hkv, T, F, generator=g, dtype=torch.float64)
-    v = torch.randn(B, Hkv, T, D, generator=g, dtype=torch.float64)
-    keep = (torch.rand(B, T, generator=g) > 0.3) if masked else None
-    if keep is not None:
-        keep[:, 0] = True
+    q, k, v, keep = linear_features(B, Hq, Hkv, T, F, D, masked, seed=F * 1000 + D * 10 + G)
     ref = linear_attention_naive(q, k, v, causal=True, key_mask=keep)
     S, z = torch.zeros(B, Hkv, F, D, device="cuda"), torch.zeros(B, Hkv, F, device="cuda")
     bS, bz = S.clone(), z.clone()

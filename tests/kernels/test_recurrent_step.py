@@ -10,7 +10,7 @@ from hhfft.kernels.linear_attention.naive import linear_attention_naive
 from hhfft.kernels.linear_attention.recurrent import linear_attention_step_triton
 from hhfft.lowering.decode import _decode_torch, linear_attention_decode
 from tests.conftest import nan_like
-from tests.utils import assert_within_baseline
+from tests.utils import assert_within_baseline, linear_features
 
 STEP_CASES = [  # (B, Hq, Hkv, F, D, steps, masked, dtype)
     (2, 2, 2, 16, 8, 3, False, torch.float32),
@@ -25,17 +25,6 @@ def _sid(c):
     return f"B{B}-Hq{Hq}-Hkv{Hkv}-F{F}-D{D}-T{n}-{str(dt)[6:]}" + ("-mask" if m else "")
 
 
-def _seq(B, Hq, Hkv, L, F, D, masked, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.rand(B, Hq, L, F, generator=g, dtype=torch.float64)
-    k = torch.rand(B, Hkv, L, F, generator=g, dtype=torch.float64)
-    v = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64)
-    keep = (torch.rand(B, L, generator=g) > 0.3) if masked else None
-    if keep is not None:
-        keep[:, 0] = True
-    return q, k, v, keep
-
-
 def _ref(q, k, v, keep):
     return linear_attention_naive(q, k, v, causal=True, key_mask=keep)
 
@@ -43,7 +32,7 @@ def _ref(q, k, v, keep):
 @pytest.mark.parametrize("case", STEP_CASES, ids=_sid)
 def test_triton_step_matches_reference(case):
     B, Hq, Hkv, F, D, steps, masked, dt = case
-    q, k, v, keep = _seq(B, Hq, Hkv, steps, F, D, masked)
+    q, k, v, keep = linear_features(B, Hq, Hkv, steps, F, D, masked)
     ref = _ref(q, k, v, keep)
     S, z = torch.zeros(B, Hkv, F, D), torch.zeros(B, Hkv, F)
     S_t, z_t = S.clone(), z.clone()  # the same steps in PyTorch (fp32 state): the baseline
@@ -67,7 +56,7 @@ def test_triton_step_matches_reference(case):
 
 
 def test_triton_step_leaves_padding_out_of_the_state():
-    q, k, v, _ = _seq(2, 2, 2, 1, 16, 8, False)
+    q, k, v, _ = linear_features(2, 2, 2, 1, 16, 8, False)
     S, z = torch.rand(2, 2, 16, 8), torch.rand(2, 2, 16)
     S0, z0 = S.clone(), z.clone()
     keep = torch.tensor([True, False])
@@ -92,7 +81,7 @@ def _did(c):
 def test_decode_prompt_then_steps_matches_reference(case):
     B, Hq, Hkv, P, P2, steps, F, D, masked = case
     L = P + P2 + steps
-    q, k, v, keep = _seq(B, Hq, Hkv, L, F, D, masked, seed=1)
+    q, k, v, keep = linear_features(B, Hq, Hkv, L, F, D, masked, seed=1)
     ref = _ref(q, k, v, keep)
     full32 = _ref(q.float(), k.float(), v.float(), keep)  # PyTorch at fp32: the baseline
     S, z = torch.zeros(B, Hkv, F, D), torch.zeros(B, Hkv, F)
@@ -106,7 +95,7 @@ def test_decode_prompt_then_steps_matches_reference(case):
 
 
 def test_decode_rejects_bad_state():
-    q, k, v, _ = _seq(1, 2, 2, 3, 4, 3, False)
+    q, k, v, _ = linear_features(1, 2, 2, 3, 4, 3, False)
     with pytest.raises(ValueError, match=r"state must be \[B, Hkv, F, D\] = \[1, 2, 4, 3\]"):
         linear_attention_decode(q.float(), k.float(), v.float(), torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 4))
     with pytest.raises(TypeError, match="fp32"):
