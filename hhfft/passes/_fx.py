@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._pytree import tree_map
 
-__all__ = ["val", "insert_call", "bump", "known_eq", "known_true", "as_int", "arg"]
+__all__ = ["val", "insert_call", "replace_node", "bump", "known_eq", "known_true", "as_int", "arg"]
 
 
 def val(n: Any) -> Any:
@@ -54,6 +54,17 @@ def insert_call(graph: fx.Graph, target: Callable, args: tuple, kwargs: Optional
         key = "example_value" if any("example_value" in n.meta for n in graph.nodes) else "val"
         node.meta[key] = out
     return node
+
+
+def replace_node(graph: fx.Graph, old: fx.Node, new: fx.Node) -> fx.Node:
+    """Hand ``old``'s users to ``new`` (cast to ``old``'s dtype where the two differ) and erase ``old``; returns the
+    node that now stands for it."""
+    if val(new) is not None and val(old) is not None and val(new).dtype != val(old).dtype:
+        with graph.inserting_after(new):
+            new = insert_call(graph, torch.Tensor.to, (new, val(old).dtype), like=old)
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
+    return new
 
 
 def bump(name: str, by: int = 1) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hhfft.passes._fx import as_int, bump, insert_call, known_eq, val
+from hhfft.passes._fx import as_int, bump, insert_call, known_eq, replace_node, val
 
 __all__ = ["cache_marker", "is_cache_marker", "rewrite"]
 
@@ -130,12 +130,7 @@ def rewrite(g: fx.Graph, site: Any, parts: dict, maps: tuple, path: str, report_
         if isinstance(mask, fx.Node) and ("key_padding" in site.mask_kind or one):
             km = insert_call(g, keep_from_mask, (mask, parts["q"], k_new), like=n)
         out = insert_call(g, _decode, (parts["q"], k_new, v_new, wq, bq, wk, bk, kind, state, normalizer, km), like=n)
-    if val(out) is not None and val(n) is not None and val(out).dtype != val(n).dtype:
-        with g.inserting_after(out):
-            out = insert_call(g, torch.Tensor.to, (out, val(n).dtype), like=n)
-    n.replace_all_uses_with(out)
-    g.erase_node(n)
-    site.sdpa = out
+    site.sdpa = replace_node(g, n, out)
     _erase_dead(g, marker)
     report_fn("rewritten", "hedgehog decoding with a constant-size state" + (" (one token)" if one else " (prompt)"))
     bump("hedgehog_decode")

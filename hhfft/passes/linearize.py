@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from hhfft.passes import decode
-from hhfft.passes._fx import arg, bump, insert_call, known_eq, val
+from hhfft.passes._fx import arg, bump, insert_call, known_eq, replace_node, val
 from hhfft.passes.report import Site, describe_shape, module_path
 
 __all__ = ["run", "is_marker", "key_mask_from_attn_mask", "LINEARIZABLE"]
@@ -158,12 +158,7 @@ def run(gm: fx.GraphModule, opts: Any, report: Any, mode: str = "linear") -> Non
         with g.inserting_after(km if km is not None else n):
             out = insert_call(g, _hedgehog, (p["q"], p["k"], p["v"], wq, bq, wk, bk, kind, bool(site.causal), km),
                               like=n)
-        if val(out) is not None and val(n) is not None and val(out).dtype != val(n).dtype:
-            with g.inserting_after(out):
-                out = insert_call(g, torch.Tensor.to, (out, val(n).dtype), like=n)
-        n.replace_all_uses_with(out)
-        g.erase_node(n)
-        site.sdpa = out
+        site.sdpa = replace_node(g, n, out)
         drop = p["dropout"]
         reason = "hedgehog linear attention" + (" (causal)" if site.causal else "") + (
             " (key mask)" if key_padding else "")
