@@ -421,10 +421,11 @@ def linear_attention_bwd_dkdv_kernel(
             b_den = tl.maximum(b_den, _DEN_FLOOR)
             if DV:
                 b_do = tl.load(p_do + o_r[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)
-                b_g = (b_do.to(tl.float32) / b_den[:, None]).to(dv.dtype.element_ty)  # [BT(i), BV]
                 b_At = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [BT(j), BT(i)] = A^T
-                b_At = tl.where(m_ji, b_At, 0)
-                b_dv += tl.dot(b_At.to(b_g.dtype), b_g, input_precision=PREC)
+                # A_ij / den_i lies in [0, 1] (its row sums to at most 1), so it fits any 16-bit dtype; g = dO / den
+                # would overflow fp16 on a near-empty row (den near DEN_FLOOR)
+                b_At = tl.where(m_ji, b_At / b_den[None, :], 0)
+                b_dv += tl.dot(b_At.to(b_do.dtype), b_do, input_precision=PREC)
             if DK:
                 b_doT = tl.load(p_do + o_r[None, :] * D + o_v[:, None], mask=m_t[None, :] & m_v[:, None], other=0)
                 b_s = tl.load(s + i_qh * L + o_r, mask=m_t, other=0)
