@@ -7,7 +7,7 @@ import torch
 import hhfft.lowering.linear_attention as la
 from hhfft.kernels.linear_attention.naive import DEN_FLOOR, linear_attention_naive, linear_attention_weights_naive
 from hhfft.lowering.linear_attention import linear_attention, linear_attention_product
-from utils import sharp_features
+from utils import linear_features, sharp_features
 
 CASES = [  # (B, Hq, Hkv, L, F, D, masked)
     (2, 2, 2, 1, 4, 3, False),
@@ -24,13 +24,7 @@ def _id(c):
 
 
 def _inputs(B, Hq, Hkv, L, F, D, masked, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.rand(B, Hq, L, F, generator=g, dtype=torch.float64)
-    k = torch.rand(B, Hkv, L, F, generator=g, dtype=torch.float64)
-    v = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64)
-    mask = (torch.rand(B, L, generator=g) > 0.3) if masked else None
-    if mask is not None:
-        mask[:, 0] = True
+    q, k, v, mask = linear_features(B, Hq, Hkv, L, F, D, masked, seed)
     return q.to(dtype), k.to(dtype), v.to(dtype), mask
 
 
