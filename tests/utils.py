@@ -10,7 +10,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-__all__ = ["rel_err", "assert_within_baseline", "ulp", "sharp_features", "linear_features", "nan_guarded_buffers"]
+__all__ = ["rel_err", "assert_within_baseline", "ulp", "sharp_features", "linear_features", "nan_guarded_buffers",
+           "masked_correlation"]
 
 
 def ulp(dtype: torch.dtype) -> float:
@@ -91,3 +92,10 @@ def nan_guarded_buffers(monkeypatch, module, guard: int) -> Iterator[None]:
     for shape, buf, n in allocated:
         outside = torch.cat([buf[:guard], buf[guard + n:]])
         assert torch.isnan(outside).all(), f"a kernel wrote outside its output buffer of shape {tuple(shape)}"
+
+
+def masked_correlation(a: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor) -> float:
+    """Pearson correlation of two attention maps over the allowed entries (what a converted site is judged by)."""
+    x, y = a[allowed].double(), b[allowed].double()
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x.norm() * y.norm()))

@@ -10,6 +10,7 @@ import torch
 
 from hhfft.convert import HedgehogConfig, convert, distill, hedgehog_sites, site_losses
 from hhfft.convert.distill import lr_lambda, site_maps, tune_maps
+from utils import masked_correlation
 
 
 def _bert(layers=2):
@@ -32,19 +33,13 @@ def _batches(n, B=4, L=12, seed=0):
     return out
 
 
-def correlation(a, b, allowed):
-    x, y = a[allowed].double(), b[allowed].double()
-    x, y = x - x.mean(), y - y.mean()
-    return float((x * y).sum() / (x.norm() * y.norm()))
-
-
 def test_identity_maps_correlate_with_softmax_and_distillation_lowers_every_site(tmp_path):
     model = _bert()
     train, held = _batches(4), _batches(2, seed=1)
     convert(model, held[0], HedgehogConfig())
     for i in range(len(hedgehog_sites(model))):
         a_true, a_pred, allowed = site_maps(model, held[0], site=i)
-        assert correlation(a_true, a_pred, allowed) > 0.5, i
+        assert masked_correlation(a_true, a_pred, allowed) > 0.5, i
         assert torch.allclose(a_pred.sum(-1), torch.ones(()), atol=1e-5)  # normalised over the kept keys
         assert (a_pred[~allowed] == 0).all()  # masked like the teacher
     log = io.StringIO()

@@ -16,6 +16,7 @@ from hhfft.convert.distill import site_maps
 from hhfft.data import pydocs
 from hhfft.models.gpt import GPT, GPTConfig
 from hhfft.models.gpt_pipeline import convert_gpt, load_gpt, main, save_gpt, table
+from utils import masked_correlation
 
 WORDS = ["the", "function", "returns", "a", "new", "object", "list", "of", "values", "when", "called", "with", "an",
          "argument", "module", "class", "method", "raises", "error", "if", "none", "is", "given", "default", "string",
@@ -93,12 +94,6 @@ def _sharp_gpt(seed=0, layers=3):
     return model.eval()
 
 
-def _corr(a, b, allowed):
-    xs, ys = a[allowed].double(), b[allowed].double()
-    xs, ys = xs - xs.mean(), ys - ys.mean()
-    return float((xs * ys).sum() / (xs.norm() * ys.norm()))
-
-
 def test_every_layer_converts_identity_maps_correlate_and_distillation_lowers_every_site(tmp_path):
     model = _sharp_gpt()
     g = torch.Generator().manual_seed(1)
@@ -116,7 +111,7 @@ def test_every_layer_converts_identity_maps_correlate_and_distillation_lowers_ev
         assert (a_pred[~allowed] == 0).all()  # causal, like the teacher
         # the null: causal averaging (uniform weights) correlates with any causal softmax through the row lengths
         uniform = allowed.float() / allowed.float().sum(-1, keepdim=True)
-        corr, null = _corr(a_true, a_pred, allowed), _corr(a_true, uniform, allowed)
+        corr, null = masked_correlation(a_true, a_pred, allowed), masked_correlation(a_true, uniform, allowed)
         assert corr > 0.5 and corr > null + 0.15, (i, corr, null)
         assert (a_true - uniform).abs().amax() > 0.5  # the softmax is far from uniform: the check means something
     _distill_lowers_every_site(model, g)
