@@ -397,8 +397,6 @@ def linear_attention(
 
 
 # ------------------------------------------------------------------------ fused Hedgehog feature map + attention
-_FUSED_KINDS = ("softmax_split", "exp", "joint_softmax")
-
 
 def _project(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     y = torch.einsum("bhld,hdf->bhlf", x.to(_compute_dtype(x, w)), w.to(_compute_dtype(x, w)))
@@ -433,7 +431,11 @@ def _hh_fwd_torch(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask):
 
 
 def _hh_use_triton(xq, xk, v, kind) -> bool:
-    return kind in _FUSED_KINDS and _use_triton(xq, xk, v) and xq.shape[-1] <= 256
+    if not (_use_triton(xq, xk, v) and xq.shape[-1] <= 256):
+        return False
+    from hhfft.kernels.linear_attention.chunk import KINDS  # the maps the fused kernels compute
+
+    return kind in KINDS
 
 
 @torch.library.triton_op("hhfft::hedgehog_attention_fwd", mutates_args=())
