@@ -10,8 +10,9 @@ B = 1 at 64K; bf16; causal), forward and forward+backward times of
   - sdpa:        F.scaled_dot_product_attention(q, k, v, is_causal=True) on q, k, v [B, H, L, 64] (FlashAttention)
   - hhfft-par, hhfft-fused-seq: hhfft and hhfft-fused with the other way of computing the causal states
                  (HHFFT_LA_STATES=parallel / sequential; the defaults are sequential for hhfft, parallel for fused)
-  - hhfft-split, hhfft-fused-split: with HHFFT_LA_PREC=split (fp32 operands as bf16 hi + lo, not tf32x3)
-  - hhfft-apart, hhfft-fused-apart, hhfft-fused-split-apart: with HHFFT_LA_DKDV=apart (dk, dv by two launches)
+  - hhfft-tf32x3, hhfft-fused-tf32x3: with HHFFT_LA_PREC=tf32x3 (fp32 operands as tf32x3, not the default bf16
+                 hi + lo split)
+  - hhfft-apart, hhfft-fused-apart: with HHFFT_LA_DKDV=apart (dk, dv by two launches)
 plus FLOPs and bytes of the chunked computation with the floors they give (the bf16 dense matmul rate and the copy
 bandwidth measured in the same run), and the peak memory of each forward+backward. Every method is checked against
 the fp32 plain-torch implementation on the same inputs before it is timed.
@@ -45,16 +46,15 @@ H, D, FH = 16, 64, 64
 FEAT = 2 * FH
 C = 64
 LENGTHS = [2048, 8192, 32768, 65536]
-METHODS = ["hhfft-fused", "hhfft", "sdpa", "hhfft-split", "hhfft-fused-split", "hhfft-apart", "hhfft-fused-apart",
-           "hhfft-fused-split-apart", "hhfft-par", "hhfft-fused-seq", "fla"]
+METHODS = ["hhfft-fused", "hhfft", "sdpa", "hhfft-tf32x3", "hhfft-fused-tf32x3", "hhfft-apart", "hhfft-fused-apart",
+           "hhfft-par", "hhfft-fused-seq", "fla"]
 VARIANTS = {  # the environment of each variant of the two hhfft paths
     "hhfft-par": ("hhfft", {"HHFFT_LA_STATES": "parallel"}),
     "hhfft-fused-seq": ("hhfft-fused", {"HHFFT_LA_STATES": "sequential"}),
-    "hhfft-split": ("hhfft", {"HHFFT_LA_PREC": "split"}),
-    "hhfft-fused-split": ("hhfft-fused", {"HHFFT_LA_PREC": "split"}),
+    "hhfft-tf32x3": ("hhfft", {"HHFFT_LA_PREC": "tf32x3"}),
+    "hhfft-fused-tf32x3": ("hhfft-fused", {"HHFFT_LA_PREC": "tf32x3"}),
     "hhfft-apart": ("hhfft", {"HHFFT_LA_DKDV": "apart"}),
     "hhfft-fused-apart": ("hhfft-fused", {"HHFFT_LA_DKDV": "apart"}),
-    "hhfft-fused-split-apart": ("hhfft-fused", {"HHFFT_LA_PREC": "split", "HHFFT_LA_DKDV": "apart"}),
 }
 _VARIANT_VARS = sorted({var for _, env in VARIANTS.values() for var in env})
 

@@ -169,18 +169,18 @@ def test_fused_feature_map(B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind
         assert_within_baseline(name, a, b, [c], dtype=dtype)
 
 
-SPLIT = [c for c in _cases() if c.values[7] == torch.bfloat16 and c.values[3] in (1, 64, 1000, 32768)]
+TF32X3 = [c for c in _cases() if c.values[7] == torch.bfloat16 and c.values[3] in (1, 64, 1000, 32768)]
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,L,F,D,masked,dtype,causal", SPLIT)
-def test_split_precision_bf16(B, Hq, Hkv, L, F, D, masked, dtype, causal, monkeypatch):
-    """HHFFT_LA_PREC=split (fp32 operands as bf16 hi + lo instead of tf32x3: fewer registers): same tolerance."""
-    monkeypatch.setenv("HHFFT_LA_PREC", "split")
+@pytest.mark.parametrize("B,Hq,Hkv,L,F,D,masked,dtype,causal", TF32X3)
+def test_tf32x3_precision_bf16(B, Hq, Hkv, L, F, D, masked, dtype, causal, monkeypatch):
+    """HHFFT_LA_PREC=tf32x3 (the opt-out from bf16's default hi + lo split of fp32 operands): same tolerance."""
+    monkeypatch.setenv("HHFFT_LA_PREC", "tf32x3")
     test_forward_backward(B, Hq, Hkv, L, F, D, masked, dtype, causal)
 
 
-def test_split_precision_fused_bf16(monkeypatch):
-    monkeypatch.setenv("HHFFT_LA_PREC", "split")
+def test_tf32x3_precision_fused_bf16(monkeypatch):
+    monkeypatch.setenv("HHFFT_LA_PREC", "tf32x3")
     test_fused_feature_map(2, 4, 2, 1000, 64, 64, 64, True, torch.bfloat16, True, "softmax_split")
 
 

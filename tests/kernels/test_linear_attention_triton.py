@@ -236,21 +236,25 @@ def test_every_dot_block_is_at_least_64(fused):
 
 
 def test_precision_modes(monkeypatch):
+    """bf16 defaults to the hi + lo split of fp32 operands; HHFFT_LA_PREC=tf32x3 opts out; fp16 always tf32x3."""
     monkeypatch.delenv("HHFFT_LA_PREC", raising=False)
-    assert chunk._precisions(torch.bfloat16) == ("tf32", "tf32x3")
-    assert chunk._precisions(torch.float32) == ("ieee", "ieee")
-    monkeypatch.setenv("HHFFT_LA_PREC", "split")
     assert chunk._precisions(torch.bfloat16) == ("tf32", "split")
     assert chunk._precisions(torch.float16) == ("tf32", "tf32x3")  # fp16 halves could overflow
+    assert chunk._precisions(torch.float32) == ("ieee", "ieee")
+    monkeypatch.setenv("HHFFT_LA_PREC", "tf32x3")
+    assert chunk._precisions(torch.bfloat16) == ("tf32", "tf32x3")
+    monkeypatch.setenv("HHFFT_LA_PREC", "split")
+    assert chunk._precisions(torch.bfloat16) == ("tf32", "split")
+    assert chunk._precisions(torch.float16) == ("tf32", "tf32x3")
     monkeypatch.setenv("HHFFT_LA_PREC", "bf16")
-    with pytest.raises(ValueError, match="tf32x3 .* or split"):
+    with pytest.raises(ValueError, match="split .* or tf32x3"):
         chunk._precisions(torch.bfloat16)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])
 def test_split_precision_within_tolerance(fused, monkeypatch):
-    """The split products (fp32 operands as hi + lo 16-bit halves; bf16 on the GPU, fp16 here because the interpreter's
-    bf16 dot is broken) meet the same tolerance as the tf32x3 ones, forward and backward, dW and db included."""
+    """The split products (fp32 operands as hi + lo 16-bit halves; bf16 on the GPU, where they are the default, fp16 here
+    because the interpreter's bf16 dot is broken) meet the same tolerance as the tf32x3 ones, forward and backward, dW and db included."""
     monkeypatch.setattr(chunk, "_precisions", lambda dtype: ("tf32", "split"))
     if not fused:
         test_forward_and_backward_vs_fp64(CASES[0], True, torch.float16)  # L = 1: dq, dk are all cancellation
