@@ -112,3 +112,21 @@ def test_triton_step_rejects_bad_input():
         linear_attention_step_triton(q, k, v, S, z, torch.ones(1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"phi_k \[B, Hkv, F\].*\(1, 2, 5\)"):
         linear_attention_step_triton(q, torch.rand(1, 2, 5), v, S, z)
+
+
+@pytest.mark.parametrize("F,D", [(8, 5), (32, 128), (100, 20), (256, 256)], ids=lambda x: str(x))
+def test_triton_step_blocks_are_at_least_64(F, D, monkeypatch):
+    """The step kernel's tiles are at least 64 wide (chunk.py's rule): on the H200 the 32-wide tile of F = 32,
+    D = 128, G = 4 gave wrong outputs from the second step on; the interpreter cannot show it."""
+    from hhfft.kernels.linear_attention import recurrent
+
+    seen = {}
+
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.update(meta)
+
+    monkeypatch.setattr(recurrent, "linear_attention_step_kernel", Launch())
+    q, k, v = torch.rand(1, 4, F), torch.rand(1, 1, F), torch.randn(1, 1, D)
+    linear_attention_step_triton(q, k, v, torch.zeros(1, 1, F, D), torch.zeros(1, 1, F), wrap=False)
+    assert seen["BK"] >= max(64, F) and seen["BV"] >= max(64, D), seen

@@ -96,8 +96,11 @@ def linear_attention_step_triton(
         raise ValueError(f"linear_attention_step_triton: F and D must be <= 256 (the whole [F, D] state is one tile), "
                          f"got F={F}, D={D}; use hhfft.lowering.decode.linear_attention_decode, which falls back to "
                          "PyTorch there")
-    BK = max(16, triton.next_power_of_2(F))
-    BV = max(16, triton.next_power_of_2(D))
+    # blocks of at least 64, as chunk.py's _MIN_BLOCK (masks cover the padding): on the H200 the 32-wide tile
+    # (F = 32, D = 128, G = 4, fp32) gave wrong outputs from the second step on; its sm_90 PTX reads correctly, the
+    # 64-wide tiles passed every case
+    BK = max(64, triton.next_power_of_2(F))
+    BV = max(64, triton.next_power_of_2(D))
     o = v.new_empty(B, Hq, D) if out is None else out
     k_arg = keep.contiguous().view(torch.uint8) if keep is not None else phi_q.new_empty(1, dtype=torch.uint8)
     kernel = linear_attention_step_kernel
