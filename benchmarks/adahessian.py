@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -181,8 +182,8 @@ def per_param_update(params, grads, hessian, exp_avgs, exp_sqs, steps, lr, beta1
         t.add_(1)
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(d, d, value=1 - beta2)
-        denom = v.sqrt() / (1 - beta2**t).sqrt() + eps
-        p.mul_(1 - lr * weight_decay).sub_(lr * m / (1 - beta1**t) / denom)
+        denom = v.sqrt() / (-torch.expm1(t * math.log(beta2))).sqrt() + eps
+        p.mul_(1 - lr * weight_decay).sub_(lr * m / -torch.expm1(t * math.log(beta1)) / denom)
 
 
 def main() -> int:

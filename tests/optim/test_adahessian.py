@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 
 from hhfft.kernels.adahessian.naive import adahessian_step_naive, average_curvature_naive, hutchinson_naive
+from hhfft.kernels.adahessian.step import adahessian_update, adahessian_update_fused
 from hhfft.optim import AdaHessian, rademacher
+from tests.utils import assert_within_baseline
 
 
 class AllConvs(nn.Module):
@@ -126,6 +128,55 @@ def test_follows_naive_50_steps(cfg_name, fused):
                 p.detach(), history[t][n], rtol=1e-6, atol=1e-6,
                 msg=lambda m, n=n, t=t: f"step {t + 1}, parameter {n}: {m}",
             )
+
+
+def check_update_against_naive(device: str, dtype: torch.dtype, steps: int = 3) -> None:
+    """The eager and the fused update against naive.py in fp64, by the STYLE rule, after every step.
+
+    A conv weight (Dbar [O, I, 1, 1], broadcast), a bias and a matrix, from zero state (the first steps are where
+    the bias corrections 1 - b^t are small). PyTorch's own error is naive.py with fp32 maths, the parameter rounded
+    to ``dtype`` after each step (what an optimizer with fp32 state does). The floor is in fp32 ulps (the maths'
+    dtype), so a bf16 parameter is held to its rounding error, not to 4 bf16 ulps.
+    """
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 32, 3, 3), (257,), (300, 129)]
+    dshapes = [(64, 32, 1, 1), (257,), (300, 129)]
+    p0 = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    g0 = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    d0 = [torch.rand(s, generator=gen).to(device) for s in dshapes]
+    lr, betas = 0.1, (0.9, 0.999)
+    kw = dict(eps=1e-4, weight_decay=0.01, hessian_power=0.7)
+
+    naive = {}  # maths dtype -> (params, states)
+    for mdt in (torch.float64, torch.float32):
+        naive[mdt] = ([p.to(mdt) for p in p0], [{} for _ in p0])
+    ours = {}  # update -> (p, m, v, t)
+    for update in (adahessian_update, adahessian_update_fused):
+        ours[update] = ([p.clone() for p in p0], [torch.zeros(s, device=device) for s in shapes],
+                        [torch.zeros(s, device=device) for s in shapes],
+                        [torch.zeros((), device=device) for _ in shapes])
+    lr_t = torch.tensor(lr, device=device)
+    for t in range(1, steps + 1):
+        for mdt, (ps, states) in naive.items():
+            for p, g, d, st in zip(ps, g0, d0, states):
+                adahessian_step_naive(p, g.to(mdt), d.to(mdt), st, lr=lr, betas=betas, **kw)
+                if mdt != torch.float64:
+                    p.data = p.data.to(dtype).to(mdt)
+        for update, (p, m, v, steps_t) in ours.items():
+            update(p, g0, d0, m, v, steps_t, lr_t, beta1=betas[0], beta2=betas[1], **kw)
+        ref, base = naive[torch.float64], naive[torch.float32]
+        for update, (p, m, v, _) in ours.items():
+            for i, s in enumerate(shapes):
+                for name, out, key in (("p", p[i], None), ("m", m[i], "exp_avg"), ("v", v[i], "exp_hessian_diag_sq")):
+                    r = ref[0][i] if key is None else ref[1][i][key]
+                    b = base[0][i] if key is None else base[1][i][key]
+                    assert_within_baseline(f"{update.__name__} {name}{list(s)} {dtype} step {t}", out, r, [b],
+                                           dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_update_within_baseline_of_naive(dtype):
+    check_update_against_naive("cpu", dtype)
 
 
 def train(model, opt, data, steps, *, start=0):
