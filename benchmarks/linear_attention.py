@@ -4,12 +4,16 @@ What it shows, per sequence length L (H=16 heads, head dim D=64, Hedgehog featur
 B = 1 at 64K; bf16; causal), forward and forward+backward times of
   - hhfft:       hhfft.lowering.linear_attention.linear_attention on phi_q, phi_k [B, H, L, F], v [B, H, L, D]
   - hhfft-fused: hhfft.lowering.linear_attention.hedgehog_linear_attention on q, k [B, H, L, 64] and the maps' W, b
-                 (softmax_split computed inside the kernels: phi never in memory; backward also gives dW, db)
+                 (softmax_split; backward also gives dW, db), by its default route (HHFFT_LA_FUSED=map: one
+                 feature-map kernel writes phi, then the unfused kernels); hhfft-fused-map names that route explicitly
+  - hhfft-fused-inkernel: the same op with HHFFT_LA_FUSED=inkernel (the map computed inside the chunk kernels, phi
+                 never in memory)
   - fla:         fla.ops.linear_attn.chunk_linear_attn (fla-core 0.6) on the same phi (its layout [B, L, H, F]),
                  scale=1, normalize=True: the same function
   - sdpa:        F.scaled_dot_product_attention(q, k, v, is_causal=True) on q, k, v [B, H, L, 64] (FlashAttention)
-  - hhfft-par, hhfft-fused-seq: hhfft and hhfft-fused with the other way of computing the causal states
-                 (HHFFT_LA_STATES=parallel / sequential; the defaults are sequential for hhfft, parallel for fused)
+  - hhfft-par, hhfft-fused-inkernel-seq: hhfft and hhfft-fused-inkernel with the other way of computing the causal
+                 states (HHFFT_LA_STATES=parallel / sequential; the defaults: sequential for loaded phi, parallel for
+                 the in-kernel map)
   - hhfft-tf32x3, hhfft-fused-tf32x3: with HHFFT_LA_PREC=tf32x3 (fp32 operands as tf32x3, not the default bf16
                  hi + lo split)
   - hhfft-apart, hhfft-fused-apart: with HHFFT_LA_DKDV=apart (dk, dv by two launches)
@@ -46,11 +50,13 @@ H, D, FH = 16, 64, 64
 FEAT = 2 * FH
 C = 64
 LENGTHS = [2048, 8192, 32768, 65536]
-METHODS = ["hhfft-fused", "hhfft", "sdpa", "hhfft-tf32x3", "hhfft-fused-tf32x3", "hhfft-apart", "hhfft-fused-apart",
-           "hhfft-par", "hhfft-fused-seq", "fla"]
+METHODS = ["hhfft-fused", "hhfft", "fla", "sdpa", "hhfft-fused-inkernel", "hhfft-tf32x3", "hhfft-fused-tf32x3",
+           "hhfft-apart", "hhfft-fused-apart", "hhfft-par", "hhfft-fused-inkernel-seq"]
 VARIANTS = {  # the environment of each variant of the two hhfft paths
+    "hhfft-fused-map": ("hhfft-fused", {"HHFFT_LA_FUSED": "map"}),
+    "hhfft-fused-inkernel": ("hhfft-fused", {"HHFFT_LA_FUSED": "inkernel"}),
     "hhfft-par": ("hhfft", {"HHFFT_LA_STATES": "parallel"}),
-    "hhfft-fused-seq": ("hhfft-fused", {"HHFFT_LA_STATES": "sequential"}),
+    "hhfft-fused-inkernel-seq": ("hhfft-fused", {"HHFFT_LA_FUSED": "inkernel", "HHFFT_LA_STATES": "sequential"}),
     "hhfft-tf32x3": ("hhfft", {"HHFFT_LA_PREC": "tf32x3"}),
     "hhfft-fused-tf32x3": ("hhfft-fused", {"HHFFT_LA_PREC": "tf32x3"}),
     "hhfft-apart": ("hhfft", {"HHFFT_LA_DKDV": "apart"}),
@@ -196,19 +202,22 @@ def run_length(L: int, methods: list[str], quick: bool, sink=None, timeout: int 
 
 def table(rows: list[dict], fl: dict) -> str:
     lines = [
-        "| L | B | method | fwd ms | fwd+bwd ms | peak MB (fwd+bwd) | rel err vs fp32 | fwd+bwd speed-up of hhfft-fused |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| L | B | method | fwd ms | fwd+bwd ms | peak MB (fwd+bwd) | rel err vs fp32 | fwd+bwd speed-up of hhfft-fused "
+        "| fwd+bwd speed-up over fla |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     by = {(r["L"], r["method"]): r for r in rows}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['L']} | {r['B']} | {r['method']} | failed: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['L']} | {r['B']} | {r['method']} | failed: {r['error'][:80]} | | | | | |")
             continue
         fused = by.get((r["L"], "hhfft-fused"), {})
         sp = f"{r['fwdbwd_ms'] / fused['fwdbwd_ms']:.2f}x" if "fwdbwd_ms" in fused and r["method"] != "hhfft-fused" else ""
+        fla = by.get((r["L"], "fla"), {})
+        sp_fla = f"{fla['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}x" if "fwdbwd_ms" in fla and r["method"] != "fla" else ""
         err = "" if r["err_vs_fp32"] is None else f"{r['err_vs_fp32']:.1e}"
         lines.append(f"| {r['L']} | {r['B']} | {r['method']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
-                     f"{r['peak_mb_fwdbwd']:.0f} | {err} | {sp} |")
+                     f"{r['peak_mb_fwdbwd']:.0f} | {err} | {sp} | {sp_fla} |")
     lines.append("")
     lines.append("| L | fwd GFLOP | fwd MB moved | fwd floor ms | fwd+bwd floor ms |")
     lines.append("| --- | --- | --- | --- | --- |")
@@ -220,7 +229,7 @@ def table(rows: list[dict], fl: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
-    p.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
+    p.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS + sorted(set(VARIANTS) - set(METHODS)))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--method-timeout", type=int, default=0, help="seconds per method and length (0: no limit)")
     p.add_argument("--out", default=None, help="folder for results.json and table.md")

@@ -529,8 +529,11 @@ def hedgehog_linear_attention(
 ) -> Tensor:
     """Hedgehog attention: ``linear_attention(phi_q(q), phi_k(k), v)`` with phi_q, phi_k Hedgehog feature maps.
 
-    Fused (CUDA, kinds softmax_split / exp / joint_softmax): the maps run inside the attention kernels, so phi
-    (twice the size of q and k) never goes to memory; backward gives dq, dk, dv, dW, db; first order only (training).
+    Fused (CUDA, kinds softmax_split / exp / joint_softmax): one op, ``hhfft::hedgehog_attention_fwd/bwd``; by
+    default (``HHFFT_LA_FUSED=map``) one Triton feature-map kernel per input writes phi, then the chunk kernels run
+    (the backward recomputes phi and turns dphi into dx, dW, db in one kernel per input); ``HHFFT_LA_FUSED=inkernel``
+    computes the maps inside the attention kernels instead, so phi never goes to memory (slower on the H200).
+    Backward gives dq, dk, dv, dW, db; first order only (training).
     Otherwise (``fused=False``, the CPU, other kinds): the feature maps, then :func:`linear_attention`, any order.
 
     Args:

@@ -169,6 +169,48 @@ def test_fused_feature_map(B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind
         assert_within_baseline(name, a, b, [c], dtype=dtype)
 
 
+@pytest.mark.parametrize("case", [FUSED[0], FUSED[2]], ids=["bf16-causal-softmax_split", "fp32-full-joint_softmax"])
+def test_fused_inkernel_route(case, monkeypatch):
+    """HHFFT_LA_FUSED=inkernel (the map inside the chunk kernels; the default route is map + unfused kernels)."""
+    monkeypatch.setenv("HHFFT_LA_FUSED", "inkernel")
+    test_fused_feature_map(*case)
+
+
+def test_hedgehog_op_takes_the_map_route(monkeypatch):
+    """hedgehog_linear_attention on CUDA (bf16, GQA, masked): by default the feature-map kernels then the unfused
+    kernels, forward and backward; o and every gradient within the STYLE bound of the module path (maps, then
+    linear_attention: the same bf16 phi) against fp64."""
+    from hhfft.lowering.linear_attention import hedgehog_linear_attention
+
+    calls = []
+    for name in ("hedgehog_feature_map_fwd", "hedgehog_feature_map_bwd"):
+        fn = getattr(chunk, name)
+        monkeypatch.setattr(chunk, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    g = torch.Generator(device="cuda").manual_seed(3)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    B, Hq, Hkv, L, DX, FH, D = 2, 4, 2, 700, 64, 64, 64
+    x = [r(B, Hq, L, DX), r(B, Hkv, L, DX), r(B, Hkv, L, D), torch.eye(DX, FH, device="cuda").expand(Hq, DX, FH)
+         + 0.1 * r(Hq, DX, FH), 0.1 * r(Hq, FH), torch.eye(DX, FH, device="cuda").expand(Hkv, DX, FH)
+         + 0.1 * r(Hkv, DX, FH), 0.1 * r(Hkv, FH)]
+    mask = torch.rand(B, L, device="cuda", generator=g) > 0.25
+    do = r(B, Hq, L, D)
+
+    def run(dtype, fused):
+        xs = [t.to(dtype).clone().requires_grad_() if i < 3 else t.to(torch.float64 if dtype == torch.float64
+              else torch.float32).clone().requires_grad_() for i, t in enumerate(x)]
+        o = hedgehog_linear_attention(*xs, kind="softmax_split", causal=True, key_mask=mask, fused=fused)
+        o.backward(do.to(o.dtype))
+        return [o.detach()] + [t.grad for t in xs]
+
+    got = run(torch.bfloat16, None)
+    assert calls == ["hedgehog_feature_map_fwd"] * 4 + ["hedgehog_feature_map_bwd"] * 2, calls
+    monkeypatch.setenv("HHFFT_LINEAR_ATTENTION_TRITON", "0")  # the baseline is PyTorch's own computation
+    ref = run(torch.float64, False)
+    base = run(torch.bfloat16, False)
+    for name, a, b, c in zip(["o", "dq", "dk", "dv", "dWq", "dbq", "dWk", "dbk"], got, ref, base):
+        assert_within_baseline(name, a, b, [c], dtype=torch.bfloat16)
+
+
 TF32X3 = [c for c in _cases() if c.values[7] == torch.bfloat16 and c.values[3] in (1, 64, 1000, 32768)]
 
 

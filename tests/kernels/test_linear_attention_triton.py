@@ -261,3 +261,53 @@ def test_split_precision_within_tolerance(fused, monkeypatch):
         test_forward_and_backward_vs_fp64(CASES[1], True, torch.float16)
         return
     _check_fused(FUSED_CASES[0], True, "softmax_split", torch.float16)
+
+
+@pytest.mark.parametrize("route", ["map", "inkernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fused_routes(route, dtype, monkeypatch):
+    """HHFFT_LA_FUSED: "map" (default; one feature-map kernel, then the unfused chunk kernels) or "inkernel" (the map
+    inside the chunk kernels): both within the tolerance, and only "map" runs the feature-map kernels."""
+    calls = []
+    for name in ("hedgehog_feature_map_fwd", "hedgehog_feature_map_bwd"):
+        fn = getattr(chunk, name)
+        monkeypatch.setattr(chunk, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    monkeypatch.setenv("HHFFT_LA_FUSED", route)
+    _check_fused(FUSED_CASES[0], True, "softmax_split", dtype)
+    assert calls == ([] if route == "inkernel" else ["hedgehog_feature_map_fwd"] * 4 + ["hedgehog_feature_map_bwd"] * 2)
+    monkeypatch.setenv("HHFFT_LA_FUSED", "fused")
+    with pytest.raises(ValueError, match="map .* or inkernel"):
+        chunk._fused_route()
+
+
+@pytest.mark.parametrize("kind", ["softmax_split", "exp", "joint_softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_feature_map_kernels_vs_fp64(kind, dtype, monkeypatch):
+    """The feature-map kernels alone (phi, then dx, dW, db from dphi) against hhfft.nn.feature_map in fp64; odd sizes,
+    several chunks per program in the backward (_MAP_PROGRAMS made small), no bias on one call."""
+    from hhfft.nn import feature_map
+
+    monkeypatch.setattr(chunk, "_MAP_PROGRAMS", 2)
+    B, H, L, DX, FH = 2, 3, 200, 12, 6
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, H, L, DX, generator=g).to(dtype)
+    w, b = 0.5 * torch.randn(H, DX, FH, generator=g), 0.3 * torch.randn(H, FH, generator=g)
+    dphi = torch.randn(B, H, L, 2 * FH, generator=g).to(dtype)
+    for bias in (b, None):
+        phi = chunk.hedgehog_feature_map_fwd(x, w, bias, kind)
+        dx, dw, db = chunk.hedgehog_feature_map_bwd(x, w, bias, dphi, kind)
+
+        def run(xs, low):
+            xs = [t.clone().requires_grad_() for t in xs]
+            ww = [t.to(xs[0].dtype) for t in xs[1:]] if low else xs[1:]
+            y = torch.einsum("bhld,hdf->bhlf", xs[0], ww[0])
+            if bias is not None:
+                y = y + ww[1][None, :, None, :]
+            p = feature_map(y, kind)
+            return [p.detach()] + list(torch.autograd.grad(p, xs, dphi.to(p.dtype), allow_unused=True))
+
+        ref = run([t.double() for t in (x, w, b)], False)
+        base = run([x, w, b], True)
+        names = ["phi", "dx", "dW"] + (["db"] if bias is not None else [])
+        for name, got, r, c in zip(names, [phi, dx, dw, db], ref, base):
+            assert_within_baseline(name, got, r, [c], dtype=dtype)

@@ -8,6 +8,8 @@ Kernels (README.md has the maths), chunk size BT, feature dim F, value dim D:
     linear_attention_state_bwd_kernel  reverse pass: dh_t = sum_{m>t} Q_m^T G_m, dz_t = sum_{m>t} Q_m^T s_m,
                                        summed over the query heads of each GQA group
     linear_attention_bwd_dkdv_kernel   per chunk: dk = tril(G V^T + s)^T Q + V dh_t^T + dz_t, dv = tril(Q K^T)^T G + K dh_t
+    hedgehog_feature_map_fwd_kernel    phi = [f(y), f(-y)], y = x W + b (the fused op's default route, HHFFT_LA_FUSED=map)
+    hedgehog_feature_map_bwd_kernel    dx = dy W^T per chunk; dW = x^T dy, db = sum dy over several chunks per program
 with d = max(den, DEN_FLOOR), G = dO / d and s = dden - [den >= DEN_FLOOR] rowsum(dO * O) / d (naive.py's floor).
 Queries of head h read key/value head h // (Hq / Hkv).
 """
@@ -22,7 +24,10 @@ import triton.language as tl
 
 from hhfft.kernels.linear_attention.naive import DEN_FLOOR
 
-__all__ = ["linear_attention_fwd", "linear_attention_bwd", "hedgehog_attention_fwd", "hedgehog_attention_bwd"]
+__all__ = [
+    "linear_attention_fwd", "linear_attention_bwd", "hedgehog_attention_fwd", "hedgehog_attention_bwd",
+    "hedgehog_feature_map_fwd", "hedgehog_feature_map_bwd",
+]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DEN_FLOOR = tl.constexpr(DEN_FLOOR)  # o = num / max(den, DEN_FLOOR), as in naive.py
@@ -85,10 +90,8 @@ def _act(b_y, m_f, KIND: tl.constexpr):
 
 
 @triton.jit
-def _feat(p_x, p_w, p_b, o_t, m_t, DX, FH,
-          BT: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr):
-    """phi(x) for the rows o_t of one head, never stored: [BT, 2*BFH] with the two halves interleaved
-    (column 2f is phi+_f, 2f+1 is phi-_f); rows outside m_t are 0. Also returns x [BT, BDX] and y [BT, BFH] fp32."""
+def _proj(p_x, p_w, p_b, o_t, m_t, DX, FH, BDX: tl.constexpr, BFH: tl.constexpr, PREC: tl.constexpr):
+    """x [BT, BDX] (rows o_t of one head, rows outside m_t 0) and y = x W + b [BT, BFH] fp32 (W in x's dtype)."""
     o_d, o_f = tl.arange(0, BDX), tl.arange(0, BFH)
     m_d, m_f = o_d < DX, (o_f < FH)[None, :]
     o_r = tl.where(m_t, o_t, 0)  # in-bounds addresses for masked rows too (pipelined copies may form them)
@@ -96,6 +99,16 @@ def _feat(p_x, p_w, p_b, o_t, m_t, DX, FH,
     b_w = tl.load(p_w + o_d[:, None] * FH + o_f[None, :], mask=m_d[:, None] & m_f, other=0)  # [BDX, BFH]
     b_y = tl.dot(b_x, b_w.to(b_x.dtype), input_precision=PREC)
     b_y += tl.load(p_b + o_f, mask=o_f < FH, other=0).to(tl.float32)[None, :]  # [BT, BFH]
+    return b_x, b_y
+
+
+@triton.jit
+def _feat(p_x, p_w, p_b, o_t, m_t, DX, FH,
+          BT: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr):
+    """phi(x) for the rows o_t of one head, never stored: [BT, 2*BFH] with the two halves interleaved
+    (column 2f is phi+_f, 2f+1 is phi-_f); rows outside m_t are 0. Also returns x [BT, BDX] and y [BT, BFH] fp32."""
+    m_f = (tl.arange(0, BFH) < FH)[None, :]
+    b_x, b_y = _proj(p_x, p_w, p_b, o_t, m_t, DX, FH, BDX, BFH, PREC)
     b_p, b_n = _act(b_y, m_f, KIND)
     b_phi = tl.reshape(tl.join(b_p, b_n), (BT, 2 * BFH))
     b_phi = tl.where(m_t[:, None], b_phi, 0)
@@ -103,13 +116,9 @@ def _feat(p_x, p_w, p_b, o_t, m_t, DX, FH,
 
 
 @triton.jit
-def _feat_bwd(b_dphi, b_x, b_y, m_t, p_w, p_dw, p_db, DX, FH,
-              BT: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr):
-    """From dphi [BT, 2*BFH] (interleaved, fp32): returns dx [BT, BDX] fp32; stores this chunk's x^T dy and sum dy
-    at p_dw, p_db (per-chunk partials, summed on the host: no atomics, deterministic)."""
-    o_d, o_f = tl.arange(0, BDX), tl.arange(0, BFH)
-    m_d, m_f = o_d < DX, (o_f < FH)[None, :]
-    b_dp, b_dn = tl.split(tl.reshape(b_dphi, (BT, BFH, 2)))
+def _dy(b_dp, b_dn, b_y, m_t, m_f, o_f, KIND: tl.constexpr):
+    """dL/dy [BT, BFH] fp32 from dL/dphi+, dL/dphi- [BT, BFH] (fp32) and y; rows outside m_t and columns outside
+    m_f give 0."""
     b_p, b_n = _act(b_y, m_f, KIND)
     if KIND == 0:
         b_dy = b_p * (b_dp - tl.sum(b_p * b_dp, 1)[:, None]) - b_n * (b_dn - tl.sum(b_n * b_dn, 1)[:, None])
@@ -121,7 +130,18 @@ def _feat_bwd(b_dphi, b_x, b_y, m_t, p_w, p_dw, p_db, DX, FH,
     else:
         b_c = tl.sum(b_p * b_dp + b_n * b_dn, 1)[:, None]
         b_dy = b_p * (b_dp - b_c) - b_n * (b_dn - b_c)
-    b_dy = tl.where(m_t[:, None] & m_f, b_dy, 0)  # [BT, BFH]
+    return tl.where(m_t[:, None] & m_f, b_dy, 0)
+
+
+@triton.jit
+def _feat_bwd(b_dphi, b_x, b_y, m_t, p_w, p_dw, p_db, DX, FH,
+              BT: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr):
+    """From dphi [BT, 2*BFH] (interleaved, fp32): returns dx [BT, BDX] fp32; stores this chunk's x^T dy and sum dy
+    at p_dw, p_db (per-chunk partials, summed on the host: no atomics, deterministic)."""
+    o_d, o_f = tl.arange(0, BDX), tl.arange(0, BFH)
+    m_d, m_f = o_d < DX, (o_f < FH)[None, :]
+    b_dp, b_dn = tl.split(tl.reshape(b_dphi, (BT, BFH, 2)))
+    b_dy = _dy(b_dp, b_dn, b_y, m_t, m_f, o_f, KIND)
     b_w = tl.load(p_w + o_d[:, None] * FH + o_f[None, :], mask=m_d[:, None] & m_f, other=0).to(tl.float32)
     b_dx = _dot_xx(b_dy, tl.trans(b_w), b_x, PREC)  # [BT, BDX]
     b_dw = _dot_x(tl.trans(b_x), b_dy, PREC)  # [BDX, BFH]
@@ -450,6 +470,62 @@ def linear_attention_bwd_dkdv_kernel(
                      mask=m_t[:, None] & m_k[None, :])
 
 
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["DX", "FH", "BDX", "BFH", "KIND"])
+@triton.jit
+def hedgehog_feature_map_fwd_kernel(
+    x, w, b, phi,
+    L, H, DX, FH,
+    BT: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr,
+):
+    # the map alone (HHFFT_LA_FUSED=map): phi = [f(y), f(-y)] concatenated, y = x W + b, stored in x's dtype
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_h = i_bh % H
+    o_t, o_f = i_t * BT + tl.arange(0, BT), tl.arange(0, BFH)
+    m_t, m_f = o_t < L, (o_f < FH)[None, :]
+    b_x, b_y = _proj(x + i_bh * L * DX, w + i_h * DX * FH, b + i_h * FH, o_t, m_t, DX, FH, BDX, BFH, PREC)
+    b_p, b_n = _act(b_y, m_f, KIND)  # [BT, BFH] each
+    p_phi = phi + i_bh * L * 2 * FH + o_t[:, None] * (2 * FH) + o_f[None, :]
+    m_phi = m_t[:, None] & m_f
+    tl.store(p_phi, b_p.to(phi.dtype.element_ty), mask=m_phi)
+    tl.store(p_phi + FH, b_n.to(phi.dtype.element_ty), mask=m_phi)
+
+
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["DX", "FH", "BDX", "BFH", "KIND"])
+@triton.jit
+def hedgehog_feature_map_bwd_kernel(
+    x, w, b, dphi, dx, dw, db,
+    L, H, DX, FH, CPB,
+    BT: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr, KIND: tl.constexpr,
+    PREC: tl.constexpr, PREC_STATE: tl.constexpr,
+):
+    # program (s, bh) walks chunks s*CPB .. s*CPB+CPB-1: dx per chunk, x^T dy and sum dy summed over them in
+    # registers and stored once at slot (s, bh) (summed on the host: no atomics, deterministic)
+    i_s, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_h = i_bh % H
+    o_d, o_f = tl.arange(0, BDX), tl.arange(0, BFH)
+    m_d, m_f = o_d < DX, (o_f < FH)[None, :]
+    b_w = tl.load(w + i_h * DX * FH + o_d[:, None] * FH + o_f[None, :], mask=m_d[:, None] & m_f, other=0)
+    b_wt = tl.trans(b_w.to(tl.float32))  # [BFH, BDX]
+    b_dw = tl.zeros([BDX, BFH], dtype=tl.float32)
+    b_db = tl.zeros([BFH], dtype=tl.float32)
+    for i_c in range(CPB):
+        o_t = (i_s * CPB + i_c) * BT + tl.arange(0, BT)
+        m_t = o_t < L
+        b_x, b_y = _proj(x + i_bh * L * DX, w + i_h * DX * FH, b + i_h * FH, o_t, m_t, DX, FH, BDX, BFH, PREC)
+        p_dphi = dphi + i_bh * L * 2 * FH + o_t[:, None] * (2 * FH) + o_f[None, :]
+        b_dp = tl.load(p_dphi, mask=m_t[:, None] & m_f, other=0).to(tl.float32)  # [BT, BFH]
+        b_dn = tl.load(p_dphi + FH, mask=m_t[:, None] & m_f, other=0).to(tl.float32)
+        b_dy = _dy(b_dp, b_dn, b_y, m_t, m_f, o_f, KIND)  # [BT, BFH]
+        b_dx = _dot_xx(b_dy, b_wt, b_x, PREC_STATE)  # [BT, BDX]
+        tl.store(dx + i_bh * L * DX + o_t[:, None] * DX + o_d[None, :], b_dx.to(dx.dtype.element_ty),
+                 mask=m_t[:, None] & m_d[None, :])
+        b_dw += _dot_x(tl.trans(b_x), b_dy, PREC_STATE)  # [BDX, BFH]
+        b_db += tl.sum(b_dy, 0)
+    i_p = i_s * tl.num_programs(1) + i_bh
+    tl.store(dw + i_p * DX * FH + o_d[:, None] * FH + o_f[None, :], b_dw, mask=m_d[:, None] & m_f)
+    tl.store(db + i_p * FH + o_f, b_db, mask=o_f < FH)
+
+
 # ------------------------------------------------------------------------------------------------------------- host
 BT = 64
 KINDS = {"softmax_split": 0, "exp": 1, "joint_softmax": 2}  # the feature maps the fused kernels compute
@@ -632,6 +708,62 @@ def _bwd(q, k, v, o, den, do, dden, causal, key_mask, fmap):
     return dq, dk, dv, (dwq, dbq, dwk, dbk)
 
 
+_MAP_PROGRAMS = 1024  # the map's backward: about this many programs, each summing dW, db over several chunks
+
+
+def _fused_route() -> str:
+    """HHFFT_LA_FUSED: "map" (the default: one feature-map kernel writes phi, then the unfused chunk kernels; on the
+    H200 the in-kernel map made the op 2.4x slower than that) or "inkernel" (phi recomputed inside every chunk kernel,
+    never stored)."""
+    route = os.environ.get("HHFFT_LA_FUSED", "map")
+    if route not in ("map", "inkernel"):
+        raise ValueError(f"HHFFT_LA_FUSED must be map (the default) or inkernel, got {route!r}")
+    return route
+
+
+def _map_args(x, w, bias, kind):
+    B, H, L, DX = x.shape
+    if tuple(w.shape[:2]) != (H, DX) or w.dim() != 3 or (bias is not None and tuple(bias.shape) != (H, w.shape[2])):
+        raise ValueError(f"Hedgehog feature map (Triton): expected x [B, H, L, DX], W [H, DX, FH], b [H, FH] or None; "
+                         f"got {tuple(x.shape)}, {tuple(w.shape)}, {None if bias is None else tuple(bias.shape)}")
+    if kind not in KINDS:
+        raise ValueError(f"Hedgehog feature map (Triton): kind must be one of {sorted(KINDS)}, got {kind!r}")
+    FH = w.shape[2]
+    bias = torch.zeros(H, FH, device=x.device, dtype=w.dtype) if bias is None else bias
+    return x.contiguous(), w.contiguous(), bias.contiguous(), (B, H, L, DX, FH)
+
+
+def hedgehog_feature_map_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], kind: str) -> torch.Tensor:
+    """phi = feature_map(x W + b, kind): x [B, H, L, DX], W [H, DX, FH], b [H, FH] or None -> phi [B, H, L, 2*FH] in
+    x's dtype, the halves concatenated as hhfft.nn.feature_map gives them (W and b cast to x's dtype, fp32 maths)."""
+    x, w, bias, (B, H, L, DX, FH) = _map_args(x, w, bias, kind)
+    phi = _new(x, B, H, L, 2 * FH)
+    _launcher(hedgehog_feature_map_fwd_kernel)[(triton.cdiv(L, BT), B * H)](
+        x, w, bias, phi, L, H, DX, FH, BT=BT, BDX=_block(DX), BFH=_block(FH), KIND=KINDS[kind],
+        PREC=_precisions(x.dtype)[0],
+    )
+    return phi
+
+
+def hedgehog_feature_map_bwd(
+    x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], dphi: torch.Tensor, kind: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`hedgehog_feature_map_fwd`: dphi [B, H, L, 2*FH] -> (dx [B, H, L, DX] in x's dtype,
+    dW [H, DX, FH] fp32, db [H, FH] fp32). y is recomputed from x, never stored."""
+    x, w, bias, (B, H, L, DX, FH) = _map_args(x, w, bias, kind)
+    NT = triton.cdiv(L, BT)
+    cpb = triton.cdiv(NT, min(NT, max(1, triton.cdiv(_MAP_PROGRAMS, B * H))))  # chunks per program
+    NS = triton.cdiv(NT, cpb)
+    dx = _new(x, B, H, L, DX)
+    dw = _new(x, NS, B, H, DX, FH, dtype=torch.float32)
+    db = _new(x, NS, B, H, FH, dtype=torch.float32)
+    _launcher(hedgehog_feature_map_bwd_kernel)[(NS, B * H)](
+        x, w, bias, dphi.contiguous(), dx, dw, db, L, H, DX, FH, cpb, BT=BT, BDX=_block(DX), BFH=_block(FH),
+        KIND=KINDS[kind], PREC=_precisions(x.dtype)[0], PREC_STATE=_precisions(x.dtype)[1],
+    )
+    return dx, dw.sum((0, 1)), db.sum((0, 1))
+
+
 def linear_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_mask: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -661,15 +793,27 @@ def hedgehog_attention_fwd(
     wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk: Optional[torch.Tensor],
     kind: str, causal: bool, key_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward: phi = Hedgehog map of kind ``kind`` computed in the kernels, never stored.
+    """Fused forward: phi = Hedgehog map of kind ``kind``, by one feature-map kernel per input before the chunk
+    kernels (HHFFT_LA_FUSED=map, the default) or inside the chunk kernels, never stored (HHFFT_LA_FUSED=inkernel).
     xq [B, Hq, L, DX], xk [B, Hkv, L, DX], v [B, Hkv, L, D], wq [Hq, DX, FH], bq [Hq, FH] or None, wk [Hkv, DX, FH],
     bk [Hkv, FH] or None -> (o [B, Hq, L, D], den [B, Hq, L] fp32)."""
+    if _fused_route() == "map":
+        pq, pk = hedgehog_feature_map_fwd(xq, wq, bq, kind), hedgehog_feature_map_fwd(xk, wk, bk, kind)
+        return _fwd(pq, pk, v, causal, key_mask, None)
     return _fwd(xq, xk, v, causal, key_mask, (wq, bq, wk, bk, kind))
 
 
 def hedgehog_attention_bwd(
     xq, xk, v, wq, bq, wk, bk, o, den, do, dden, kind: str, causal: bool, key_mask=None,
 ):
-    """Fused backward -> (dxq, dxk, dv, dwq, dbq, dwk, dbk); dW, db in fp32 (None for a None bias)."""
-    dq, dk, dv, (dwq, dbq, dwk, dbk) = _bwd(xq, xk, v, o, den, do, dden, causal, key_mask, (wq, bq, wk, bk, kind))
+    """Fused backward -> (dxq, dxk, dv, dwq, dbq, dwk, dbk); dW, db in fp32 (None for a None bias). The map route
+    recomputes phi (one feature-map kernel per input), runs the unfused backward for dphi, then one kernel per input
+    turns dphi into dx, dW, db."""
+    if _fused_route() == "map":
+        pq, pk = hedgehog_feature_map_fwd(xq, wq, bq, kind), hedgehog_feature_map_fwd(xk, wk, bk, kind)
+        dpq, dpk, dv = _bwd(pq, pk, v, o, den, do, dden, causal, key_mask, None)[:3]
+        dq, dwq, dbq = hedgehog_feature_map_bwd(xq, wq, bq, dpq, kind)
+        dk, dwk, dbk = hedgehog_feature_map_bwd(xk, wk, bk, dpk, kind)
+    else:
+        dq, dk, dv, (dwq, dbq, dwk, dbk) = _bwd(xq, xk, v, o, den, do, dden, causal, key_mask, (wq, bq, wk, bk, kind))
     return dq, dk, dv, dwq, None if bq is None else dbq, dwk, None if bk is None else dbk
