@@ -319,16 +319,17 @@ def load_gpt(directory: str, device: torch.device | None = None) -> GPT:
     return model.to(device) if device is not None else model
 
 
-def convert_gpt(model: GPT, attention: str):
+def convert_gpt(model: GPT, attention: str, feature_dim: int | None = None):
     """Convert every attention site of ``model`` to linear attention with the feature map of ``attention``
-    (hedgehog/identity: softmax_split maps at their identity init; elu1; t2r). Returns the report."""
+    (hedgehog/identity: softmax_split maps at their identity init; elu1; t2r), ``feature_dim`` projected features
+    per head (None: the head dim). Returns the report."""
     from hhfft.convert import HedgehogConfig, convert
 
     if attention not in _KIND:
         raise ValueError(f"convert_gpt: attention must be one of {sorted(_KIND)}, got {attention!r}")
     example = torch.randint(0, model.cfg.vocab_size, (2, min(64, model.cfg.block_size)),
                             device=next(model.parameters()).device)
-    report = convert(model, (example,), HedgehogConfig(kind=_KIND[attention]))
+    report = convert(model, (example,), HedgehogConfig(kind=_KIND[attention], feature_dim=feature_dim))
     if report.count("hedgehog", "rewritten") != model.cfg.n_layer:
         raise RuntimeError(f"convert_gpt: expected {model.cfg.n_layer} converted sites, got:\n{report}")
     return report
@@ -425,6 +426,8 @@ def cmd_train(argv: list) -> int:
     _common(p, lr=1.5e-3, warmup=100)
     _model_args(p)
     p.add_argument("--attention", choices=ATTENTIONS, default="softmax")
+    p.add_argument("--feature-dim", type=int, default=None, help="projected features per head of the linear maps "
+                   "(default the head dim)")
     p.add_argument("--save-dtype", choices=("float32", "float16"), default="float32")
     a = p.parse_args(argv)
     log = _logger(a.out)
@@ -434,7 +437,7 @@ def cmd_train(argv: list) -> int:
     cfg = GPTConfig(n_layer=a.layers, n_embd=a.width, n_head=a.heads, block_size=a.context)
     model = GPT(cfg).to(device)
     if a.attention != "softmax":
-        log(str(convert_gpt(model, a.attention)))
+        log(str(convert_gpt(model, a.attention, a.feature_dim)))
     train_data, val = load_split(a.data, "train"), load_split(a.data, "val")
     windows = val_windows(val, cfg.block_size, a.val_windows)
     res = train(model, train_data, windows, s, log)
@@ -464,6 +467,8 @@ def cmd_finetune(argv: list) -> int:
     p.add_argument("--init", required=True, help="the --out folder of `hhfft gpt train --attention softmax`")
     p.add_argument("--attention", choices=FT_ATTENTIONS, required=True,
                    help="identity = hedgehog maps left at their identity init (no distillation)")
+    p.add_argument("--feature-dim", type=int, default=None, help="projected features per head of the linear maps "
+                   "(default the head dim)")
     p.add_argument("--distill-steps", type=int, default=200)
     p.add_argument("--distill-lr", type=float, default=1e-2)
     p.add_argument("--distill-batch", type=int, default=8)
@@ -487,7 +492,7 @@ def cmd_finetune(argv: list) -> int:
     log(f"[{s.name}] softmax checkpoint: val {res['val_ce_init']:.4f}")
     maps: dict = {}
     if a.attention != "softmax":
-        log(str(convert_gpt(model, a.attention)))
+        log(str(convert_gpt(model, a.attention, a.feature_dim)))
         res["val_ce_converted"] = evaluate(model, windows, bf16=s.bf16)
         log(f"[{s.name}] converted, before distillation: val {res['val_ce_converted']:.4f}")
         pic_tokens = windows[:1, :-1].to(device)
@@ -532,6 +537,12 @@ _ROWS = (("scratch_softmax", "softmax, from scratch (the checkpoint)"),
          ("scratch_hedgehog", "Hedgehog, from scratch (maps trained jointly)"))
 
 
+def _folder(name: str, suffix: str) -> str:
+    """A row's folder: fine-tuning rows of a variant carry its suffix (``ft_hedgehog_lr1e-3``); the from-scratch
+    rows, the checkpoint among them, are shared by every variant of a run."""
+    return name + suffix if name.startswith("ft_") else name
+
+
 def _partial_from_log(runs: str, name: str) -> dict | None:
     """What a run that was stopped before it wrote result.json left in its log.txt (the held-out curve), with its
     command from the driver's log (``driver.log`` beside the runs) when there is one."""
@@ -564,15 +575,15 @@ def _partial_from_log(runs: str, name: str) -> dict | None:
     return res
 
 
-def _load_results(runs: str) -> dict:
+def _load_results(runs: str, suffix: str = "") -> dict:
     out = {}
     for name, _ in _ROWS:
-        path = os.path.join(runs, name, "result.json")
+        path = os.path.join(runs, _folder(name, suffix), "result.json")
         if os.path.exists(path):
             with open(path) as f:
                 out[name] = json.load(f)
         else:
-            part = _partial_from_log(runs, name)
+            part = _partial_from_log(runs, _folder(name, suffix))
             if part is not None and part["curve"]:
                 out[name] = part
     return out
@@ -600,14 +611,15 @@ def _rel(x: float | None, ref: float | None) -> str:
     return f"{100 * (x / ref - 1):+.2f}%" if x is not None and ref and math.isfinite(x) else "-"
 
 
-def table(runs: str) -> str:
-    """The markdown table of the runs under ``runs`` (folders named as in ``_ROWS``). Two comparisons: the final
-    held-out perplexity (every window), and the curve's value at the largest token count that every run of the same
-    stage reached (the curve's evenly spaced subset of windows; the only comparison for a run stopped early)."""
-    res = _load_results(runs)
+def table(runs: str, suffix: str = "") -> str:
+    """The markdown table of the runs under ``runs`` (folders named as in ``_ROWS``, the fine-tuning ones followed by
+    ``suffix``). Two comparisons: the final held-out perplexity (every window), and the curve's value at the largest
+    token count that every run of the same stage reached (the curve's evenly spaced subset of windows; the only
+    comparison for a run stopped early)."""
+    res = _load_results(runs, suffix)
     if not res:
         raise FileNotFoundError(f"table: no result.json under {runs}/<run>/ (expected folders "
-                                f"{', '.join(n for n, _ in _ROWS)})")
+                                f"{', '.join(_folder(n, suffix) for n, _ in _ROWS)})")
     common = {st: _common_tokens(res, st) for st in ("train", "finetune")}
     header = ("| row | ppl/byte, end (all held-out windows) | vs softmax | ppl/byte at the common tokens (curve "
               "windows) | vs softmax | tokens trained | ppl after convert (+ distill), before fine-tuning | "
@@ -650,12 +662,12 @@ def table(runs: str) -> str:
     return "\n".join(lines)
 
 
-def plots(runs: str, png_dir: str) -> list:
+def plots(runs: str, png_dir: str, suffix: str = "") -> list:
     """perplexity-vs-fine-tuning-tokens PNG and the attention-maps PNG; returns the paths written."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    res = _load_results(runs)
+    res = _load_results(runs, suffix)
     os.makedirs(png_dir, exist_ok=True)
     written = []
     fig = Figure(figsize=(7, 4.5))
@@ -683,7 +695,7 @@ def plots(runs: str, png_dir: str) -> list:
 
     panels = []
     for name, label in (("ft_hedgehog", "Hedgehog"), ("ft_elu1", "1+ELU")):
-        path = os.path.join(runs, name, "maps.pt")
+        path = os.path.join(runs, _folder(name, suffix), "maps.pt")
         if os.path.exists(path):
             m = torch.load(path)
             if not panels:
@@ -716,10 +728,12 @@ def cmd_table(argv: list) -> int:
     p = argparse.ArgumentParser(prog="hhfft gpt table", description="Print the table; draw the PNGs.")
     p.add_argument("--runs", required=True)
     p.add_argument("--png-dir", default=None)
+    p.add_argument("--suffix", default="", help="the fine-tuning rows of one variant: folders ft_<row><suffix>, "
+                   "e.g. _lr1e-3 (the from-scratch rows keep their names)")
     a = p.parse_args(argv)
-    print(table(a.runs))
+    print(table(a.runs, a.suffix))
     if a.png_dir:
-        for path in plots(a.runs, a.png_dir):
+        for path in plots(a.runs, a.png_dir, a.suffix):
             print(f"wrote {path}")
     return 0
 

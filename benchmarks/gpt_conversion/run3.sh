@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue #8, third run: every row with fixed token budgets on a 4-GPU host (one row per GPU at a time), with 1000-step
+# distillation at the full context (run 1 had 150 steps at 512) and a fine-tuning learning-rate variant.
+#
+#   bash benchmarks/gpt_conversion/run3.sh RUNS [SECONDS]     # repo root, .data/pydocs carried; SECONDS: budget (560)
+#
+# Each line below is one row's whole command (`hhfft gpt ...`, seed 0); the lanes only schedule them. Rows that need
+# the softmax checkpoint wait for it. Logs: RUNS/<row>/log.txt and RUNS/<row>.log; table:
+# `hhfft gpt table --runs RUNS --png-dir docs`.
+set -u
+runs=${1:?usage: run3.sh RUNS [SECONDS]}
+budget=${2:-560}
+start=$(date +%s)
+mkdir -p "$runs"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+GPT="python3 -m hhfft.cli gpt"
+D=".data/pydocs"
+SCRATCH="--data $D --seed 0 --tokens 54460416"
+FT="--data $D --seed 0 --init $runs/scratch_softmax --tokens 69664768"
+DIST="--distill-steps 1000 --distill-context 1024"
+
+source "$(dirname "$0")/lanes.sh"
+
+(row 0 scratch_softmax train $SCRATCH --attention softmax --save-dtype float16
+ row 0 ft_softmax finetune $FT --attention softmax
+ row 0 ft_t2r finetune $FT --attention t2r $DIST) &
+(row 1 scratch_hedgehog train $SCRATCH --attention hedgehog
+ wait_ckpt; row 1 ft_identity finetune $FT --attention identity) &
+(wait_ckpt; row 2 ft_hedgehog finetune $FT --attention hedgehog $DIST --picture-layer 2
+ row 2 ft_elu1 finetune $FT --attention elu1 $DIST) &
+(wait_ckpt; row 3 ft_hedgehog_lr1e-3 finetune $FT --attention hedgehog $DIST --lr 1e-3
+ row 3 ft_elu1_lr1e-3 finetune $FT --attention elu1 $DIST --lr 1e-3) &
+wait
+tar czf "$runs.tgz" --exclude='*.safetensors' -C "$(dirname "$runs")" "$(basename "$runs")"
