@@ -311,3 +311,25 @@ def test_feature_map_kernels_vs_fp64(kind, dtype, monkeypatch):
         names = ["phi", "dx", "dW"] + (["db"] if bias is not None else [])
         for name, got, r, c in zip(names, [phi, dx, dw, db], ref, base):
             assert_within_baseline(name, got, r, [c], dtype=dtype)
+
+
+@pytest.mark.parametrize("route", ["map", "inkernel"])
+def test_fused_nan_in_padded_keys_stays_out(route, monkeypatch):
+    """NaN in the padded keys' x (key_mask False) reaches no output or gradient, dW and db included: the same values,
+    bit for bit, as with zeros there."""
+    monkeypatch.setenv("HHFFT_LA_FUSED", route)
+    B, Hq, Hkv, L, DX, FH, D, _ = FUSED_CASES[0]
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = [r(B, Hq, L, DX), r(B, Hkv, L, DX), r(B, Hkv, L, D), r(Hq, DX, FH), r(Hq, FH), r(Hkv, DX, FH), r(Hkv, FH)]
+    mask = torch.rand(B, L, generator=g) > 0.3
+    do = r(B, Hq, L, D)
+    out = []
+    for fill in (0.0, float("nan")):
+        xs = list(x)
+        xs[1] = torch.where(mask[:, None, :, None], x[1], fill)
+        o, den = chunk.hedgehog_attention_fwd(*xs, "softmax_split", True, mask)
+        out.append([o, den] + list(chunk.hedgehog_attention_bwd(*xs, o, den, do, torch.zeros_like(den),
+                                                                "softmax_split", True, mask)))
+    for name, a, b in zip(["o", "den", "dq", "dk", "dv", "dWq", "dbq", "dWk", "dbk"], *out):
+        assert torch.equal(a, b), name

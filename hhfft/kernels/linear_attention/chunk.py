@@ -473,17 +473,23 @@ def linear_attention_bwd_dkdv_kernel(
 @triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["DX", "FH", "BDX", "BFH", "KIND"])
 @triton.jit
 def hedgehog_feature_map_fwd_kernel(
-    x, w, b, phi,
+    x, w, b, mask, phi,
     L, H, DX, FH,
     BT: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
-    # the map alone (HHFFT_LA_FUSED=map): phi = [f(y), f(-y)] concatenated, y = x W + b, stored in x's dtype
+    # the map alone (HHFFT_LA_FUSED=map): phi = [f(y), f(-y)] concatenated, y = x W + b, stored in x's dtype;
+    # padded keys (mask False) get phi = 0 and x is not read there (it may hold NaN)
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_h = i_bh % H
     o_t, o_f = i_t * BT + tl.arange(0, BT), tl.arange(0, BFH)
     m_t, m_f = o_t < L, (o_f < FH)[None, :]
-    b_x, b_y = _proj(x + i_bh * L * DX, w + i_h * DX * FH, b + i_h * FH, o_t, m_t, DX, FH, BDX, BFH, PREC)
+    m_j = m_t
+    if HAS_MASK:
+        m_j = m_j & (tl.load(mask + (i_bh // H) * L + o_t, mask=m_t, other=0) != 0)
+    b_x, b_y = _proj(x + i_bh * L * DX, w + i_h * DX * FH, b + i_h * FH, o_t, m_j, DX, FH, BDX, BFH, PREC)
     b_p, b_n = _act(b_y, m_f, KIND)  # [BT, BFH] each
+    b_p, b_n = tl.where(m_j[:, None], b_p, 0), tl.where(m_j[:, None], b_n, 0)
     p_phi = phi + i_bh * L * 2 * FH + o_t[:, None] * (2 * FH) + o_f[None, :]
     m_phi = m_t[:, None] & m_f
     tl.store(p_phi, b_p.to(phi.dtype.element_ty), mask=m_phi)
@@ -493,10 +499,10 @@ def hedgehog_feature_map_fwd_kernel(
 @triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["DX", "FH", "BDX", "BFH", "KIND"])
 @triton.jit
 def hedgehog_feature_map_bwd_kernel(
-    x, w, b, dphi, dx, dw, db,
+    x, w, b, mask, dphi, dx, dw, db,
     L, H, DX, FH, CPB,
     BT: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr, KIND: tl.constexpr,
-    PREC: tl.constexpr, PREC_STATE: tl.constexpr,
+    PREC: tl.constexpr, PREC_STATE: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     # program (s, bh) walks chunks s*CPB .. s*CPB+CPB-1: dx per chunk, x^T dy and sum dy summed over them in
     # registers and stored once at slot (s, bh) (summed on the host: no atomics, deterministic)
@@ -511,11 +517,14 @@ def hedgehog_feature_map_bwd_kernel(
     for i_c in range(CPB):
         o_t = (i_s * CPB + i_c) * BT + tl.arange(0, BT)
         m_t = o_t < L
-        b_x, b_y = _proj(x + i_bh * L * DX, w + i_h * DX * FH, b + i_h * FH, o_t, m_t, DX, FH, BDX, BFH, PREC)
+        m_j = m_t  # padded keys: dy = 0 (dx = 0, nothing into dW, db), x not read
+        if HAS_MASK:
+            m_j = m_j & (tl.load(mask + (i_bh // H) * L + o_t, mask=m_t, other=0) != 0)
+        b_x, b_y = _proj(x + i_bh * L * DX, w + i_h * DX * FH, b + i_h * FH, o_t, m_j, DX, FH, BDX, BFH, PREC)
         p_dphi = dphi + i_bh * L * 2 * FH + o_t[:, None] * (2 * FH) + o_f[None, :]
-        b_dp = tl.load(p_dphi, mask=m_t[:, None] & m_f, other=0).to(tl.float32)  # [BT, BFH]
-        b_dn = tl.load(p_dphi + FH, mask=m_t[:, None] & m_f, other=0).to(tl.float32)
-        b_dy = _dy(b_dp, b_dn, b_y, m_t, m_f, o_f, KIND)  # [BT, BFH]
+        b_dp = tl.load(p_dphi, mask=m_j[:, None] & m_f, other=0).to(tl.float32)  # [BT, BFH]
+        b_dn = tl.load(p_dphi + FH, mask=m_j[:, None] & m_f, other=0).to(tl.float32)
+        b_dy = _dy(b_dp, b_dn, b_y, m_j, m_f, o_f, KIND)  # [BT, BFH]
         b_dx = _dot_xx(b_dy, b_wt, b_x, PREC_STATE)  # [BT, BDX]
         tl.store(dx + i_bh * L * DX + o_t[:, None] * DX + o_d[None, :], b_dx.to(dx.dtype.element_ty),
                  mask=m_t[:, None] & m_d[None, :])
@@ -733,23 +742,28 @@ def _map_args(x, w, bias, kind):
     return x.contiguous(), w.contiguous(), bias.contiguous(), (B, H, L, DX, FH)
 
 
-def hedgehog_feature_map_fwd(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], kind: str) -> torch.Tensor:
+def hedgehog_feature_map_fwd(
+    x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], kind: str, key_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """phi = feature_map(x W + b, kind): x [B, H, L, DX], W [H, DX, FH], b [H, FH] or None -> phi [B, H, L, 2*FH] in
-    x's dtype, the halves concatenated as hhfft.nn.feature_map gives them (W and b cast to x's dtype, fp32 maths)."""
+    x's dtype, the halves concatenated as hhfft.nn.feature_map gives them (W cast to x's dtype, fp32 maths).
+    key_mask [B, L] bool or None: rows where it is False get phi = 0 (x there is not read: padding may hold NaN)."""
     x, w, bias, (B, H, L, DX, FH) = _map_args(x, w, bias, kind)
     phi = _new(x, B, H, L, 2 * FH)
     _launcher(hedgehog_feature_map_fwd_kernel)[(triton.cdiv(L, BT), B * H)](
-        x, w, bias, phi, L, H, DX, FH, BT=BT, BDX=_block(DX), BFH=_block(FH), KIND=KINDS[kind],
-        PREC=_precisions(x.dtype)[0],
+        x, w, bias, _mask_arg(key_mask, x), phi, L, H, DX, FH, BT=BT, BDX=_block(DX), BFH=_block(FH),
+        KIND=KINDS[kind], PREC=_precisions(x.dtype)[0], HAS_MASK=key_mask is not None,
     )
     return phi
 
 
 def hedgehog_feature_map_bwd(
     x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], dphi: torch.Tensor, kind: str,
+    key_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`hedgehog_feature_map_fwd`: dphi [B, H, L, 2*FH] -> (dx [B, H, L, DX] in x's dtype,
-    dW [H, DX, FH] fp32, db [H, FH] fp32). y is recomputed from x, never stored."""
+    dW [H, DX, FH] fp32, db [H, FH] fp32). y is recomputed from x, never stored. Rows where key_mask is False give
+    dx = 0 and add nothing to dW, db."""
     x, w, bias, (B, H, L, DX, FH) = _map_args(x, w, bias, kind)
     NT = triton.cdiv(L, BT)
     cpb = triton.cdiv(NT, min(NT, max(1, triton.cdiv(_MAP_PROGRAMS, B * H))))  # chunks per program
@@ -758,8 +772,9 @@ def hedgehog_feature_map_bwd(
     dw = _new(x, NS, B, H, DX, FH, dtype=torch.float32)
     db = _new(x, NS, B, H, FH, dtype=torch.float32)
     _launcher(hedgehog_feature_map_bwd_kernel)[(NS, B * H)](
-        x, w, bias, dphi.contiguous(), dx, dw, db, L, H, DX, FH, cpb, BT=BT, BDX=_block(DX), BFH=_block(FH),
-        KIND=KINDS[kind], PREC=_precisions(x.dtype)[0], PREC_STATE=_precisions(x.dtype)[1],
+        x, w, bias, _mask_arg(key_mask, x), dphi.contiguous(), dx, dw, db, L, H, DX, FH, cpb, BT=BT,
+        BDX=_block(DX), BFH=_block(FH), KIND=KINDS[kind], PREC=_precisions(x.dtype)[0],
+        PREC_STATE=_precisions(x.dtype)[1], HAS_MASK=key_mask is not None,
     )
     return dx, dw.sum((0, 1)), db.sum((0, 1))
 
@@ -798,7 +813,7 @@ def hedgehog_attention_fwd(
     xq [B, Hq, L, DX], xk [B, Hkv, L, DX], v [B, Hkv, L, D], wq [Hq, DX, FH], bq [Hq, FH] or None, wk [Hkv, DX, FH],
     bk [Hkv, FH] or None -> (o [B, Hq, L, D], den [B, Hq, L] fp32)."""
     if _fused_route() == "map":
-        pq, pk = hedgehog_feature_map_fwd(xq, wq, bq, kind), hedgehog_feature_map_fwd(xk, wk, bk, kind)
+        pq, pk = hedgehog_feature_map_fwd(xq, wq, bq, kind), hedgehog_feature_map_fwd(xk, wk, bk, kind, key_mask)
         return _fwd(pq, pk, v, causal, key_mask, None)
     return _fwd(xq, xk, v, causal, key_mask, (wq, bq, wk, bk, kind))
 
@@ -810,10 +825,10 @@ def hedgehog_attention_bwd(
     recomputes phi (one feature-map kernel per input), runs the unfused backward for dphi, then one kernel per input
     turns dphi into dx, dW, db."""
     if _fused_route() == "map":
-        pq, pk = hedgehog_feature_map_fwd(xq, wq, bq, kind), hedgehog_feature_map_fwd(xk, wk, bk, kind)
+        pq, pk = hedgehog_feature_map_fwd(xq, wq, bq, kind), hedgehog_feature_map_fwd(xk, wk, bk, kind, key_mask)
         dpq, dpk, dv = _bwd(pq, pk, v, o, den, do, dden, causal, key_mask, None)[:3]
         dq, dwq, dbq = hedgehog_feature_map_bwd(xq, wq, bq, dpq, kind)
-        dk, dwk, dbk = hedgehog_feature_map_bwd(xk, wk, bk, dpk, kind)
+        dk, dwk, dbk = hedgehog_feature_map_bwd(xk, wk, bk, dpk, kind, key_mask)
     else:
         dq, dk, dv, (dwq, dbq, dwk, dbk) = _bwd(xq, xk, v, o, den, do, dden, causal, key_mask, (wq, bq, wk, bk, kind))
     return dq, dk, dv, dwq, None if bq is None else dbq, dwk, None if bk is None else dbk
