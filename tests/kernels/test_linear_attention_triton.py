@@ -253,8 +253,9 @@ def test_precision_modes(monkeypatch):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])
 def test_split_precision_within_tolerance(fused, monkeypatch):
-    """The split products (fp32 operands as hi + lo 16-bit halves; bf16 on the GPU, where they are the default, fp16 here
-    because the interpreter's bf16 dot is broken) meet the same tolerance as the tf32x3 ones, forward and backward, dW and db included."""
+    """The split products (fp32 operands as hi + lo 16-bit halves; bf16 on the GPU, where they are the default, fp16
+    here because the interpreter's bf16 dot is broken) meet the same tolerance as the tf32x3 ones, forward and
+    backward, dW and db included."""
     monkeypatch.setattr(chunk, "_precisions", lambda dtype: ("tf32", "split"))
     if not fused:
         test_forward_and_backward_vs_fp64(CASES[0], True, torch.float16)  # L = 1: dq, dk are all cancellation
@@ -274,7 +275,9 @@ def test_fused_routes(route, dtype, monkeypatch):
         monkeypatch.setattr(chunk, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
     monkeypatch.setenv("HHFFT_LA_FUSED", route)
     _check_fused(FUSED_CASES[0], True, "softmax_split", dtype)
-    assert calls == ([] if route == "inkernel" else ["hedgehog_feature_map_fwd"] * 4 + ["hedgehog_feature_map_bwd"] * 2)
+    # forward: phi of q, k; backward: phi of q, k again, then dx, dW, db of q, k
+    want = ["hedgehog_feature_map_fwd"] * 4 + ["hedgehog_feature_map_bwd"] * 2
+    assert calls == ([] if route == "inkernel" else want), calls
     monkeypatch.setenv("HHFFT_LA_FUSED", "fused")
     with pytest.raises(ValueError, match="map .* or inkernel"):
         chunk._fused_route()

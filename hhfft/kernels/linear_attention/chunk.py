@@ -8,7 +8,7 @@ Kernels (README.md has the maths), chunk size BT, feature dim F, value dim D:
     linear_attention_state_bwd_kernel  reverse pass: dh_t = sum_{m>t} Q_m^T G_m, dz_t = sum_{m>t} Q_m^T s_m,
                                        summed over the query heads of each GQA group
     linear_attention_bwd_dkdv_kernel   per chunk: dk = tril(G V^T + s)^T Q + V dh_t^T + dz_t, dv = tril(Q K^T)^T G + K dh_t
-    hedgehog_feature_map_fwd_kernel    phi = [f(y), f(-y)], y = x W + b (the fused op's default route, HHFFT_LA_FUSED=map)
+    hedgehog_feature_map_fwd_kernel    phi = [f(y), f(-y)], y = x W + b (the fused op's default route, map)
     hedgehog_feature_map_bwd_kernel    dx = dy W^T per chunk; dW = x^T dy, db = sum dy over several chunks per program
 with d = max(den, DEN_FLOOR), G = dO / d and s = dden - [den >= DEN_FLOOR] rowsum(dO * O) / d (naive.py's floor).
 Queries of head h read key/value head h // (Hq / Hkv).
@@ -555,9 +555,9 @@ def _precisions(dtype: torch.dtype) -> Tuple[str, str]:
     fp32 operands (states, g = dO / den) on 16-bit inputs need about fp32 accuracy for the backward's cancellation
     g.v_j - g.o_i (plain tf32 measured 30x PyTorch's error at L=1, fp16, on the H200). bf16 inputs (default
     ``HHFFT_LA_PREC=split``) split the fp32 operand into bf16 hi + lo (16 significant bits, two or three bf16 dots):
-    half the registers of tf32x3 and 1.35-1.5x faster fwd+bwd on the H200 (L = 8K-64K), within the tolerance in tests/gpu.
-    ``HHFFT_LA_PREC=tf32x3`` opts out (tf32x3 keeps big and small fp32 halves of both operands: register spills).
-    fp16 always uses tf32x3: fp16 halves of a state beyond 65504 would overflow."""
+    half the registers of tf32x3 and 1.35-1.5x faster fwd+bwd on the H200 (L = 8K-64K), within the GPU tests'
+    tolerance. ``HHFFT_LA_PREC=tf32x3`` opts out (tf32x3 keeps big and small fp32 halves of both operands: register
+    spills). fp16 always uses tf32x3: fp16 halves of a state beyond 65504 would overflow."""
     if dtype == torch.float32:
         return "ieee", "ieee"
     mode = os.environ.get("HHFFT_LA_PREC", "split")
@@ -721,9 +721,9 @@ _MAP_PROGRAMS = 1024  # the map's backward: about this many programs, each summi
 
 
 def _fused_route() -> str:
-    """HHFFT_LA_FUSED: "map" (the default: one feature-map kernel writes phi, then the unfused chunk kernels; on the
-    H200 the in-kernel map made the op 2.4x slower than that) or "inkernel" (phi recomputed inside every chunk kernel,
-    never stored)."""
+    """HHFFT_LA_FUSED: "map" (the default: one feature-map kernel writes phi, then the unfused chunk kernels) or
+    "inkernel" (phi recomputed inside every chunk kernel, never stored; on the H200 it took 2.4x the time of the
+    unfused kernels on precomputed phi)."""
     route = os.environ.get("HHFFT_LA_FUSED", "map")
     if route not in ("map", "inkernel"):
         raise ValueError(f"HHFFT_LA_FUSED must be map (the default) or inkernel, got {route!r}")
