@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/gpu_all.sh OUT_DIR [SECONDS]      # repo root, on the GPU machine; SECONDS: wall budget (540)
 #   LANE_GPUS=2 bash benchmarks/gpu_all.sh ...        # use GPUs 0 and 1 only (the others left to other work)
+#   ONLY="0 1" bash benchmarks/gpu_all.sh ...         # run only these lanes (indices into LANES)
+#   LA_BENCH_ARGS="--lengths 8192 --methods hhfft fla" ...   # extra arguments of the linear-attention benchmark
 #
 # Each lane runs its commands in order, each under `timeout` (its own limit, cut to what is left of the budget),
 # and logs to OUT_DIR/work/laneN.log; everything ends packed in OUT_DIR/gpu_all.tgz (the device tool returns at most
@@ -14,7 +16,7 @@ budget=${2:-540}
 start=$(date +%s)
 work=$out/work
 mkdir -p "$work"
-export PYTHONUNBUFFERED=1 HHFFT_TRITON_AUTOTUNE=${HHFFT_TRITON_AUTOTUNE:-0}
+export PYTHONUNBUFFERED=1 HHFFT_TRITON_AUTOTUNE=${HHFFT_TRITON_AUTOTUNE:-0} LA_BENCH_ARGS=${LA_BENCH_ARGS:-}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=.:tests:/tmp/site
@@ -27,10 +29,10 @@ gpus=${LANE_GPUS:-$(nvidia-smi -L | wc -l)}
 
 PYTEST="python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu"
 LANES=(
-  "240|$PYTEST -n 12 --dist loadgroup tests/gpu/test_linear_attention_gpu.py;;120|$PYTEST -n 8 tests/gpu/test_decode_gpu.py"
-  "480|python3 benchmarks/linear_attention.py --out $work/la_bench --method-timeout 120"
+  "240|$PYTEST -n 12 --dist loadgroup tests/gpu/test_linear_attention_gpu.py;;120|$PYTEST -n 8 tests/gpu/test_decode_gpu.py;;120|$PYTEST tests/gpu/test_adahessian_cuda.py"
+  "480|python3 benchmarks/linear_attention.py --out $work/la_bench --method-timeout 120 $LA_BENCH_ARGS"
   "200|python3 -m hhfft.cli demo --device cuda --length 16384 --batch 1 --amp bf16;;260|python3 benchmarks/adahessian.py --out $work/adahessian"
-  "300|$PYTEST -n 8 tests/gpu/test_fftconv_gpu.py;;120|$PYTEST tests/gpu/test_adahessian_cuda.py"
+  "300|$PYTEST -n 8 tests/gpu/test_fftconv_gpu.py"
 )
 
 lane() {  # lane INDEX GPU "limit|command;;limit|command..."
@@ -47,8 +49,11 @@ lane() {  # lane INDEX GPU "limit|command;;limit|command..."
   done >>"$work/lane$i.log" 2>&1
 }
 
+only=" ${ONLY:-${!LANES[*]}} "
 for g in $(seq 0 $((gpus - 1))); do
-  (for i in "${!LANES[@]}"; do [ $((i % gpus)) -eq "$g" ] && lane "$i" "$g" "${LANES[$i]}"; done) &
+  (for i in "${!LANES[@]}"; do
+     [ $((i % gpus)) -eq "$g" ] && [[ "$only" == *" $i "* ]] && lane "$i" "$g" "${LANES[$i]}"
+   done) &
 done
 wait
 tail -n 3 "$work"/lane*.log
