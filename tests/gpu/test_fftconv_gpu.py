@@ -87,13 +87,20 @@ def test_fftconv_all_sizes(N, dtype, nan_memory, monkeypatch):
     assert not failures, f"N={N} {dtype}: " + "; ".join(failures)
 
 
-@pytest.mark.parametrize(
-    "variant,R,N",
-    [("loop", 4, 512), ("loop", 1, 2048), ("stacked", 4, 512), ("stacked", 2, 2048), ("t", 4, 512), ("t", 2, 2048),
-     ("t", 1, 4096)],
-)
-def test_fused_variants(variant, R, N):
-    """Each fused variant explicitly (the op picks one by timing): bf16, gates, bias, skip, a partly empty program."""
+# fused kernel's dot options: (gauss, half_tables)
+DOTS = {"4dots": (False, False), "gauss": (True, False), "half16": (False, True), "gauss-half16": (True, True)}
+FUSED = [("loop", 4, 512), ("loop", 1, 2048), ("stacked", 4, 512), ("stacked", 2, 2048), ("t", 4, 512), ("t", 2, 2048),
+         ("t", 1, 4096)]
+FUSED_DOTS = [(*c, "4dots") for c in FUSED] + [
+    (*c, dots) for c in [("loop", 4, 512), ("stacked", 2, 2048), ("t", 2, 2048), ("stacked", 1, 4096)]
+    for dots in ("gauss", "half16", "gauss-half16")
+]
+
+
+@pytest.mark.parametrize("variant,R,N,dots", [pytest.param(*c, id="-".join(map(str, c))) for c in FUSED_DOTS])
+def test_fused_variants(variant, R, N, dots):
+    """Each fused variant and dot option explicitly (the op picks the variant by timing): bf16, gates, bias, skip, a
+    partly empty program."""
     from hhfft.kernels.fftconv.monarch import fftconv_fwd
     from hhfft.lowering.fftconv import _fftconv_torch
 
@@ -105,7 +112,8 @@ def test_fused_variants(variant, R, N):
     c = lambda x: x.to(torch.bfloat16)  # noqa: E731
     y = torch.full((B, H, L), float("nan"), device="cuda", dtype=torch.bfloat16)
     fftconv_fwd(
-        c(u), k.float(), K // 2, L, c(bias), c(skip), c(pre), c(post), variant=variant, rows_per_program=R, out=y
+        c(u), k.float(), K // 2, L, c(bias), c(skip), c(pre), c(post), variant=variant, rows_per_program=R,
+        gauss=DOTS[dots][0], half_tables=DOTS[dots][1], out=y,
     )
     y_t = _fftconv_torch(c(u), k.float(), K // 2, L, c(bias), c(skip), c(pre), c(post))
     assert not torch.isnan(y).any()

@@ -6,6 +6,8 @@ Outputs start as NaN. The interpreter has no tf32, so fp32/fp16 run with "ieee" 
 default "fp16" dots (scaled fp16 operands), which the interpreter does emulate. The interpreter's fp32 -> bf16
 conversion truncates (the GPU rounds to nearest), so bf16 cases write an fp32 buffer that torch rounds to bf16;
 the GPU tests store bf16 from the kernel and cover the default precisions.
+The fused kernel's dot options (3-dot Gauss products, fp16 DFT tables; the latter only with "fp16" dots) are covered
+by the forward tests, which the du half of the backward shares.
 """
 from __future__ import annotations
 
@@ -47,6 +49,24 @@ DTYPES = [
     pytest.param(torch.float16, id="fp16"),
     pytest.param(torch.bfloat16, id="bf16-fp16dots"),
 ]
+# fused kernel's dot options: (gauss, half_tables)
+DOTS = {"4dots": (False, False), "gauss": (True, False), "half16": (False, True), "gauss-half16": (True, True)}
+
+
+def _dots_for(dtype):
+    return [d for d, (_, half) in DOTS.items() if not half or PREC[dtype] == "fp16"]
+
+
+def _fused(case) -> bool:
+    B, H, L, K, shift, T, max_fused_n, R, gates = case.values
+    return plan(L, K, T) <= max_fused_n
+
+
+# every case x dtype with the default dots; the fused cases with every dot option of the dtype
+FWD_CASES = [
+    pytest.param(*c.values, d.values[0], dots, id=f"{c.id}-{d.id}-{dots}")
+    for c in CASES for d in DTYPES for dots in _dots_for(d.values[0]) if dots == "4dots" or _fused(c)
+]
 
 
 def _inputs(B, H, L, K, T, gates, seed=0):
@@ -61,15 +81,15 @@ def _cast(d, dtype):
     return {n: x.to(DEVICE, dtype) for n, x in d.items()}
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,H,L,K,shift,T,max_fused_n,R,gates", CASES)
-def test_forward(B, H, L, K, shift, T, max_fused_n, R, gates, dtype):
+@pytest.mark.parametrize("B,H,L,K,shift,T,max_fused_n,R,gates,dtype,dots", FWD_CASES)
+def test_forward(B, H, L, K, shift, T, max_fused_n, R, gates, dtype, dots):
     u, k, extra = _inputs(B, H, L, K, T, gates)
     ref = fftconv_naive(u, k, shift, T, **extra)
     u_d, k_d, extra_d = u.to(DEVICE, dtype), k.to(DEVICE, torch.float32), _cast(extra, dtype)
     y = torch.full((B, H, T), float("nan"), device=DEVICE, dtype=STORE[dtype])
+    gauss, half = DOTS[dots]
     fftconv_fwd(u_d, k_d, shift, T, **extra_d, precision=PREC[dtype], max_fused_n=max_fused_n,
-                rows_per_program=R, out=y)
+                rows_per_program=R, gauss=gauss, half_tables=half, out=y)
     y = y.to(dtype)
     y_torch = _fftconv_torch(u_d, k_d, shift, T, extra_d.get("bias"), extra_d.get("skip"),
                              extra_d.get("pregate"), extra_d.get("postgate"))
@@ -121,8 +141,14 @@ def test_fwd_rejects_bad_out():
         fftconv_fwd(u, k, 0, 10, out=torch.empty(1, 1, 9, device=DEVICE), precision="ieee")
 
 
+STACKED_DTYPE_DOTS = [
+    pytest.param(dt, dots, id=f"{name}-{dots}")
+    for dt, name in [(torch.float32, "fp32"), (torch.bfloat16, "bf16")] for dots in _dots_for(dt)
+]
+
+
 @pytest.mark.parametrize("variant", ["stacked", "t"])
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("dtype,dots", STACKED_DTYPE_DOTS)
 @pytest.mark.parametrize(
     "B,H,L,K,shift,T,R",
     [
@@ -130,14 +156,22 @@ def test_fwd_rejects_bad_out():
         pytest.param(3, 1, 300, 301, 150, 300, 2, id="N1024-B3-H1-L300-K301-same-R2"),
     ],
 )
-def test_forward_stacked(B, H, L, K, shift, T, R, dtype, variant):
+def test_forward_stacked(B, H, L, K, shift, T, R, dtype, dots, variant):
     """The stacked variants (R pairs side by side in one tile), with a partly empty last program."""
     u, k, extra = _inputs(B, H, L, K, T, True, seed=4)
     ref = fftconv_naive(u, k, shift, T, **extra)
     u_d, k_d, extra_d = u.to(DEVICE, dtype), k.to(DEVICE, torch.float32), _cast(extra, dtype)
     y = torch.full((B, H, T), float("nan"), device=DEVICE, dtype=STORE[dtype])
-    fftconv_fwd(u_d, k_d, shift, T, **extra_d, precision=PREC[dtype], variant=variant, rows_per_program=R, out=y)
+    gauss, half = DOTS[dots]
+    fftconv_fwd(u_d, k_d, shift, T, **extra_d, precision=PREC[dtype], variant=variant, rows_per_program=R,
+                gauss=gauss, half_tables=half, out=y)
     y_torch = _fftconv_torch(
         u_d, k_d, shift, T, extra_d["bias"], extra_d["skip"], extra_d["pregate"], extra_d["postgate"]
     )
     assert_within_torch_error(y.to(dtype).cpu(), ref, y_torch.cpu(), f"stacked forward N={plan(L, K, T)}")
+
+
+def test_half_tables_need_fp16_dots():
+    u, k = torch.randn(1, 1, 100, device=DEVICE), torch.randn(1, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="half_tables=True needs precision 'fp16'"):
+        fftconv_fwd(u, k, 0, 100, precision="ieee", half_tables=True)

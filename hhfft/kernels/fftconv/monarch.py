@@ -13,6 +13,7 @@ Paths:
   with the spectrum, inverse FFT, epilogue (postgate, bias, skip) and store. Three variants: "loop" (the pairs one
   after another, tables loaded once), "stacked" (side by side in one tile) and "t" (side by side, with every
   product a right product of >= 64 rows). On CUDA the first eager call of a size times them and keeps the fastest.
+  Two dot options (FusedConfig, off by default): complex products by 3 real dots (Gauss) and fp16 DFT tables.
 - four-step (N up to 512K for bf16): N = P * Q. A column pass does the size-P DFTs of the [P, Q] view (plus
   twiddles) into an fp32 scratch, the fused row machinery does FFT_Q, spectrum product and inverse on each of
   the P rows, and a second column pass does the inverse size-P DFTs and the epilogue.
@@ -26,7 +27,7 @@ accuracy and measured limits.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +137,22 @@ def _tables(n1: int, n2: int, device, like: Tensor) -> tuple[Tensor, Tensor, Ten
     )
 
 
+def _dft4(n: int, dtype: torch.dtype, device) -> Tensor:
+    """[4, n, n] table of the fused kernels: Fr, Fi, Fi - Fr, Fr + Fi of F_n (forward sign), each plane rounded once
+    from fp64 to dtype. The 4-dot products read the first two planes, the 3-dot (Gauss) ones planes 0, 2, 3."""
+    k = torch.arange(n, device=device, dtype=torch.int64)
+    ang = ((k[:, None] * k[None, :]) % n).to(torch.float64) * (-2 * math.pi / n)
+    fr, fi = torch.cos(ang), torch.sin(ang)
+    return torch.stack([fr, fi, fi - fr, fr + fi]).to(dtype).contiguous()
+
+
+def _fused_tables(n1: int, n2: int, dtype: torch.dtype, device, like: Tensor) -> tuple[Tensor, Tensor]:
+    """F_n1 and F_n2 as _dft4 tables in dtype (fp32, or fp16 for the fp16 dots: what the dots read anyway)."""
+    return _cached(
+        ("dft4", n1, n2, dtype, str(device)), like, lambda: (_dft4(n1, dtype, device), _dft4(n2, dtype, device))
+    )
+
+
 def _launch(kernel, grid, x: Tensor, **kwargs) -> None:
     """Launch through wrap_triton on CUDA (so Inductor sees the kernel); directly under the interpreter."""
     if x.is_cuda and not isinstance(kernel, _INTERPRET):
@@ -178,29 +195,81 @@ def _pow2_scale(xr, xi):
 
 
 @triton.jit
-def _monarch_fwd(xr, xi, f1r, f1i, twr, twi, f2r, f2i, PREC: tl.constexpr):
+def _cdot_l(fr, fd, fs, xr, xi, CONJ: tl.constexpr, GAUSS: tl.constexpr, PREC: tl.constexpr):
+    # (F or conj(F)) @ X, the table on the left. GAUSS: 3 dots, with fd = Fi - Fr and fs = Fr + Fi from memory;
+    # else 4 dots with fd = Fi (fs unused)
+    if GAUSS:
+        b_t = _dot(fr, xr + xi, PREC)
+        if CONJ:
+            cr, ci = b_t + _dot(fd, xi, PREC), b_t - _dot(fs, xr, PREC)
+        else:
+            cr, ci = b_t - _dot(fs, xi, PREC), b_t + _dot(fd, xr, PREC)
+    else:
+        if CONJ:
+            cr, ci = _cdot(fr, -fd, xr, xi, PREC)
+        else:
+            cr, ci = _cdot(fr, fd, xr, xi, PREC)
+    return cr, ci
+
+
+@triton.jit
+def _cdot_r(xr, xi, fr, fd, fs, CONJ: tl.constexpr, GAUSS: tl.constexpr, PREC: tl.constexpr):
+    # X @ (F or conj(F)), the table on the right; fd, fs as in _cdot_l
+    if GAUSS:
+        b_t = _dot(xr + xi, fr, PREC)
+        if CONJ:
+            cr, ci = b_t + _dot(xi, fd, PREC), b_t - _dot(xr, fs, PREC)
+        else:
+            cr, ci = b_t - _dot(xi, fs, PREC), b_t + _dot(xr, fd, PREC)
+    else:
+        if CONJ:
+            cr, ci = _cdot(xr, xi, fr, -fd, PREC)
+        else:
+            cr, ci = _cdot(xr, xi, fr, fd, PREC)
+    return cr, ci
+
+
+@triton.jit
+def _load_table(p, R: tl.constexpr, GAUSS: tl.constexpr):
+    # DFT table [4, R, R] (Fr, Fi, Fi - Fr, Fr + Fi; fp32 or fp16) -> the planes _cdot_l/_cdot_r take
+    o = tl.arange(0, R)[:, None] * R + tl.arange(0, R)[None, :]
+    fr = tl.load(p + o)
+    if GAUSS:
+        fd = tl.load(p + 2 * R * R + o)
+        fs = tl.load(p + 3 * R * R + o)
+    else:
+        fd = tl.load(p + R * R + o)
+        fs = fd
+    return fr, fd, fs
+
+
+@triton.jit
+def _monarch_fwd(xr, xi, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s, GAUSS: tl.constexpr, PREC: tl.constexpr):
     # x [N1, N2] natural order -> X_f [N1, N2] with X_f[k1, k2] = fft(x)[k1 + N1 k2]
-    ar, ai = _cdot(f1r, f1i, xr, xi, PREC)
+    ar, ai = _cdot_l(f1r, f1i, f1s, xr, xi, False, GAUSS, PREC)
     ar, ai = ar * twr - ai * twi, ar * twi + ai * twr
-    return _cdot(ar, ai, f2r, f2i, PREC)
+    return _cdot_r(ar, ai, f2r, f2i, f2s, False, GAUSS, PREC)
 
 
 @triton.jit
-def _monarch_inv(cr, ci, f1r, f1i, twr, twi, f2r, f2i, PREC: tl.constexpr):
+def _monarch_inv(cr, ci, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s, GAUSS: tl.constexpr, PREC: tl.constexpr):
     # N * ifft: conjugate matrices, steps reversed (no 1/N: callers fold it in)
-    dr, di = _cdot(cr, ci, f2r, -f2i, PREC)
+    dr, di = _cdot_r(cr, ci, f2r, f2i, f2s, True, GAUSS, PREC)
     dr, di = dr * twr + di * twi, di * twr - dr * twi
-    return _cdot(f1r, -f1i, dr, di, PREC)
+    return _cdot_l(f1r, f1i, f1s, dr, di, True, GAUSS, PREC)
 
 
 @triton.jit
-def _conv_row(xr, xi, kr, ki, f1r, f1i, twr, twi, f2r, f2i, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
+def _conv_row(
+    xr, xi, kr, ki, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s,
+    N1: tl.constexpr, N2: tl.constexpr, GAUSS: tl.constexpr, PREC: tl.constexpr,
+):
     # ifft(fft(x) * k_f) for a spectrum k_f = kr + i ki with |k_f| <= 1 (its scale is applied by the caller)
     s = _pow2_scale(xr, xi)
-    cr, ci = _monarch_fwd(xr / s, xi / s, f1r, f1i, twr, twi, f2r, f2i, PREC)  # |c| <= N
+    cr, ci = _monarch_fwd(xr / s, xi / s, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s, GAUSS, PREC)  # |c| <= N
     cr, ci = cr * (1.0 / (N1 * N2)), ci * (1.0 / (N1 * N2))
     cr, ci = cr * kr - ci * ki, cr * ki + ci * kr  # |.| <= 1
-    yr, yi = _monarch_inv(cr, ci, f1r, f1i, twr, twi, f2r, f2i, PREC)
+    yr, yi = _monarch_inv(cr, ci, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s, GAUSS, PREC)
     return yr * s, yi * s
 
 
@@ -211,13 +280,13 @@ def fftconv_fwd_kernel(
     B, H, L, T, LO, HI,
     N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, GAUSS: tl.constexpr,
 ):
     # program: channel i_h, pairs of rows [R i_g, R i_g + R); tables and spectrum loaded once
     i_g, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]  # [N1, N2]
-    f1r, f1i = _load_plane(p_f1, N1, N1)
-    f2r, f2i = _load_plane(p_f2, N2, N2)
+    f1r, f1i, f1s = _load_table(p_f1, N1, GAUSS)
+    f2r, f2i, f2s = _load_table(p_f2, N2, GAUSS)
     twr, twi = _load_plane(p_tw, N1, N2)
     kr, ki = _load_plane(p_kf + i_h * 2 * N1 * N2, N1, N2)
     b_ks = tl.load(p_ks + i_h)
@@ -241,7 +310,7 @@ def fftconv_fwd_kernel(
         if HAS_PRE:
             b_xr = b_xr * tl.load(p_pre + o_0, mask=m_u & m_0, other=0.0).to(tl.float32)
             b_xi = b_xi * tl.load(p_pre + o_1, mask=m_u & m_1, other=0.0).to(tl.float32)
-        b_yr, b_yi = _conv_row(b_xr, b_xi, kr, ki, f1r, f1i, twr, twi, f2r, f2i, N1, N2, PREC)
+        b_yr, b_yi = _conv_row(b_xr, b_xi, kr, ki, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s, N1, N2, GAUSS, PREC)
         b_yr = tl.where(m_c, b_yr * b_ks, 0.0)
         b_yi = tl.where(m_c, b_yi * b_ks, 0.0)
         o_y0 = (i_b0 * H + i_h) * T + o_n
@@ -265,7 +334,7 @@ def fftconv_fwd_stacked_kernel(
     B, H, L, T, LO, HI,
     N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, GAUSS: tl.constexpr,
 ):
     # R pairs side by side: [N1, R N2] for the left product by F_N1, [R N1, N2] for the right product by F_N2,
     # so every tl.dot is R times larger than in fftconv_fwd_kernel
@@ -296,28 +365,28 @@ def fftconv_fwd_stacked_kernel(
     b_xr = b_xr / b_s[None, :]
     b_xi = b_xi / b_s[None, :]
     # forward: A = F1 @ X, twiddle, C = A @ F2 in the stacked [R N1, N2] layout
-    f1r, f1i = _load_plane(p_f1, N1, N1)
-    b_ar, b_ai = _cdot(f1r, f1i, b_xr, b_xi, PREC)  # [N1, R N2]
+    f1r, f1i, f1s = _load_table(p_f1, N1, GAUSS)
+    b_ar, b_ai = _cdot_l(f1r, f1i, f1s, b_xr, b_xi, False, GAUSS, PREC)  # [N1, R N2]
     o_tw = o_1[:, None] * N2 + o_q[None, :]
     twr = tl.load(p_tw + o_tw)
     twi = tl.load(p_tw + N1 * N2 + o_tw)
     b_ar, b_ai = b_ar * twr - b_ai * twi, b_ar * twi + b_ai * twr
     b_ar = tl.reshape(tl.permute(tl.reshape(b_ar, (N1, R, N2)), (1, 0, 2)), (R * N1, N2))
     b_ai = tl.reshape(tl.permute(tl.reshape(b_ai, (N1, R, N2)), (1, 0, 2)), (R * N1, N2))
-    f2r, f2i = _load_plane(p_f2, N2, N2)
-    b_cr, b_ci = _cdot(b_ar, b_ai, f2r, f2i, PREC)  # [R N1, N2]
+    f2r, f2i, f2s = _load_table(p_f2, N2, GAUSS)
+    b_cr, b_ci = _cdot_r(b_ar, b_ai, f2r, f2i, f2s, False, GAUSS, PREC)  # [R N1, N2]
     o_k = (tl.arange(0, R * N1) % N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     kr = tl.load(p_kf + i_h * 2 * N1 * N2 + o_k) * (1.0 / (N1 * N2))
     ki = tl.load(p_kf + i_h * 2 * N1 * N2 + N1 * N2 + o_k) * (1.0 / (N1 * N2))
     b_cr, b_ci = b_cr * kr - b_ci * ki, b_cr * ki + b_ci * kr
     # inverse: D = C @ conj(F2), conj twiddle, back to [N1, R N2], Y = conj(F1) @ D
-    b_dr, b_di = _cdot(b_cr, b_ci, f2r, -f2i, PREC)
+    b_dr, b_di = _cdot_r(b_cr, b_ci, f2r, f2i, f2s, True, GAUSS, PREC)
     twr2 = tl.load(p_tw + o_k)
     twi2 = tl.load(p_tw + N1 * N2 + o_k)
     b_dr, b_di = b_dr * twr2 + b_di * twi2, b_di * twr2 - b_dr * twi2
     b_dr = tl.reshape(tl.permute(tl.reshape(b_dr, (R, N1, N2)), (1, 0, 2)), (N1, R * N2))
     b_di = tl.reshape(tl.permute(tl.reshape(b_di, (R, N1, N2)), (1, 0, 2)), (N1, R * N2))
-    b_yr, b_yi = _cdot(f1r, -f1i, b_dr, b_di, PREC)  # [N1, R N2]
+    b_yr, b_yi = _cdot_l(f1r, f1i, f1s, b_dr, b_di, True, GAUSS, PREC)  # [N1, R N2]
     b_sk = b_s * tl.load(p_ks + i_h)
     m_c = (o_n >= LO) & (o_n <= HI)
     b_yr = tl.where(m_c, b_yr * b_sk[None, :], 0.0)
@@ -345,7 +414,7 @@ def fftconv_fwd_t_kernel(
     B, H, L, T, LO, HI,
     N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, GAUSS: tl.constexpr,
 ):
     # R pairs, every product a right product with R N2 or R N1 rows (F symmetric: X^T F1 = (F1 X)^T):
     # X^T [R N2, N1] @ F1 -> A^T, twiddle, per-pair transpose -> A [R N1, N2] @ F2 -> C, * K_f,
@@ -373,8 +442,8 @@ def fftconv_fwd_t_kernel(
     b_s = tl.where(b_m > 0, tl.exp2(tl.ceil(tl.log2(tl.maximum(b_m, 1e-30)))), 1.0)[:, None, None]
     b_xr = tl.reshape(b_xr / b_s, (R * N2, N1))
     b_xi = tl.reshape(b_xi / b_s, (R * N2, N1))
-    f1r, f1i = _load_plane(p_f1, N1, N1)
-    b_ar, b_ai = _cdot(b_xr, b_xi, f1r, f1i, PREC)  # A^T [R N2, N1]
+    f1r, f1i, f1s = _load_table(p_f1, N1, GAUSS)
+    b_ar, b_ai = _cdot_r(b_xr, b_xi, f1r, f1i, f1s, False, GAUSS, PREC)  # A^T [R N2, N1]
     o_tt = o_1[None, None, :] * N2 + o_2[None, :, None]  # T^T[n2, k1] = T[k1, n2]
     twr = tl.load(p_tw + o_tt)
     twi = tl.load(p_tw + N1 * N2 + o_tt)
@@ -383,15 +452,17 @@ def fftconv_fwd_t_kernel(
     b_ar, b_ai = b_ar * twr - b_ai * twi, b_ar * twi + b_ai * twr
     b_ar = tl.reshape(tl.permute(b_ar, (0, 2, 1)), (R * N1, N2))
     b_ai = tl.reshape(tl.permute(b_ai, (0, 2, 1)), (R * N1, N2))
-    f2r, f2i = _load_plane(p_f2, N2, N2)
-    b_cr, b_ci = _cdot(b_ar, b_ai, f2r, f2i, PREC)  # C [R N1, N2]
+    f2r, f2i, f2s = _load_table(p_f2, N2, GAUSS)
+    b_cr, b_ci = _cdot_r(b_ar, b_ai, f2r, f2i, f2s, False, GAUSS, PREC)  # C [R N1, N2]
     o_k = o_1[None, :, None] * N2 + o_2[None, None, :]  # [1, N1, N2]
     kr = tl.load(p_kf + i_h * 2 * N1 * N2 + o_k) * (1.0 / (N1 * N2))
     ki = tl.load(p_kf + i_h * 2 * N1 * N2 + N1 * N2 + o_k) * (1.0 / (N1 * N2))
     b_cr = tl.reshape(b_cr, (R, N1, N2))
     b_ci = tl.reshape(b_ci, (R, N1, N2))
     b_cr, b_ci = b_cr * kr - b_ci * ki, b_cr * ki + b_ci * kr
-    b_dr, b_di = _cdot(tl.reshape(b_cr, (R * N1, N2)), tl.reshape(b_ci, (R * N1, N2)), f2r, -f2i, PREC)
+    b_dr, b_di = _cdot_r(
+        tl.reshape(b_cr, (R * N1, N2)), tl.reshape(b_ci, (R * N1, N2)), f2r, f2i, f2s, True, GAUSS, PREC
+    )
     twr2 = tl.load(p_tw + o_k)
     twi2 = tl.load(p_tw + N1 * N2 + o_k)
     b_dr = tl.reshape(b_dr, (R, N1, N2))
@@ -399,7 +470,7 @@ def fftconv_fwd_t_kernel(
     b_dr, b_di = b_dr * twr2 + b_di * twi2, b_di * twr2 - b_dr * twi2
     b_dr = tl.reshape(tl.permute(b_dr, (0, 2, 1)), (R * N2, N1))
     b_di = tl.reshape(tl.permute(b_di, (0, 2, 1)), (R * N2, N1))
-    b_yr, b_yi = _cdot(b_dr, b_di, f1r, -f1i, PREC)  # Y^T [R N2, N1]
+    b_yr, b_yi = _cdot_r(b_dr, b_di, f1r, f1i, f1s, True, GAUSS, PREC)  # Y^T [R N2, N1]
     b_sk = b_s * tl.load(p_ks + i_h)
     m_c = (o_n >= LO) & (o_n <= HI)
     b_yr = tl.where(m_c, tl.reshape(b_yr, (R, N2, N1)) * b_sk, 0.0)
@@ -476,7 +547,7 @@ def fftconv_row_kernel(
         kr, ki = _load_plane(p_kf + (i_h * P + i_kp) * 2 * Q, N1, N2)
         p_row = p_s + i_r * 2 * P * Q + i_kp * Q + o_n
         b_yr, b_yi = _conv_row(
-            tl.load(p_row), tl.load(p_row + P * Q), kr, ki, f1r, f1i, twr, twi, f2r, f2i, N1, N2, PREC
+            tl.load(p_row), tl.load(p_row + P * Q), kr, ki, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, N1, N2, False, PREC
         )
         tl.store(p_row, b_yr * b_ks)
         tl.store(p_row + P * Q, b_yi * b_ks)
@@ -556,16 +627,16 @@ def fftconv_corr_kernel(
         b_gr = tl.load(p_g + (i_b0 * H + i_h) * T + o_n, mask=m_g, other=0.0).to(tl.float32)
         b_gi = tl.load(p_g + (i_b1 * H + i_h) * T + o_n, mask=m_g & m_1, other=0.0).to(tl.float32)
         b_sg = _pow2_scale(b_gr, b_gi)
-        b_gr, b_gi = _monarch_fwd(b_gr / b_sg, b_gi / b_sg, f1r, f1i, twr, twi, f2r, f2i, PREC)
+        b_gr, b_gi = _monarch_fwd(b_gr / b_sg, b_gi / b_sg, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
         b_vr = tl.load(p_v + (i_b0 * H + i_h) * L + o_n, mask=m_v, other=0.0).to(tl.float32)
         b_vi = tl.load(p_v + (i_b1 * H + i_h) * L + o_n, mask=m_v & m_1, other=0.0).to(tl.float32)
         b_sv = _pow2_scale(b_vr, b_vi)
-        b_vr, b_vi = _monarch_fwd(b_vr / b_sv, b_vi / b_sv, f1r, f1i, twr, twi, f2r, f2i, PREC)
+        b_vr, b_vi = _monarch_fwd(b_vr / b_sv, b_vi / b_sv, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
         b_w = b_sg * b_sv
         b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
         b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
     b_sc = _pow2_scale(b_sr, b_si)
-    b_cr, b_ci = _monarch_inv(b_sr / b_sc, b_si / b_sc, f1r, f1i, twr, twi, f2r, f2i, PREC)
+    b_cr, b_ci = _monarch_inv(b_sr / b_sc, b_si / b_sc, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
     # lag m of circular index n: n (n < L) or n - N (n > N - T); dk index j = shift - m
     o_m = tl.where(o_n < L, o_n, o_n - N)
     m_lag = (o_n < L) | (o_n > N - T)
@@ -601,21 +672,32 @@ def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
     return like if x is None else x.contiguous()
 
 
-def _fused_config(N: int) -> tuple[str, int]:
-    """Static (variant, pairs per program) of the fused kernel, from the H200 sweep at B*H*L = 2^27 bf16:
+class FusedConfig(NamedTuple):
+    """One configuration of the fused kernel."""
+
+    variant: str  # "loop" (pairs one after another), "stacked" (side by side), "t" (side by side, right products)
+    rows: int  # pairs of rows per program
+    gauss: bool = False  # complex products by 3 real dots (Gauss) instead of 4
+    half_tables: bool = False  # DFT tables read from memory in fp16 (only with the "fp16" dots)
+
+
+def _fused_config(N: int) -> FusedConfig:
+    """Static configuration of the fused kernel, from the H200 sweep at B*H*L = 2^27 bf16:
     N = 512: loop over 4 pairs 0.94 ms (stacked x4 1.18, loop x1 1.36); N = 2048: stacked x2 1.40 ms (loop x1 1.57);
     N = 4096: stacked x1 1.63 ms (loop x1 1.77). Used under tracing and on the CPU; on CUDA the first eager call
-    per size times the candidates (_candidates) and keeps the fastest."""
+    per size times the candidates (_candidates) and keeps the fastest. gauss and half_tables stay off until the GPU
+    has timed them (benchmarks/fftconv_tune.py --dots)."""
     if N <= 512:
-        return "loop", 4
-    return "stacked", max(1, 4096 // N)
+        return FusedConfig("loop", 4)
+    return FusedConfig("stacked", max(1, 4096 // N))
 
 
-def _candidates(N: int) -> list[tuple[str, int]]:
+def _candidates(N: int) -> list[FusedConfig]:
     n1, n2 = _split(N)
     rt = max(1, 64 // n1)  # "t": every product has >= 64 rows
-    cands = [_fused_config(N), ("loop", 1), ("t", rt), ("t", 2 * rt)]
-    return [c for i, c in enumerate(cands) if c not in cands[:i] and c[1] * N <= 8192]
+    s = _fused_config(N)
+    cands = [s] + [FusedConfig(v, r, s.gauss, s.half_tables) for v, r in [("loop", 1), ("t", rt), ("t", 2 * rt)]]
+    return [c for i, c in enumerate(cands) if c not in cands[:i] and c.rows * N <= 8192]
 
 
 _FUSED_KERNELS = dict(loop=fftconv_fwd_kernel, stacked=fftconv_fwd_stacked_kernel, t=fftconv_fwd_t_kernel)
@@ -623,7 +705,7 @@ _CHOICE: dict = {}
 _MIN_TUNE_WORK = 2048  # pairs of rows x channels below which the static choice is used
 
 
-def _choose(N: int, prec: str, pairs: int, H: int, u: Tensor, run) -> tuple[str, int]:
+def _choose(N: int, prec: str, pairs: int, H: int, u: Tensor, run) -> FusedConfig:
     """The fused variant for this size: timed once per (N, precision, work size, device) on the first eager CUDA
     call, like triton.autotune (a candidate that fails to compile is skipped); the static choice otherwise."""
     key = (N, prec, (pairs * H).bit_length(), str(u.device))
@@ -656,6 +738,8 @@ def fftconv_fwd(
     max_fused_n: Optional[int] = None,
     rows_per_program: Optional[int] = None,
     variant: Optional[str] = None,
+    gauss: Optional[bool] = None,
+    half_tables: Optional[bool] = None,
     num_warps: Optional[int] = None,
     out: Optional[Tensor] = None,
 ) -> Tensor:
@@ -668,6 +752,8 @@ def fftconv_fwd(
         rows_per_program: pairs of rows per fused program (default: _fused_config)
         variant: fused kernel: "loop" (pairs one after another), "stacked" (side by side in one tile), "t" (side
             by side, every product a right product with >= 64 rows); default: timed once per size on CUDA (_choose)
+        gauss: fused kernel's complex products by 3 real dots instead of 4 (default: _fused_config)
+        half_tables: fused kernel reads its DFT tables in fp16; only with precision "fp16" (default: _fused_config)
         num_warps: override the fused kernel's warp count (for tuning)
         out: optional contiguous [B, H, out_len] floating buffer to write y into (any float dtype)
     Returns:
@@ -697,22 +783,29 @@ def fftconv_fwd(
     pairs = (B + 1) // 2
     if N <= max_fused:
         n1, n2 = _split(N)
-        f1, f2, tw = _tables(n1, n2, u.device, u)
+        tw = _tables(n1, n2, u.device, u)[2]
         kf, ks = _spectrum(k, shift, N, (n1, n2))
         kw = dict(
-            **common, p_pre=_empty_if_none(pregate, u), p_kf=kf, p_ks=ks, p_f1=f1, p_f2=f2, p_tw=tw, N1=n1, N2=n2,
+            **common, p_pre=_empty_if_none(pregate, u), p_kf=kf, p_ks=ks, p_tw=tw, N1=n1, N2=n2,
             HAS_PRE=pregate is not None, **flags,
         )
 
-        def run(cfg):
-            name, r = cfg
-            _launch(_FUSED_KERNELS[name], (triton.cdiv(pairs, r), H), u, **kw, R=r,
-                    num_warps=num_warps or _num_warps(n1, n2))
+        def run(cfg: FusedConfig):
+            if cfg.half_tables and prec != "fp16":
+                raise ValueError(f"fftconv_fwd: half_tables=True needs precision 'fp16', got {prec!r}")
+            f1, f2 = _fused_tables(n1, n2, torch.float16 if cfg.half_tables else torch.float32, u.device, u)
+            _launch(_FUSED_KERNELS[cfg.variant], (triton.cdiv(pairs, cfg.rows), H), u, **kw, p_f1=f1, p_f2=f2,
+                    R=cfg.rows, GAUSS=cfg.gauss, num_warps=num_warps or _num_warps(n1, n2))
 
-        if variant is not None:
-            cfg = (variant, rows_per_program or (_fused_config(N)[1] if variant == _fused_config(N)[0] else 1))
-        elif rows_per_program is not None:
-            cfg = (_fused_config(N)[0], rows_per_program)
+        static = _fused_config(N)
+        if (variant, rows_per_program, gauss, half_tables) != (None, None, None, None):
+            v = variant or static.variant
+            cfg = FusedConfig(
+                v,
+                rows_per_program or (static.rows if v == static.variant else 1),
+                static.gauss if gauss is None else gauss,
+                static.half_tables if half_tables is None else half_tables,
+            )
         else:
             cfg = _choose(N, prec, pairs, H, u, run)
         run(cfg)
