@@ -234,7 +234,7 @@ def main(argv=None) -> None:
     p.add_argument("--method-timeout", type=int, default=0, help="seconds per method and length (0: no limit)")
     p.add_argument("--out", default=None, help="folder for results.json and table.md")
     a = p.parse_args(argv)
-    os.environ["HHFFT_LINEAR_ATTENTION_TRITON"] = "1"  # the kernels are opt-in on CUDA; this measures them
+    os.environ["HHFFT_LINEAR_ATTENTION_TRITON"] = "1"  # the kernels for every dtype (fp32 is opt-in); this measures them
     bw, fl_rate = measure_rates()
     head = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, copy_tb_s=bw / 1e12, bf16_tflop_s=fl_rate / 1e12)
