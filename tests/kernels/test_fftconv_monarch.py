@@ -175,3 +175,16 @@ def test_half_tables_need_fp16_dots():
     u, k = torch.randn(1, 1, 100, device=DEVICE), torch.randn(1, 3, device=DEVICE)
     with pytest.raises(ValueError, match="half_tables=True needs precision 'fp16'"):
         fftconv_fwd(u, k, 0, 100, precision="ieee", half_tables=True)
+
+
+def test_static_half_tables_ignored_for_other_precisions(monkeypatch):
+    """A default of half_tables=True (if the GPU picks it) applies to the fp16 dots only, never to fp32/fp16 inputs."""
+    import hhfft.kernels.fftconv.monarch as mod
+
+    monkeypatch.setattr(mod, "_fused_config", lambda N: mod.FusedConfig("loop", 1, True, True))
+    u, k, _ = _inputs(2, 1, 100, 30, 100, False, seed=5)
+    ref = fftconv_naive(u, k, 0, 100)
+    y = torch.full((2, 1, 100), float("nan"), device=DEVICE)
+    fftconv_fwd(u.float().to(DEVICE), k.float().to(DEVICE), 0, 100, precision="ieee", out=y)
+    assert_within_torch_error(y.cpu(), ref, _fftconv_torch(u.float(), k.float(), 0, 100, None, None, None, None),
+                              "static half_tables, ieee")

@@ -753,7 +753,8 @@ def fftconv_fwd(
         variant: fused kernel: "loop" (pairs one after another), "stacked" (side by side in one tile), "t" (side
             by side, every product a right product with >= 64 rows); default: timed once per size on CUDA (_choose)
         gauss: fused kernel's complex products by 3 real dots instead of 4 (default: _fused_config)
-        half_tables: fused kernel reads its DFT tables in fp16; only with precision "fp16" (default: _fused_config)
+        half_tables: fused kernel reads its DFT tables in fp16; only with precision "fp16" (default: _fused_config,
+            which applies only to the fp16 dots)
         num_warps: override the fused kernel's warp count (for tuning)
         out: optional contiguous [B, H, out_len] floating buffer to write y into (any float dtype)
     Returns:
@@ -790,10 +791,13 @@ def fftconv_fwd(
             HAS_PRE=pregate is not None, **flags,
         )
 
+        if half_tables and prec != "fp16":
+            raise ValueError(f"fftconv_fwd: half_tables=True needs precision 'fp16', got {prec!r}")
+
         def run(cfg: FusedConfig):
-            if cfg.half_tables and prec != "fp16":
-                raise ValueError(f"fftconv_fwd: half_tables=True needs precision 'fp16', got {prec!r}")
-            f1, f2 = _fused_tables(n1, n2, torch.float16 if cfg.half_tables else torch.float32, u.device, u)
+            # fp16 tables only feed fp16 dots (a static or timed half_tables=True is ignored for other precisions)
+            half = cfg.half_tables and prec == "fp16"
+            f1, f2 = _fused_tables(n1, n2, torch.float16 if half else torch.float32, u.device, u)
             _launch(_FUSED_KERNELS[cfg.variant], (triton.cdiv(pairs, cfg.rows), H), u, **kw, p_f1=f1, p_f2=f2,
                     R=cfg.rows, GAUSS=cfg.gauss, num_warps=num_warps or _num_warps(n1, n2))
 
