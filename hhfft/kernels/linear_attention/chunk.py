@@ -586,7 +586,9 @@ def _new(ref: torch.Tensor, *shape: int, dtype: Optional[torch.dtype] = None) ->
 def _mask_arg(key_mask: Optional[torch.Tensor], ref: torch.Tensor) -> torch.Tensor:
     if key_mask is None:
         return ref.new_empty(1, dtype=torch.uint8)
-    return key_mask.contiguous().view(torch.uint8)
+    # a copy, not .view(torch.uint8): Inductor cannot lower a bool -> uint8 dtype view (torch 2.11: "torch.bool is
+    # not supported by torch.iinfo"); B x L bytes
+    return key_mask.to(torch.uint8)
 
 
 class _Plan:

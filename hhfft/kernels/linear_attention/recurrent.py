@@ -102,7 +102,8 @@ def linear_attention_step_triton(
     BK = max(64, triton.next_power_of_2(F))
     BV = max(64, triton.next_power_of_2(D))
     o = v.new_empty(B, Hq, D) if out is None else out
-    k_arg = keep.contiguous().view(torch.uint8) if keep is not None else phi_q.new_empty(1, dtype=torch.uint8)
+    # a copy, not a dtype view: Inductor cannot lower a bool -> uint8 view (see chunk._mask_arg)
+    k_arg = keep.to(torch.uint8) if keep is not None else phi_q.new_empty(1, dtype=torch.uint8)
     kernel = linear_attention_step_kernel
     if wrap and not _INTERPRET:
         from torch.library import wrap_triton
