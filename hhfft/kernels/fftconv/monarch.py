@@ -682,14 +682,18 @@ class FusedConfig(NamedTuple):
 
 
 def _fused_config(N: int) -> FusedConfig:
-    """Static configuration of the fused kernel, from the H200 sweep at B*H*L = 2^27 bf16:
-    N = 512: loop over 4 pairs 0.94 ms (stacked x4 1.18, loop x1 1.36); N = 2048: stacked x2 1.40 ms (loop x1 1.57);
-    N = 4096: stacked x1 1.63 ms (loop x1 1.77). Used under tracing and on the CPU; on CUDA the first eager call
-    per size times the candidates (_candidates) and keeps the fastest. gauss and half_tables stay off until the GPU
-    has timed them (benchmarks/fftconv_tune.py --dots)."""
+    """Static configuration of the fused kernel, from H200 sweeps at B*H*L = 2^27 bf16:
+    N = 512: loop over 4 pairs 0.94 ms (stacked x4 1.18, loop x1 1.36); N = 2048: "t" x2 with Gauss products and fp16
+    tables 1.235 ms (t x2 1.371, stacked x2 1.395, loop x1 1.57); N = 4096: stacked x1 1.63 ms (loop x1 1.77).
+    fp16 tables (bit-identical results, fewer registers) were never slower (0.7-3.9% faster in the 8 pairs timed by
+    ``benchmarks/fftconv_tune.py --dots``); Gauss products were 20% slower at N = 512 and are used only where they
+    were timed faster. Used under tracing and on the CPU; on CUDA the first eager call per size times the candidates
+    (_candidates, which keep these dot options) and keeps the fastest."""
     if N <= 512:
-        return FusedConfig("loop", 4)
-    return FusedConfig("stacked", max(1, 4096 // N))
+        return FusedConfig("loop", 4, half_tables=True)
+    if N == 2048:
+        return FusedConfig("t", 2, gauss=True, half_tables=True)
+    return FusedConfig("stacked", max(1, 4096 // N), half_tables=True)
 
 
 def _candidates(N: int) -> list[FusedConfig]:
