@@ -7,19 +7,7 @@
 # Each line below is one row's whole command (`hhfft gpt ...`, seed 0); the lanes only schedule them. Rows that need
 # the softmax checkpoint wait for it. Logs: RUNS/<row>/log.txt and RUNS/<row>.log; table:
 # `hhfft gpt table --runs RUNS --png-dir docs`.
-set -u
-runs=${1:?usage: run4.sh RUNS [SECONDS]}
-budget=${2:-560}
-start=$(date +%s)
-mkdir -p "$runs"
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-GPT="python3 -m hhfft.cli gpt"
-D=".data/pydocs"
-SCRATCH="--data $D --seed 0 --tokens 54460416"
-FT="--data $D --seed 0 --init $runs/scratch_softmax --tokens 69664768"
-DIST="--distill-steps 1000 --distill-context 1024"
-
-source "$(dirname "$0")/lanes.sh"
+source "$(dirname "$0")/lanes.sh" "$@"
 
 (row 0 scratch_softmax train $SCRATCH --attention softmax --save-dtype float16
  row 0 ft_softmax_lr1e-3 finetune $FT --attention softmax --lr 1e-3
@@ -31,4 +19,4 @@ source "$(dirname "$0")/lanes.sh"
 (wait_ckpt; row 3 ft_hedgehog_lr1e-3_s1 finetune $FT --attention hedgehog $DIST --lr 1e-3 --seed 1
  row 3 ft_t2r_lr1e-3 finetune $FT --attention t2r $DIST --lr 1e-3) &
 wait
-tar czf "$runs.tgz" --exclude='*.safetensors' -C "$(dirname "$runs")" "$(basename "$runs")"
+pack

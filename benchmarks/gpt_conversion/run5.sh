@@ -6,23 +6,13 @@
 # which start from the same checkpoint (and, from scratch, with run 3's rows).
 #
 #   bash benchmarks/gpt_conversion/run5.sh RUNS [SECONDS]     # repo root, .data/pydocs and .data/ckpt4 carried
-set -u
-runs=${1:?usage: run5.sh RUNS [SECONDS]}
-budget=${2:-360}
-start=$(date +%s)
-mkdir -p "$runs"
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-GPT="python3 -m hhfft.cli gpt"
-FT="--data .data/pydocs --seed 0 --init .data/ckpt4 --tokens 69664768"
-DIST="--distill-steps 1000 --distill-context 1024"
-
-source "$(dirname "$0")/lanes.sh"
+source "$(dirname "$0")/lanes.sh" "$@"
+FT="--data $D --seed 0 --init .data/ckpt4 --tokens 69664768"  # run 4's checkpoint
 
 (row 2 ft_hedgehog_fd128_lr1e-3 finetune $FT --attention hedgehog $DIST --feature-dim 128 --lr 1e-3
  row 2 ft_elu1_fd128_lr1e-3 finetune $FT --attention elu1 $DIST --feature-dim 128 --lr 1e-3) &
 (row 3 ft_softmax_lr2e-3 finetune $FT --attention softmax --lr 2e-3
  row 3 ft_hedgehog_lr2e-3 finetune $FT --attention hedgehog $DIST --lr 2e-3
- row 3 scratch_hedgehog_fd128 train --data .data/pydocs --seed 0 --tokens 54460416 --attention hedgehog \
-   --feature-dim 128) &
+ row 3 scratch_hedgehog_fd128 train $SCRATCH --attention hedgehog --feature-dim 128) &
 wait
-tar czf "$runs.tgz" --exclude='*.safetensors' -C "$(dirname "$runs")" "$(basename "$runs")"
+pack
