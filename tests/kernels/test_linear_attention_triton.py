@@ -336,3 +336,15 @@ def test_fused_nan_in_padded_keys_stays_out(route, monkeypatch):
                                                                 "softmax_split", True, mask)))
     for name, a, b in zip(["o", "den", "dq", "dk", "dv", "dWq", "dbq", "dWk", "dbk"], *out):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_transposed_key_mask(causal):
+    """A key mask that is dense but not contiguous (a transpose) gives the same outputs as its contiguous copy: the
+    kernels read the mask as [B, L] row-major bytes, and .to(uint8) alone would keep the transposed strides."""
+    q, k, v, mask = _inputs(2, 2, 1, 70, 16, 8, True, torch.float32)
+    mask_t = mask.t().contiguous().t()
+    assert torch.equal(mask_t, mask) and not mask_t.is_contiguous()
+    o, den = chunk.linear_attention_fwd(q, k, v, causal, mask)
+    o_t, den_t = chunk.linear_attention_fwd(q, k, v, causal, mask_t)
+    assert torch.equal(o_t, o) and torch.equal(den_t, den)

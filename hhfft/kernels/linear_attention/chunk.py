@@ -587,8 +587,9 @@ def _mask_arg(key_mask: Optional[torch.Tensor], ref: torch.Tensor) -> torch.Tens
     if key_mask is None:
         return ref.new_empty(1, dtype=torch.uint8)
     # a copy, not .view(torch.uint8): Inductor cannot lower a bool -> uint8 dtype view (torch 2.11: "torch.bool is
-    # not supported by torch.iinfo"); B x L bytes
-    return key_mask.to(torch.uint8)
+    # not supported by torch.iinfo"); B x L bytes. contiguous() first: .to() keeps the strides of a dense
+    # non-contiguous mask (a transpose), and the kernels index it as [B, L] row-major
+    return key_mask.contiguous().to(torch.uint8)
 
 
 class _Plan:
