@@ -6,6 +6,7 @@ import doctest
 import importlib
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -134,6 +135,41 @@ def test_distillation_of_baseline_maps_lowers_every_site(attention):
     # the same fixed held-out batches before and after, computed deterministically: any drop is real; the baseline
     # maps have less to gain on layer 0 of this random model (about 1% seen), so the margin is only above rounding
     _distill_lowers_every_site(model, torch.Generator().manual_seed(3), steps=40, lr=1e-2, margin=1e-3)
+
+
+@pytest.mark.parametrize("feature_dim", [None, 24])
+def test_convert_gpt_feature_dim_sets_every_sites_map_width(feature_dim):
+    from hhfft.convert.modules import HedgehogAttention
+
+    model = _sharp_gpt(layers=2)
+    convert_gpt(model, "hedgehog", feature_dim)
+    maps = [m for m in model.modules() if isinstance(m, HedgehogAttention)]
+    assert len(maps) == 2
+    width = 16 if feature_dim is None else feature_dim  # None: the head dim (32 / 2 heads)
+    for m in maps:
+        assert tuple(m.q_map.weight.shape) == (2, 16, width) and tuple(m.k_map.weight.shape) == (2, 16, width)
+    x = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(model(x)).all()
+
+
+GPT_RUNS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "gpt_conversion")
+
+
+@pytest.mark.parametrize("suffix, hedgehog, softmax", [("_lr1e-3", "2.5015 | +4.11%", "2.4028"),
+                                                        ("_lr1e-3_s1", "2.4980 | +4.37%", "2.3934")])
+def test_table_suffix_reads_one_variants_fine_tuning_rows_and_the_shared_checkpoint(suffix, hedgehog, softmax):
+    """Run 4's committed results (benchmarks/RESULTS.md quotes these rows)."""
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in table(os.path.join(GPT_RUNS, "run4"), suffix).splitlines()}
+    assert "| 2.5139 | +0.00% |" in rows["softmax, from scratch (the checkpoint)"]  # no suffix: shared
+    assert f"| {softmax} | +0.00% |" in rows["softmax, fine-tuned"]
+    assert f"| {hedgehog} |" in rows["Hedgehog: convert -> distill -> fine-tune"]
+    assert f"--out /tmp/runs4/ft_hedgehog{suffix}`" in rows["Hedgehog: convert -> distill -> fine-tune"]
+    assert rows["Hedgehog, from scratch (maps trained jointly)"].endswith("not run |" + " |" * 7)
+
+
+def test_table_without_rows_names_the_suffixed_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"expected folders scratch_softmax, ft_softmax_v2, ft_hedgehog_v2"):
+        table(str(tmp_path), "_v2")
 
 
 def test_checkpoint_round_trip_in_shards(tmp_path):
