@@ -171,10 +171,11 @@ def test_forward_stacked(B, H, L, K, shift, T, R, dtype, dots, variant):
     assert_within_torch_error(y.to(dtype).cpu(), ref, y_torch.cpu(), f"stacked forward N={plan(L, K, T)}")
 
 
-def test_half_tables_need_fp16_dots():
-    u, k = torch.randn(1, 1, 100, device=DEVICE), torch.randn(1, 3, device=DEVICE)
-    with pytest.raises(ValueError, match="half_tables=True needs precision 'fp16'"):
-        fftconv_fwd(u, k, 0, 100, precision="ieee", half_tables=True)
+@pytest.mark.parametrize("L,max_fused_n", [(100, None), (1000, 256)], ids=["fused", "four-step"])
+def test_half_tables_need_fp16_dots(L, max_fused_n):
+    u, k = torch.randn(1, 1, L, device=DEVICE), torch.randn(1, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="half_tables=True needs precision 'fp16'.*got 'ieee'; leave half_tables"):
+        fftconv_fwd(u, k, 0, L, precision="ieee", half_tables=True, max_fused_n=max_fused_n)
 
 
 def test_static_half_tables_ignored_for_other_precisions(monkeypatch):

@@ -13,7 +13,8 @@ Paths:
   with the spectrum, inverse FFT, epilogue (postgate, bias, skip) and store. Three variants: "loop" (the pairs one
   after another, tables loaded once), "stacked" (side by side in one tile) and "t" (side by side, with every
   product a right product of >= 64 rows). On CUDA the first eager call of a size times them and keeps the fastest.
-  Two dot options (FusedConfig, off by default): complex products by 3 real dots (Gauss) and fp16 DFT tables.
+  Two dot options (FusedConfig): complex products by 3 real dots (Gauss; by default at N = 2048 only) and fp16 DFT
+  tables (by default for the "fp16" dots); _fused_config has the timings.
 - four-step (N up to 512K for bf16): N = P * Q. A column pass does the size-P DFTs of the [P, Q] view (plus
   twiddles) into an fp32 scratch, the fused row machinery does FFT_Q, spectrum product and inverse on each of
   the P rows, and a second column pass does the inverse size-P DFTs and the epilogue.
@@ -685,10 +686,11 @@ def _fused_config(N: int) -> FusedConfig:
     """Static configuration of the fused kernel, from H200 sweeps at B*H*L = 2^27 bf16:
     N = 512: loop over 4 pairs 0.94 ms (stacked x4 1.18, loop x1 1.36); N = 2048: "t" x2 with Gauss products and fp16
     tables 1.235 ms (t x2 1.371, stacked x2 1.395, loop x1 1.57); N = 4096: stacked x1 1.63 ms (loop x1 1.77).
-    fp16 tables (bit-identical results, fewer registers) were never slower (0.7-3.9% faster in the 8 pairs timed by
-    ``benchmarks/fftconv_tune.py --dots``); Gauss products were 20% slower at N = 512 and are used only where they
-    were timed faster. Used under tracing and on the CPU; on CUDA the first eager call per size times the candidates
-    (_candidates, which keep these dot options) and keeps the fastest."""
+    fp16 tables (the same fp16 values enter the dots; fewer registers) were never slower (0.7-3.9% faster in the 6
+    pairs timed by ``benchmarks/fftconv_tune.py --dots``); Gauss products were 20% slower at N = 512 and are used only
+    where they were timed faster (bf16 only: fp16 and fp32 inputs, tf32x3 dots, get them at N = 2048 untimed).
+    Used under tracing and on the CPU; on CUDA the first eager call per size times the candidates (_candidates,
+    which keep these dot options) and keeps the fastest."""
     if N <= 512:
         return FusedConfig("loop", 4, half_tables=True)
     if N == 2048:
@@ -785,6 +787,9 @@ def fftconv_fwd(
         p_u=u, p_post=_empty_if_none(postgate, u), p_bias=_empty_if_none(bias, u),
         p_skip=_empty_if_none(skip, u), p_y=y, B=B, H=H, L=L, T=out_len, LO=-shift, HI=L + K - 2 - shift,
     )
+    if half_tables and prec != "fp16":
+        raise ValueError(f"fftconv_fwd: half_tables=True needs precision 'fp16' (fp16 tables only feed fp16 dots), "
+                         f"got {prec!r}; leave half_tables unset or False for this precision")
     pairs = (B + 1) // 2
     if N <= max_fused:
         n1, n2 = _split(N)
@@ -794,9 +799,6 @@ def fftconv_fwd(
             **common, p_pre=_empty_if_none(pregate, u), p_kf=kf, p_ks=ks, p_tw=tw, N1=n1, N2=n2,
             HAS_PRE=pregate is not None, **flags,
         )
-
-        if half_tables and prec != "fp16":
-            raise ValueError(f"fftconv_fwd: half_tables=True needs precision 'fp16', got {prec!r}")
 
         def run(cfg: FusedConfig):
             # fp16 tables only feed fp16 dots (a static or timed half_tables=True is ignored for other precisions)
