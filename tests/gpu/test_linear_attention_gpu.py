@@ -28,7 +28,7 @@ from utils import assert_within_baseline, nan_guarded_buffers
 
 @pytest.fixture(autouse=True)
 def _kernels_on(monkeypatch):
-    # CUDA takes the plain-torch path unless the kernels are asked for (the default until this file passes in full).
+    # By default the op sends only fp16/bf16 CUDA tensors to the kernels; =1 sends fp32 too, so every case tests them.
     monkeypatch.setenv("HHFFT_LINEAR_ATTENTION_TRITON", "1")
 
 
@@ -140,7 +140,8 @@ FUSED = [  # (B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind)
     pytest.param(*c, marks=[pytest.mark.xdist_group("long")] if c[3] > 4096 else [], id=f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-L{c[3]}-DX{c[4]}-FH{c[5]}-D{c[6]}{'-mask' if c[7] else ''}-"
                        f"{str(c[8])[6:]}-{'causal' if c[9] else 'full'}-{c[10]}") for c in FUSED])
 def test_fused_feature_map(B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind):
-    """Fused kernels (phi computed in-kernel) against the module path: feature maps, then attention, in fp64."""
+    """The fused op's kernels against the module path (feature maps, then attention) in fp64, by the default route
+    (HHFFT_LA_FUSED=map: feature-map kernels, then the chunk kernels; test_fused_inkernel_route runs the other)."""
     from hhfft.nn import feature_map
 
     g = torch.Generator(device="cuda").manual_seed(L + DX)
