@@ -114,7 +114,9 @@ def test_triton_step_rejects_bad_input():
         linear_attention_step_triton(q, torch.rand(1, 2, 5), v, S, z)
 
 
-@pytest.mark.parametrize("F,D", [(8, 5), (32, 128), (100, 20), (256, 256)], ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "F,D", [pytest.param(F, D, id=f"F{F}-D{D}") for F, D in [(8, 5), (32, 128), (100, 20), (256, 256)]]
+)
 def test_triton_step_blocks_are_at_least_64(F, D, monkeypatch):
     """The step kernel's tiles are at least 64 wide (chunk.py's rule): on the H200 the 32-wide tile of F = 32,
     D = 128, G = 4 gave wrong outputs from the second step on; the interpreter cannot show it."""
