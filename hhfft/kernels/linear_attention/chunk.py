@@ -638,8 +638,8 @@ class _Plan:
         # dk and dv in one launch (default) or one launch each (HHFFT_LA_DKDV=apart: each holds half the registers,
         # compiled for sm_90 the spills drop from 1272 to 344 + 8 bytes per thread at 8 warps). H200, bf16 fwd+bwd,
         # L = 2K-64K: with tf32x3 operands 1.10-1.20x faster unfused, 1.30-1.52x on the in-kernel route; with the
-        # default split 1.6-3.7% slower on the in-kernel route, untimed unfused (benchmarks/linear_attention.py rows
-        # hhfft-apart, hhfft-fused-apart, hhfft-fused-split-apart)
+        # default split 1.6-3.7% slower on the in-kernel route (benchmark of code 094dd93, when tf32x3 and in-kernel
+        # were the defaults); unfused with split: the benchmark's hhfft-apart row now, not yet timed
         dkdv = os.environ.get("HHFFT_LA_DKDV", "joint")
         if dkdv not in ("joint", "apart"):
             raise ValueError(f"HHFFT_LA_DKDV must be joint (the default) or apart, got {dkdv!r}")
