@@ -348,3 +348,18 @@ def test_transposed_key_mask(causal):
     o, den = chunk.linear_attention_fwd(q, k, v, causal, mask)
     o_t, den_t = chunk.linear_attention_fwd(q, k, v, causal, mask_t)
     assert torch.equal(o_t, o) and torch.equal(den_t, den)
+
+
+@pytest.mark.parametrize("route", ["map", "inkernel"])
+def test_fused_empty_sequence(route, monkeypatch):
+    """L = 0 through both routes: empty outputs and dx, zero dW and db (the map backward divided by its chunk count)."""
+    monkeypatch.setenv("HHFFT_LA_FUSED", route)
+    B, Hq, Hkv, L, DX, FH, D = 1, 2, 1, 0, 8, 4, 4
+    x = [torch.randn(B, Hq, L, DX), torch.randn(B, Hkv, L, DX), torch.randn(B, Hkv, L, D), torch.randn(Hq, DX, FH),
+         torch.randn(Hq, FH), torch.randn(Hkv, DX, FH), torch.randn(Hkv, FH)]
+    o, den = chunk.hedgehog_attention_fwd(*x, "softmax_split", True, None)
+    grads = chunk.hedgehog_attention_bwd(*x, o, den, torch.randn_like(o), torch.zeros_like(den), "softmax_split",
+                                         True, None)
+    assert o.shape == (B, Hq, L, D) and den.shape == (B, Hq, L)
+    for name, g, t in zip(["dq", "dk", "dv", "dWq", "dbq", "dWk", "dbk"], grads, x):
+        assert g.shape == t.shape and not g.any(), name

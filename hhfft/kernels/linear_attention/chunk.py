@@ -773,7 +773,8 @@ def hedgehog_feature_map_bwd(
     dx = 0 and add nothing to dW, db."""
     x, w, bias, (B, H, L, DX, FH) = _map_args(x, w, bias, kind)
     NT = triton.cdiv(L, BT)
-    cpb = triton.cdiv(NT, min(NT, max(1, triton.cdiv(_MAP_PROGRAMS, B * H))))  # chunks per program
+    progs = max(1, min(NT, triton.cdiv(_MAP_PROGRAMS, B * H)))  # programs along L
+    cpb = max(1, triton.cdiv(NT, progs))  # chunks per program (L = 0: no program, dW = db = 0)
     NS = triton.cdiv(NT, cpb)
     dx = _new(x, B, H, L, DX)
     dw = _new(x, NS, B, H, DX, FH, dtype=torch.float32)
