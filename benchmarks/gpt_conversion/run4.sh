@@ -4,9 +4,10 @@
 #
 #   bash benchmarks/gpt_conversion/run4.sh RUNS [SECONDS]     # repo root, .data/pydocs carried; SECONDS: budget (560)
 #
-# Each line below is one row's whole command (`hhfft gpt ...`, seed 0); the lanes only schedule them. Rows that need
-# the softmax checkpoint wait for it. Logs: RUNS/<row>/log.txt and RUNS/<row>.log; table:
-# `hhfft gpt table --runs RUNS --png-dir docs`.
+# Each line below is one row's whole command (`hhfft gpt ...`, its seed in it); the lanes only schedule them. Rows
+# that need the softmax checkpoint wait for it. Logs: RUNS/<row>/log.txt and RUNS/<row>.log (save this script's output
+# as RUNS/driver.log: the table reads a stopped row's command from it); table: `hhfft gpt table --runs RUNS
+# --suffix SUFFIX` (SUFFIX: the fine-tuning rows' suffix, e.g. _lr1e-3; --png-dir draws the PNGs).
 source "$(dirname "$0")/lanes.sh" "$@"
 
 (row 0 scratch_softmax train $SCRATCH --attention softmax --save-dtype float16

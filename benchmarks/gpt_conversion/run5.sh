@@ -6,6 +6,8 @@
 # which start from the same checkpoint (and, from scratch, with run 3's rows).
 #
 #   bash benchmarks/gpt_conversion/run5.sh RUNS [SECONDS]     # repo root, .data/pydocs and .data/ckpt4 carried
+#
+# The logged run (benchmarks/gpt_conversion/run5/) had SECONDS = 340: it stopped the last row of each GPU.
 source "$(dirname "$0")/lanes.sh" "$@"
 FT="--data $D --seed 0 --init .data/ckpt4 --tokens 69664768"  # run 4's checkpoint
 

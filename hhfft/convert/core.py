@@ -148,7 +148,8 @@ def convert(model: nn.Module, example_inputs: Any, config: Optional[HedgehogConf
                                **_param_like(owner))
         install(owner, idx, hh)
         installed.append(row)
-        row.reason = f"{site_name(idx)}: {config.kind} maps, heads {heads}/{kv_heads}, dim {head_dim}"
+        row.reason = (f"{site_name(idx)}: {config.kind} maps, heads {heads}/{kv_heads}, dim {head_dim}, "
+                      f"features {config.feature_dim or head_dim}")
     model._hhfft_config = config
     if installed:
         install_root(model)

@@ -569,9 +569,10 @@ def _partial_from_log(runs: str, name: str) -> dict | None:
     driver = os.path.join(runs, "driver.log")
     if os.path.exists(driver):
         with open(driver) as f:
-            for line in f:
-                if line.startswith(f"[{name}] hhfft.cli gpt "):
-                    res["argv"] = ["hhfft", *line.split("]", 1)[1].split("(GPU")[0].split()[1:]]
+            for line in f:  # "[name] [python3 -m ]hhfft.cli gpt ARGS   (GPU ...)", as the driver and lanes.sh print
+                m = re.match(rf"\[{re.escape(name)}\] (?:\S+ -m )?hhfft\.cli gpt (.*?)\s*(?:\(GPU.*)?$", line)
+                if m:
+                    res["argv"] = ["hhfft", "gpt", *m.group(1).split()]
     return res
 
 
