@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def _model(family):
-    import transformers
+    transformers = pytest.importorskip("transformers")
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)

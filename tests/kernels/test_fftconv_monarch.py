@@ -182,7 +182,7 @@ def test_static_half_tables_ignored_for_other_precisions(monkeypatch):
     """A default of half_tables=True (if the GPU picks it) applies to the fp16 dots only, never to fp32/fp16 inputs."""
     import hhfft.kernels.fftconv.monarch as mod
 
-    monkeypatch.setattr(mod, "_fused_config", lambda N: mod.FusedConfig("loop", 1, True, True))
+    monkeypatch.setattr(mod, "_fused_config", lambda N, prec="fp16": mod.FusedConfig("loop", 1, True, True))
     u, k, _ = _inputs(2, 1, 100, 30, 100, False, seed=5)
     ref = fftconv_naive(u, k, 0, 100)
     y = torch.full((2, 1, 100), float("nan"), device=DEVICE)

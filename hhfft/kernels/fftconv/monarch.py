@@ -682,26 +682,26 @@ class FusedConfig(NamedTuple):
     half_tables: bool = False  # DFT tables read from memory in fp16 (only with the "fp16" dots)
 
 
-def _fused_config(N: int) -> FusedConfig:
+def _fused_config(N: int, prec: str = "fp16") -> FusedConfig:
     """Static configuration of the fused kernel, from H200 sweeps at B*H*L = 2^27 bf16:
     N = 512: loop over 4 pairs 0.94 ms (stacked x4 1.18, loop x1 1.36); N = 2048: "t" x2 with Gauss products and fp16
     tables 1.235 ms (t x2 1.371, stacked x2 1.395, loop x1 1.57); N = 4096: stacked x1 1.63 ms (loop x1 1.77).
     fp16 tables (the same fp16 values enter the dots; fewer registers) were never slower (0.7-3.9% faster in the 6
     pairs timed by ``benchmarks/fftconv_tune.py --dots``); Gauss products were 20% slower at N = 512 and are used only
-    where they were timed faster (bf16 only: fp16 and fp32 inputs, tf32x3 dots, get them at N = 2048 untimed).
+    where they were timed faster, with the "fp16" dots (bf16 inputs) only: other precisions (``prec``) keep 4 dots.
     Used under tracing and on the CPU; on CUDA the first eager call per size times the candidates (_candidates,
     which keep these dot options) and keeps the fastest."""
     if N <= 512:
         return FusedConfig("loop", 4, half_tables=True)
     if N == 2048:
-        return FusedConfig("t", 2, gauss=True, half_tables=True)
+        return FusedConfig("t", 2, gauss=prec == "fp16", half_tables=True)
     return FusedConfig("stacked", max(1, 4096 // N), half_tables=True)
 
 
-def _candidates(N: int) -> list[FusedConfig]:
+def _candidates(N: int, prec: str) -> list[FusedConfig]:
     n1, n2 = _split(N)
     rt = max(1, 64 // n1)  # "t": every product has >= 64 rows
-    s = _fused_config(N)
+    s = _fused_config(N, prec)
     cands = [s] + [FusedConfig(v, r, s.gauss, s.half_tables) for v, r in [("loop", 1), ("t", rt), ("t", 2 * rt)]]
     return [c for i, c in enumerate(cands) if c not in cands[:i] and c.rows * N <= 8192]
 
@@ -718,15 +718,15 @@ def _choose(N: int, prec: str, pairs: int, H: int, u: Tensor, run) -> FusedConfi
     if key in _CHOICE:
         return _CHOICE[key]
     if not u.is_cuda or _tracing(u) or torch.cuda.is_current_stream_capturing() or pairs * H < _MIN_TUNE_WORK:
-        return _fused_config(N)  # tiny problems are launch-bound: timing them picks noise and costs compiles
+        return _fused_config(N, prec)  # tiny problems are launch-bound: timing them picks noise and costs compiles
     times = {}
-    for cand in _candidates(N):
+    for cand in _candidates(N, prec):
         try:
             run(cand)
             times[cand] = triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20, return_mode="median")
         except Exception:  # noqa: BLE001 - e.g. OutOfResources for a tile that does not fit
             continue
-    _CHOICE[key] = min(times, key=times.get) if times else _fused_config(N)
+    _CHOICE[key] = min(times, key=times.get) if times else _fused_config(N, prec)
     return _CHOICE[key]
 
 
@@ -807,7 +807,7 @@ def fftconv_fwd(
             _launch(_FUSED_KERNELS[cfg.variant], (triton.cdiv(pairs, cfg.rows), H), u, **kw, p_f1=f1, p_f2=f2,
                     R=cfg.rows, GAUSS=cfg.gauss, num_warps=num_warps or _num_warps(n1, n2))
 
-        static = _fused_config(N)
+        static = _fused_config(N, prec)
         if (variant, rows_per_program, gauss, half_tables) != (None, None, None, None):
             v = variant or static.variant
             cfg = FusedConfig(
