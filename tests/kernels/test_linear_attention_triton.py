@@ -222,6 +222,9 @@ def test_both_state_passes(states, fused, monkeypatch):
         test_fused_feature_map_forward_and_backward_vs_fp64(FUSED_CASES[0], True, "softmax_split")
     else:
         test_forward_and_backward_vs_fp64(CASES[3], True, torch.float32)
+    monkeypatch.setenv("HHFFT_LA_STATES", "scan")
+    with pytest.raises(ValueError, match="sequential or parallel"):
+        chunk._Plan(*_inputs(*CASES[0], dtype=torch.float32)[:3], True, None, None)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])
@@ -314,6 +317,14 @@ def test_feature_map_kernels_vs_fp64(kind, dtype, monkeypatch):
         names = ["phi", "dx", "dW"] + (["db"] if bias is not None else [])
         for name, got, r, c in zip(names, [phi, dx, dw, db], ref, base):
             assert_within_baseline(name, got, r, [c], dtype=dtype)
+
+
+def test_feature_map_kernels_refuse_mismatched_shapes():
+    """x, W, b that do not describe one map per head of x are refused with the shapes and what to pass."""
+    x, w, b = torch.randn(2, 3, 5, 4), torch.randn(3, 4, 6), torch.randn(3, 6)
+    for args in ((x[0], w, b), (x, w[:2], b), (x, w, b[:, :5]), (x, w[0], None)):
+        with pytest.raises(ValueError, match=r"expected x \[B, H, L, DX\].*stacked on dim 0"):
+            chunk.hedgehog_feature_map_fwd(*args, "softmax_split")
 
 
 @pytest.mark.parametrize("route", ["map", "inkernel"])

@@ -634,6 +634,9 @@ class _Plan:
         # Causal states: one sequential pass per head (cheap per chunk when phi is loaded), or, for the fused map
         # (phi recomputed per chunk), chunk-parallel local states then a memory-bound scan. HHFFT_LA_STATES overrides.
         mode = os.environ.get("HHFFT_LA_STATES", "")
+        if mode not in ("", "sequential", "parallel"):
+            raise ValueError(f"HHFFT_LA_STATES must be sequential or parallel (or unset: sequential for loaded phi, "
+                             f"parallel for the in-kernel map), got {mode!r}")
         self.local = self.causal and (mode == "parallel" or (mode != "sequential" and self.fused))
         # dk and dv in one launch (default) or one launch each (HHFFT_LA_DKDV=apart: each holds half the registers,
         # compiled for sm_90 the spills drop from 1272 to 344 + 8 bytes per thread at 8 warps). H200, bf16 fwd+bwd,
@@ -738,10 +741,12 @@ def _fused_route() -> str:
 
 
 def _map_args(x, w, bias, kind):
+    if x.dim() != 4 or w.dim() != 3 or tuple(w.shape[:2]) != (x.shape[1], x.shape[3]) or (
+            bias is not None and tuple(bias.shape) != (x.shape[1], w.shape[2])):
+        raise ValueError(f"Hedgehog feature map (Triton): expected x [B, H, L, DX], W [H, DX, FH], b [H, FH] or None "
+                         f"(one map per head of x); got {tuple(x.shape)}, {tuple(w.shape)}, "
+                         f"{None if bias is None else tuple(bias.shape)}: pass the heads' maps stacked on dim 0")
     B, H, L, DX = x.shape
-    if tuple(w.shape[:2]) != (H, DX) or w.dim() != 3 or (bias is not None and tuple(bias.shape) != (H, w.shape[2])):
-        raise ValueError(f"Hedgehog feature map (Triton): expected x [B, H, L, DX], W [H, DX, FH], b [H, FH] or None; "
-                         f"got {tuple(x.shape)}, {tuple(w.shape)}, {None if bias is None else tuple(bias.shape)}")
     if kind not in KINDS:
         raise ValueError(f"Hedgehog feature map (Triton): kind must be one of {sorted(KINDS)}, got {kind!r}")
     FH = w.shape[2]
