@@ -208,9 +208,6 @@ def test_dk_dv_in_separate_launches(fused, monkeypatch):
         test_fused_feature_map_forward_and_backward_vs_fp64(FUSED_CASES[0], True, "exp")
     else:
         test_forward_and_backward_vs_fp64(CASES[2], True, torch.float16)
-    monkeypatch.setenv("HHFFT_LA_DKDV", "both")
-    with pytest.raises(ValueError, match="joint .* or apart"):
-        chunk._Plan(*_inputs(*CASES[0], dtype=torch.float32)[:3], True, None, None)
 
 
 @pytest.mark.parametrize("states", ["parallel", "sequential"])
@@ -222,9 +219,6 @@ def test_both_state_passes(states, fused, monkeypatch):
         test_fused_feature_map_forward_and_backward_vs_fp64(FUSED_CASES[0], True, "softmax_split")
     else:
         test_forward_and_backward_vs_fp64(CASES[3], True, torch.float32)
-    monkeypatch.setenv("HHFFT_LA_STATES", "scan")
-    with pytest.raises(ValueError, match="sequential or parallel"):
-        chunk._Plan(*_inputs(*CASES[0], dtype=torch.float32)[:3], True, None, None)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])
@@ -249,9 +243,23 @@ def test_precision_modes(monkeypatch):
     monkeypatch.setenv("HHFFT_LA_PREC", "split")
     assert chunk._precisions(torch.bfloat16) == ("tf32", "split")
     assert chunk._precisions(torch.float16) == ("tf32", "tf32x3")
-    monkeypatch.setenv("HHFFT_LA_PREC", "bf16")
-    with pytest.raises(ValueError, match="split .* or tf32x3"):
-        chunk._precisions(torch.bfloat16)
+
+
+def _plan():
+    return chunk._Plan(*_inputs(*CASES[0], dtype=torch.bfloat16)[:3], True, None, None)
+
+
+@pytest.mark.parametrize("env,value,match,read", [
+    ("HHFFT_LA_PREC", "bf16", "split .* or tf32x3", _plan),
+    ("HHFFT_LA_DKDV", "both", "joint .* or apart", _plan),
+    ("HHFFT_LA_STATES", "scan", "sequential or parallel", _plan),
+    ("HHFFT_LA_FUSED", "fused", "map .* or inkernel", lambda: chunk._fused_route()),
+], ids=["PREC", "DKDV", "STATES", "FUSED"])
+def test_switches_refuse_unknown_values(env, value, match, read, monkeypatch):
+    """Every HHFFT_LA_* switch refuses a value it does not know, naming the valid ones."""
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValueError, match=match):
+        read()
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])
@@ -281,9 +289,6 @@ def test_fused_routes(route, dtype, monkeypatch):
     # forward: phi of q, k; backward: phi of q, k again, then dx, dW, db of q, k
     want = ["hedgehog_feature_map_fwd"] * 4 + ["hedgehog_feature_map_bwd"] * 2
     assert calls == ([] if route == "inkernel" else want), calls
-    monkeypatch.setenv("HHFFT_LA_FUSED", "fused")
-    with pytest.raises(ValueError, match="map .* or inkernel"):
-        chunk._fused_route()
 
 
 @pytest.mark.parametrize("kind", ["softmax_split", "exp", "joint_softmax"])
