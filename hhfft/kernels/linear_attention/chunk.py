@@ -784,10 +784,11 @@ def hedgehog_feature_map_bwd(
     dx = _new(x, B, H, L, DX)
     dw = _new(x, NS, B, H, DX, FH, dtype=torch.float32)
     db = _new(x, NS, B, H, FH, dtype=torch.float32)
+    prec, prec_state = _precisions(x.dtype)
     _launcher(hedgehog_feature_map_bwd_kernel)[(NS, B * H)](
         x, w, bias, _mask_arg(key_mask, x), dphi.contiguous(), dx, dw, db, L, H, DX, FH, cpb, BT=BT,
-        BDX=_block(DX), BFH=_block(FH), KIND=KINDS[kind], PREC=_precisions(x.dtype)[0],
-        PREC_STATE=_precisions(x.dtype)[1], HAS_MASK=key_mask is not None,
+        BDX=_block(DX), BFH=_block(FH), KIND=KINDS[kind], PREC=prec, PREC_STATE=prec_state,
+        HAS_MASK=key_mask is not None,
     )
     return dx, dw.sum((0, 1)), db.sum((0, 1))
 
