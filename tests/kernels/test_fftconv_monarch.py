@@ -178,14 +178,14 @@ def test_half_tables_need_fp16_dots(L, max_fused_n):
         fftconv_fwd(u, k, 0, L, precision="ieee", half_tables=True, max_fused_n=max_fused_n)
 
 
-def test_static_half_tables_ignored_for_other_precisions(monkeypatch):
-    """A default of half_tables=True (if the GPU picks it) applies to the fp16 dots only, never to fp32/fp16 inputs."""
-    import hhfft.kernels.fftconv.monarch as mod
+def test_static_dot_options_only_for_fp16_dots():
+    """The static choice uses fp16 tables and Gauss products with the "fp16" dots only (where they were timed); every
+    other precision keeps fp32 tables (they feed fp32 operands) and 4 dots, at every fused size."""
+    from hhfft.kernels.fftconv.monarch import _fused_config
 
-    monkeypatch.setattr(mod, "_fused_config", lambda N, prec="fp16": mod.FusedConfig("loop", 1, True, True))
-    u, k, _ = _inputs(2, 1, 100, 30, 100, False, seed=5)
-    ref = fftconv_naive(u, k, 0, 100)
-    y = torch.full((2, 1, 100), float("nan"), device=DEVICE)
-    fftconv_fwd(u.float().to(DEVICE), k.float().to(DEVICE), 0, 100, precision="ieee", out=y)
-    assert_within_torch_error(y.cpu(), ref, _fftconv_torch(u.float(), k.float(), 0, 100, None, None, None, None),
-                              "static half_tables, ieee")
+    for N in (256, 512, 1024, 2048, 4096):
+        for prec in ("fp16", "tf32", "tf32x3", "ieee"):
+            cfg = _fused_config(N, prec)
+            assert cfg.half_tables == (prec == "fp16"), (N, prec, cfg)
+            assert not cfg.gauss or prec == "fp16", (N, prec, cfg)
+    assert _fused_config(2048, "fp16").gauss

@@ -688,14 +688,16 @@ def _fused_config(N: int, prec: str = "fp16") -> FusedConfig:
     tables 1.235 ms (t x2 1.371, stacked x2 1.395, loop x1 1.57); N = 4096: stacked x1 1.63 ms (loop x1 1.77).
     fp16 tables (the same fp16 values enter the dots; fewer registers) were never slower (0.7-3.9% faster in the 6
     pairs timed by ``benchmarks/fftconv_tune.py --dots``); Gauss products were 20% slower at N = 512 and are used only
-    where they were timed faster, with the "fp16" dots (bf16 inputs) only: other precisions (``prec``) keep 4 dots.
+    where they were timed faster. Both only with the "fp16" dots (bf16 inputs), the precision they were timed with
+    (fp16 tables only feed fp16 dots): other precisions (``prec``) keep 4 dots and fp32 tables.
     Used under tracing and on the CPU; on CUDA the first eager call per size times the candidates (_candidates,
     which keep these dot options) and keeps the fastest."""
+    fp16 = prec == "fp16"
     if N <= 512:
-        return FusedConfig("loop", 4, half_tables=True)
+        return FusedConfig("loop", 4, half_tables=fp16)
     if N == 2048:
-        return FusedConfig("t", 2, gauss=prec == "fp16", half_tables=True)
-    return FusedConfig("stacked", max(1, 4096 // N), half_tables=True)
+        return FusedConfig("t", 2, gauss=fp16, half_tables=fp16)
+    return FusedConfig("stacked", max(1, 4096 // N), half_tables=fp16)
 
 
 def _candidates(N: int, prec: str) -> list[FusedConfig]:
@@ -801,9 +803,7 @@ def fftconv_fwd(
         )
 
         def run(cfg: FusedConfig):
-            # fp16 tables only feed fp16 dots (a static or timed half_tables=True is ignored for other precisions)
-            half = cfg.half_tables and prec == "fp16"
-            f1, f2 = _fused_tables(n1, n2, torch.float16 if half else torch.float32, u.device, u)
+            f1, f2 = _fused_tables(n1, n2, torch.float16 if cfg.half_tables else torch.float32, u.device, u)
             _launch(_FUSED_KERNELS[cfg.variant], (triton.cdiv(pairs, cfg.rows), H), u, **kw, p_f1=f1, p_f2=f2,
                     R=cfg.rows, GAUSS=cfg.gauss, num_warps=num_warps or _num_warps(n1, n2))
 
