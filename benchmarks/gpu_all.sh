@@ -5,6 +5,10 @@
 #   LANE_GPUS=2 bash benchmarks/gpu_all.sh ...        # use GPUs 0 and 1 only (the others left to other work)
 #   ONLY="0 1" bash benchmarks/gpu_all.sh ...         # run only these lanes (indices into LANES)
 #   LA_BENCH_ARGS="--lengths 8192 --methods hhfft fla" ...   # extra arguments of the linear-attention benchmark
+#   PROFILE_ARGS="--cases fft-16384" ...              # extra arguments of benchmarks/profile_kernels.py
+#
+# Lanes: 0 linear-attention, decode and AdaHessian tests; 1 linear_attention.py; 2 the 16K demo and adahessian.py;
+# 3 converted-model and fftconv tests; 4 profile_kernels.py (per-kernel times); 5 fftconv.py (the headline table).
 #
 # Each lane runs its commands in order, each under `timeout` (its own limit, cut to what is left of the budget),
 # and logs to OUT_DIR/work/laneN.log; everything ends packed in OUT_DIR/gpu_all.tgz (the device tool returns at most
@@ -16,7 +20,7 @@ budget=${2:-540}
 start=$(date +%s)
 work=$out/work
 mkdir -p "$work"
-export PYTHONUNBUFFERED=1 HHFFT_TRITON_AUTOTUNE=${HHFFT_TRITON_AUTOTUNE:-0} LA_BENCH_ARGS=${LA_BENCH_ARGS:-}
+export PYTHONUNBUFFERED=1 HHFFT_TRITON_AUTOTUNE=${HHFFT_TRITON_AUTOTUNE:-0} LA_BENCH_ARGS=${LA_BENCH_ARGS:-} PROFILE_ARGS=${PROFILE_ARGS:-}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=.:tests:/tmp/site
@@ -29,10 +33,12 @@ gpus=${LANE_GPUS:-$(nvidia-smi -L | wc -l)}
 
 PYTEST="python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu"
 LANES=(
-  "240|$PYTEST -n 12 --dist loadgroup tests/gpu/test_linear_attention_gpu.py;;120|$PYTEST -n 8 tests/gpu/test_decode_gpu.py;;120|$PYTEST tests/gpu/test_adahessian_cuda.py;;150|$PYTEST -n 3 tests/gpu/test_converted_models_gpu.py"
+  "240|$PYTEST -n 12 --dist loadgroup tests/gpu/test_linear_attention_gpu.py;;120|$PYTEST -n 8 tests/gpu/test_decode_gpu.py;;120|$PYTEST tests/gpu/test_adahessian_cuda.py"
   "480|python3 benchmarks/linear_attention.py --out $work/la_bench --method-timeout 120 $LA_BENCH_ARGS"
   "200|python3 -m hhfft.cli demo --device cuda --length 16384 --batch 1 --amp bf16;;260|python3 benchmarks/adahessian.py --out $work/adahessian"
-  "300|$PYTEST -n 8 tests/gpu/test_fftconv_gpu.py"
+  "150|$PYTEST -n 3 tests/gpu/test_converted_models_gpu.py;;300|$PYTEST -n 8 tests/gpu/test_fftconv_gpu.py"
+  "300|python3 benchmarks/profile_kernels.py --out $work/profile $PROFILE_ARGS"
+  "300|python3 benchmarks/fftconv.py --out $work/fftconv"
 )
 
 lane() {  # lane INDEX GPU "limit|command;;limit|command..."

@@ -1,0 +1,128 @@
+"""Where the GPU time goes: a per-kernel breakdown (torch.profiler) of the configurations that miss their targets.
+
+For each case it runs a few warm iterations, then profiles 5 more and prints every CUDA kernel's time per iteration,
+largest first, with its share of the total. Cases (the benchmarks' shapes):
+
+  la-fused-<L>   hedgehog_linear_attention (feature maps + chunk kernels) forward+backward, bf16, H=16 D=64 F=128
+  la-phi-<L>     linear_attention on given phi, forward+backward (the unfused kernels)
+  fla-<L>        fla's chunk_linear_attn on the same phi, forward+backward (when fla is importable)
+  fft-<L>        hhfft fftconv forward+backward at B*H*L = 2^27 bf16 elements (benchmarks/fftconv.py's shapes)
+  fftref-<L>     the torch rfft reference, forward+backward, same shapes
+
+    PYTHONPATH=. python3 benchmarks/profile_kernels.py --cases la-fused-32768 fft-16384 --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fftconv as fft_bench  # noqa: E402
+import linear_attention as la_bench  # noqa: E402
+
+from hhfft.kernels.fftconv import monarch  # noqa: E402
+from hhfft.lowering.linear_attention import hedgehog_linear_attention, linear_attention  # noqa: E402
+from hhfft.nn import HedgehogFeatureMap  # noqa: E402
+
+ITERS = 5
+
+
+def la_case(kind: str, L: int):
+    B, H, D, FH = max(1, la_bench.TOKENS // L), la_bench.H, la_bench.D, la_bench.FH
+    g = torch.Generator(device="cuda").manual_seed(L)
+    q, k, v, do = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    fq, fk = HedgehogFeatureMap(H, D, FH).cuda(), HedgehogFeatureMap(H, D, FH).cuda()
+    if kind == "la-fused":
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        leaves = x + [fq.weight, fq.bias, fk.weight, fk.bias]
+        fwd = lambda: hedgehog_linear_attention(  # noqa: E731
+            x[0], x[1], x[2], fq.weight, fq.bias, fk.weight, fk.bias, kind="softmax_split", causal=True)
+        dout = do
+    else:
+        with torch.no_grad():
+            pq, pk = fq(q), fk(k)
+        if kind == "la-phi":
+            leaves = [t.clone().requires_grad_() for t in (pq, pk, v)]
+            fwd = lambda: linear_attention(*leaves, causal=True)  # noqa: E731
+            dout = do
+        else:
+            from fla.ops.linear_attn import chunk_linear_attn
+
+            leaves = [t.transpose(1, 2).contiguous().requires_grad_() for t in (pq, pk, v)]
+            fwd = lambda: chunk_linear_attn(*leaves, scale=1.0, normalize=True)[0]  # noqa: E731
+            dout = do.transpose(1, 2).contiguous()
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        fwd().backward(dout)
+
+    return step, f"B={B} H={H} L={L} D={D} F={2 * FH} bf16 causal, forward+backward"
+
+
+def fft_case(kind: str, L: int):
+    B, H = fft_bench.shape_for(L)
+    g = torch.Generator(device="cuda").manual_seed(L)
+    u = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k = (torch.randn(H, L, device="cuda", generator=g) / math.sqrt(L)).requires_grad_()
+    dy = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16, generator=g)
+    fn = fft_bench.hhfft_fn if kind == "fft" else fft_bench.torch_ref
+
+    def step():
+        return torch.autograd.grad(fn(u, k), (u, k), dy)
+
+    return step, f"B={B} H={H} L={L} N={monarch.plan(L, L, L)} bf16 u, fp32 k, forward+backward"
+
+
+def profile(step) -> list[tuple[str, float, int]]:
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(ITERS):
+            step()
+        torch.cuda.synchronize()
+    total_us, calls = defaultdict(float), defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total_us[ev.name] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            calls[ev.name] += 1
+    rows = [(name, us / ITERS / 1e3, calls[name] // ITERS) for name, us in total_us.items()]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=["la-fused-2048", "la-fused-32768", "la-phi-32768", "fla-32768",
+                                                  "fft-4096", "fft-16384", "fft-65536", "fftref-16384"])
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    results = {}
+    for case in args.cases:
+        kind, L = case.rsplit("-", 1)
+        try:
+            step, what = (la_case if kind.startswith(("la", "fla")) else fft_case)(kind, int(L))
+            rows = profile(step)
+        except Exception as e:  # one failing case must not lose the others
+            print(f"## {case}: failed: {e!r}"[:600], flush=True)
+            continue
+        total = sum(r[1] for r in rows)
+        print(f"## {case}: {what}; kernels {total:.3f} ms per iteration", flush=True)
+        for name, ms, n in rows[:25]:
+            print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  x{n:<3d} {name[:110]}")
+        results[case] = dict(what=what, total_ms=total, kernels=rows)
+        torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "profile_kernels.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
