@@ -54,10 +54,12 @@ def _count_hvp(n: int = 1) -> None:
 
 
 def _forward_over_reverse(loss_fn: Callable, params: Any, probe: Any):
+    """Loss, gradient and z * (H z): the product is taken in the same graph, so a compiled backend writes it over
+    H z's buffer (one parameter-sized buffer less than a separate multiply after the call)."""
     (grads, loss), (hz, _) = torch.func.jvp(
         torch.func.grad_and_value(loss_fn), (params,), (probe,)
     )
-    return loss, grads, hz
+    return loss, grads, pytree.tree_map(torch.mul, probe, hz)
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,7 +117,8 @@ def hutchinson(
         probes: explicit probes instead of drawing them: ``n_samples`` pytrees shaped like ``params``
         backend: torch.compile backend, or None to run eagerly
         options: the backend's options (``torch.compile(..., options=...)``)
-        set_grad: accumulate the gradient into each parameter's ``.grad`` (like ``backward()``)
+        set_grad: accumulate the gradient into each parameter's ``.grad`` (like ``backward()``); where ``.grad``
+            was None it becomes the returned gradient tensor itself (no copy), as with ``backward()``
     Returns:
         :class:`HutchinsonResult`. Under torch.distributed with more than one rank the gradient and D are averaged
         over the ranks, so that each rank holds the values of the global batch.
@@ -144,9 +147,10 @@ def hutchinson(
     total: Optional[List[Tensor]] = None
     for s in range(n_samples):
         z = pytree.tree_flatten(probes[s])[0] if probes is not None else rademacher(leaves, generator)
-        loss_s, g, hz = fn(loss_fn, detached, pytree.tree_unflatten(list(z), spec))
+        loss_s, g, d = fn(loss_fn, detached, pytree.tree_unflatten(list(z), spec))
+        del z  # the probes are not needed any more: free them before the next draw
         _count_hvp()
-        d = [zi * hi for zi, hi in zip(z, pytree.tree_leaves(hz))]
+        d = [x.detach() for x in pytree.tree_leaves(d)]
         # running mean: exact when every probe gives the same value (a diagonal Hessian)
         total = d if total is None else [m + (x - m) / (s + 1) for m, x in zip(total, d)]
         if s == 0:
@@ -154,10 +158,11 @@ def hutchinson(
     hess = total
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         grads, hess = _average_over_ranks(grads), _average_over_ranks(hess)
+    del g, loss_s  # the last call's outputs: from here on only `grads` and `hess` hold them
     if set_grad:
         for p, g in zip(leaves, grads):
             if p.grad is None:
-                p.grad = g.clone()
+                p.grad = g if _own_buffer(g, p) else g.clone()
             else:
                 p.grad.add_(g)
     return HutchinsonResult(
@@ -166,6 +171,18 @@ def hutchinson(
         hessian=pytree.tree_unflatten(hess, spec),
         params=leaves,
     )
+
+
+def _own_buffer(g: Tensor, p: Tensor) -> bool:
+    """Whether ``g`` can become ``p.grad`` without a copy (as ``backward()`` steals a gradient nobody else holds):
+    laid out like ``p``, covering its whole storage, and that storage referenced by ``g`` alone (a function can
+    return an input, or one buffer for two gradients, or a view of a bucket: those are copied)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None or g.stride() != p.stride() or g.storage_offset() != 0:
+        return False
+    storage = g.untyped_storage()
+    # two references: g's TensorImpl and the Python `storage` object made here
+    return storage.nbytes() == g.numel() * g.element_size() and use_count(storage._cdata) == 2
 
 
 def _average_over_ranks(tensors: List[Tensor]) -> List[Tensor]:

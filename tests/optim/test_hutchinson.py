@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hhfft.optim import AdaHessian, hutchinson, rademacher
+from hhfft.optim.hutchinson import _own_buffer
 
 
 def test_rademacher_is_exactly_plus_minus_one_and_seeded():
@@ -136,3 +137,24 @@ def test_functional_path_equals_create_graph_path():
         torch.testing.assert_close(res.hessian[n].abs(), d.abs(), rtol=1e-10, atol=1e-12,
                                    msg=lambda m, n=n: f"{n}: {m}")
         torch.testing.assert_close(res.grads[n], p.grad.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [None, "inductor"], ids=["eager", "inductor"])
+def test_set_grad_takes_a_fresh_gradient_without_copying(backend):
+    w, b = torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)
+    x = torch.randn(5, 4)
+    res = hutchinson(lambda ps: ((x @ ps["w"] + ps["b"]) ** 2).sum(), {"w": w, "b": b}, backend=backend)
+    assert w.grad is res.grads["w"] and b.grad is res.grads["b"]
+    torch.testing.assert_close(w.grad, 2 * x.t() @ (x @ w.detach() + b.detach()))
+
+
+def test_set_grad_copies_a_gradient_whose_memory_is_shared():
+    p = torch.empty(4, 3)
+    assert _own_buffer(torch.randn(4, 3), p)
+    bucket = torch.randn(24)  # the distributed path's gradients are views of one all-reduced bucket
+    assert not _own_buffer(bucket[:12].view(4, 3), p) and not _own_buffer(bucket[12:].view(4, 3), p)
+    t = torch.randn(4, 3)
+    alias = t.detach()  # e.g. a function that returns one of its inputs as a gradient
+    assert not _own_buffer(alias, p)
+    assert not _own_buffer(torch.randn(3, 4).t(), p)  # not laid out like the parameter
+    assert not _own_buffer(torch.randn(()).expand(4, 3), p)
