@@ -4,6 +4,7 @@ The maths, the official code it follows and the defects it does not copy are in 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -44,6 +45,27 @@ def average_curvature(d: Tensor, block_length: Optional[int], dtype: torch.dtype
         blocks = a.reshape(-1, block_length).mean(dim=1, keepdim=True)
         return blocks.expand(-1, block_length).reshape(a.shape)
     return a
+
+
+@dataclasses.dataclass
+class _Bucket:
+    """Parameters updated by one call of the update: one group, device and state dtype."""
+
+    group: Dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    index: List[int] = dataclasses.field(default_factory=list)  # positions in the step's parameter list
+    params: List[Tensor] = dataclasses.field(default_factory=list)
+    exp_avgs: List[Tensor] = dataclasses.field(default_factory=list)
+    exp_sqs: List[Tensor] = dataclasses.field(default_factory=list)
+    steps: List[Tensor] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Layout:
+    key: Tuple[Tuple[int, ...], int]  # ids of the stepping parameters, id of the state mapping
+    states: List[Dict[str, Any]]  # per stepping parameter
+    buckets: List[_Bucket]
 
 
 class AdaHessian(torch.optim.Optimizer):
@@ -136,12 +158,14 @@ class AdaHessian(torch.optim.Optimizer):
         self.fused = fused
         self._generator = generator
         self._hessian_step = 0  # steps taken; the curvature is computed when this is a multiple of update_each
-        self._lr_tensors: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
+        self._lr_tensors: Dict[Tuple[torch.device, torch.dtype], List[Any]] = {}  # key -> [0-d tensor, its value]
+        self._layout: Optional[_Layout] = None  # the buckets of the last step, reused while the same params step
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------------------------------- param groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        self._layout = None
         group = self.param_groups[-1]
         b = group["block_length"]
         if b is None:
@@ -230,13 +254,47 @@ class AdaHessian(torch.optim.Optimizer):
             raise TypeError(
                 f"hessian must be a HutchinsonResult or a mapping {{parameter: D}}, got {type(hessian).__name__}"
             )
-        missing = [tuple(p.shape) for p in params if p not in by_param]
+        out = [by_param.get(p) for p in params]
+        missing = [tuple(p.shape) for p, d in zip(params, out) if d is None]
         if missing:
             raise ValueError(
                 f"hessian has no entry for {len(missing)} parameter(s) with a gradient (shapes {missing[:3]}...): "
                 "compute it over every parameter the optimizer updates"
             )
-        return [by_param[p] for p in params]
+        return out
+
+    def _layout_for(self, params: List[Tensor]) -> "_Layout":
+        """The buckets for this set of stepping parameters: built (and missing state created) on the first step with
+        this set, then reused, so a step does no per-parameter state lookups and regroups nothing."""
+        key = (tuple(map(id, params)), id(self.state))
+        if self._layout is not None and self._layout.key == key:
+            return self._layout
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        states, buckets = [], {}
+        for i, p in enumerate(params):
+            group, state, sdt = group_of[id(p)], self.state[p], _state_dtype(p)
+            if "exp_avg" not in state:
+                state["step"] = torch.zeros((), dtype=sdt, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+                state["exp_hessian_diag_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+            states.append(state)
+            b = buckets.setdefault((id(group), p.device, sdt), _Bucket(group, p.device, sdt))
+            b.index.append(i)
+            b.params.append(p)
+            for lst, k in zip((b.exp_avgs, b.exp_sqs, b.steps), ("exp_avg", "exp_hessian_diag_sq", "step")):
+                lst.append(state[k])
+        self._layout = _Layout(key, states, list(buckets.values()))
+        return self._layout
+
+    def _lr(self, device: torch.device, dtype: torch.dtype, value: float) -> Tensor:
+        """The 0-d learning-rate tensor for this device and dtype, refilled only when the value changed."""
+        box = self._lr_tensors.get((device, dtype))
+        if box is None:
+            box = self._lr_tensors[(device, dtype)] = [torch.zeros((), dtype=dtype, device=device), None]
+        if isinstance(value, Tensor) or box[1] != value:
+            box[0].fill_(value)
+            box[1] = None if isinstance(value, Tensor) else value
+        return box[0]
 
     # ---------------------------------------------------------------------------------------------------- step
     def step(self, closure: Optional[Callable[[], Tensor]] = None, *, hessian: Any = None) -> Optional[Tensor]:
@@ -254,13 +312,13 @@ class AdaHessian(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        entries = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not entries:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
             return loss
-        params = [p for _, p in entries]
+        layout = self._layout_for(params)
         grads = [p.grad for p in params]
 
-        due = self._hessian_step % self.update_each == 0 or any("hessian_diag" not in self.state[p] for p in params)
+        due = self._hessian_step % self.update_each == 0 or any("hessian_diag" not in st for st in layout.states)
         if hessian is not None:
             raw = self._given_hessian(hessian, params)
         elif due:
@@ -268,50 +326,37 @@ class AdaHessian(torch.optim.Optimizer):
         else:
             raw = None
         # Detach the gradients: a create_graph gradient keeps the whole double-backward graph (and a reference cycle).
-        for p in params:
-            if p.grad.requires_grad:
-                p.grad = p.grad.detach()
-        grads = [p.grad for p in params]
+        for i, p in enumerate(params):
+            if grads[i].requires_grad:
+                p.grad = grads[i] = grads[i].detach()
         if hessian is None and _distributed():
             grads = _average_over_ranks(grads)
             if raw is not None:
                 raw = _average_over_ranks(raw)
 
-        buckets: Dict[Tuple[int, torch.device, torch.dtype], Dict[str, list]] = {}
-        for i, (group, p) in enumerate(entries):
-            state = self.state[p]
-            sdt = _state_dtype(p)
-            if len(state) == 0 or "exp_avg" not in state:
-                state["step"] = torch.zeros((), dtype=sdt, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
-                state["exp_hessian_diag_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
-            if raw is not None:
-                dbar = average_curvature(raw[i], group["block_length"], sdt)
-                if self.update_each > 1:
-                    state["hessian_diag"] = dbar
-            else:
-                dbar = state["hessian_diag"]
-            key = (id(group), p.device, sdt)
-            b = buckets.setdefault(key, {"group": group, "lists": ([], [], [], [], [], [])})
-            for lst, x in zip(
-                b["lists"], (p, grads[i], dbar, state["exp_avg"], state["exp_hessian_diag_sq"], state["step"])
-            ):
-                lst.append(x)
-
         update = adahessian_update_fused if self.fused else adahessian_update
-        for (_, device, sdt), b in buckets.items():
-            group = b["group"]
-            lr = self._lr_tensors.get((device, sdt))
-            if lr is None:
-                lr = self._lr_tensors[(device, sdt)] = torch.zeros((), dtype=sdt, device=device)
-            lr.fill_(group["lr"])
+        for b in layout.buckets:
+            group = b.group
+            if raw is not None:
+                dbars = [average_curvature(raw[i], group["block_length"], b.dtype) for i in b.index]
+                if self.update_each > 1:
+                    for i, d in zip(b.index, dbars):
+                        layout.states[i]["hessian_diag"] = d
+            else:
+                dbars = [layout.states[i]["hessian_diag"] for i in b.index]
             beta1, beta2 = group["betas"]
             update(
-                *b["lists"], lr,
+                b.params, [grads[i] for i in b.index], dbars, b.exp_avgs, b.exp_sqs, b.steps,
+                self._lr(b.device, b.dtype, group["lr"]),
                 beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
             )
         self._hessian_step += 1
+        if self.update_each > 1 and self._hessian_step % self.update_each == 0:
+            # The next step computes a new curvature: drop the stored one now, so that it is not held while the
+            # next backward(create_graph=True) or hutchinson() runs (one parameter-sized buffer less at the peak).
+            for state in self.state.values():
+                state.pop("hessian_diag", None)
         return loss
 
     # ---------------------------------------------------------------------------------------------- state dict
@@ -324,6 +369,7 @@ class AdaHessian(torch.optim.Optimizer):
         sd = dict(state_dict)
         extra = sd.pop("hhfft", {})
         super().load_state_dict(sd)
+        self._layout = None
         # torch.optim casts floating state to the parameter's dtype; AdaHessian keeps fp32 state for fp16/bf16
         # parameters, so take the saved tensors again, moved but not cast.
         saved_ids = itertools.chain.from_iterable(g["params"] for g in sd["param_groups"])

@@ -235,6 +235,46 @@ def test_update_each_counts_hvps(update_each):
     assert torch._dynamo.utils.counters["hhfft"]["adahessian_hvp"] == steps // update_each
 
 
+def test_stored_curvature_is_dropped_before_the_next_curvature_step():
+    # update_each=3: kept for the two reuse steps, dropped after the last one, so that the next backward with a graph
+    # and its HVP do not run while the old curvature is still held
+    model = make_model()
+    opt = AdaHessian(model.parameters(), update_each=3, fused=False)
+    for t in range(7):
+        train(model, opt, DATA, 1, start=t)
+        held = [("hessian_diag" in opt.state[p]) for p in model.parameters()]
+        assert all(held) if (t + 1) % 3 else not any(held), f"after step {t}: {held}"
+        assert opt.hessian_due == ((t + 1) % 3 == 0), f"after step {t}"
+
+
+def test_reused_layout_equals_a_fresh_one_every_step():
+    # step() keeps its buckets while the same parameters step; rebuilding them every step must give the same bits,
+    # also when the stepping set changes (a parameter without .grad), the learning rate changes, a group is added
+    # and the state is loaded
+    models = [make_model(), make_model()]
+    fc2 = [list(m.fc2.parameters()) for m in models]
+    opts = [AdaHessian([p for n, p in m.named_parameters() if not n.startswith("fc2")], update_each=2,
+                       generator=torch.Generator().manual_seed(6), fused=False) for m in models]
+    for t in range(8):
+        for k, (model, opt) in enumerate(zip(models, opts)):
+            if t == 3:
+                opt.add_param_group({"params": fc2[k], "lr": 0.05})
+            if t == 5:
+                opt.load_state_dict(opt.state_dict())
+            opt.param_groups[0]["lr"] = 0.1 if t < 4 else 0.03
+            xs, y = DATA[t % len(DATA)]
+            opt.zero_grad()
+            loss_of(model, xs, y).backward(create_graph=opt.hessian_due)
+            if t % 3 == 1:
+                model.c2.bias.grad = None  # does not step this time
+            if k == 1:
+                opt._layout = None
+                opt._lr_tensors.clear()
+            opt.step()
+        for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, n=n, t=t: f"step {t}, {n}: {m}")
+
+
 def test_step_without_graph_says_how_to_fix():
     model = make_model()
     opt = AdaHessian(model.parameters(), fused=False)

@@ -77,7 +77,12 @@ def _foreach_update(
 
 @functools.lru_cache(maxsize=None)
 def _compiled_update():
-    return torch.compile(_foreach_update, fullgraph=True, dynamic=False)
+    import torch._inductor.config as inductor_config
+
+    # Inductor's wrapper checks every input's size and stride (and alignment, on the GPU) on each call: 6 x n tensors,
+    # about a microsecond each. Under dynamic=False Dynamo's guards have checked sizes and strides already.
+    options = {k: False for k in ("size_asserts", "alignment_asserts") if hasattr(inductor_config, k)}
+    return torch.compile(_foreach_update, fullgraph=True, dynamic=False, options=options)
 
 
 def _check_lists(params, grads, hessian, exp_avgs, exp_hessian_diag_sqs, steps) -> None:
