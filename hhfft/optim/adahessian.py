@@ -63,7 +63,7 @@ class _Bucket:
 
 @dataclasses.dataclass
 class _Layout:
-    key: Tuple[Tuple[int, ...], int]  # ids of the stepping parameters, id of the state mapping
+    key: Tuple[Tuple[int, ...], int, int]  # ids of the stepping parameters, id and size of the state mapping
     states: List[Dict[str, Any]]  # per stepping parameter
     buckets: List[_Bucket]
 
@@ -266,7 +266,7 @@ class AdaHessian(torch.optim.Optimizer):
     def _layout_for(self, params: List[Tensor]) -> "_Layout":
         """The buckets for this set of stepping parameters: built (and missing state created) on the first step with
         this set, then reused, so a step does no per-parameter state lookups and regroups nothing."""
-        key = (tuple(map(id, params)), id(self.state))
+        key = (tuple(map(id, params)), id(self.state), len(self.state))  # a cleared or replaced state rebuilds
         if self._layout is not None and self._layout.key == key:
             return self._layout
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}

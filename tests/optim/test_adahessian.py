@@ -261,6 +261,8 @@ def test_reused_layout_equals_a_fresh_one_every_step():
                 opt.add_param_group({"params": fc2[k], "lr": 0.05})
             if t == 5:
                 opt.load_state_dict(opt.state_dict())
+            if t == 6:
+                opt.state.clear()  # a reset: fresh state on the next step
             opt.param_groups[0]["lr"] = 0.1 if t < 4 else 0.03
             xs, y = DATA[t % len(DATA)]
             opt.zero_grad()
