@@ -135,9 +135,9 @@ def main() -> int:
     y = torch.randn(args.batch, args.width)
 
     def po_rows(update_period):
-        import pytorch_optimizer
-
         def make():
+            import pytorch_optimizer
+
             model = mlp(args.layers, args.width)
             opt = pytorch_optimizer.AdaHessian(model.parameters(), lr=0.15, eps=1e-4, update_period=update_period)
 
