@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from hhfft.kernels.linear_attention import chunk
 from hhfft.kernels.linear_attention.naive import linear_attention_naive, linear_attention_weights_naive
@@ -219,6 +221,26 @@ def test_both_state_passes(states, fused, monkeypatch):
         test_fused_feature_map_forward_and_backward_vs_fp64(FUSED_CASES[0], True, "softmax_split")
     else:
         test_forward_and_backward_vs_fp64(CASES[3], True, torch.float32)
+
+
+@triton.jit
+def _dot_c_kernel(a, b, c, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, PS: tl.constexpr):
+    o_m, o_k, o_n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+    b_a = tl.load(a + o_m[:, None] * K + o_k[None, :])  # [M, K]
+    b_b = tl.load(b + o_k[:, None] * N + o_n[None, :])  # [K, N]
+    tl.store(c + o_m[:, None] * N + o_n[None, :], chunk._dot_c(b_a, b_b, PS, True))
+
+
+@pytest.mark.parametrize("K", [64, 128, 256])
+def test_fp32_split_sums_are_the_product(K):
+    """On fp32 inputs _dot_c sums over k in 4 or 8 dots over the classes of k mod 4 or 8 (their partials in fp64, README
+    "Precision"): every class meets its own rows of b once, so the result is a @ b (a wrong pairing would be O(1) off)."""
+    g = torch.Generator().manual_seed(K)
+    a, b = torch.randn(64, K, generator=g), torch.randn(K, 64, generator=g)
+    c = torch.full((64, 64), float("nan"), dtype=torch.float64)
+    _dot_c_kernel[(1,)](a, b, c, M=64, K=K, N=64, PS="ieee")
+    ref = a.double() @ b.double()
+    assert (c - ref).norm() / ref.norm() < 1e-6
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])

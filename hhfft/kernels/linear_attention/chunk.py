@@ -68,6 +68,42 @@ def _dot_xx(a, b, r, PS: tl.constexpr):
 
 
 @triton.jit
+def _halves(x):
+    """x [R, K] -> (x[:, 0::2], x[:, 1::2]), each [R, K / 2]."""
+    return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+
+
+@triton.jit
+def _dot_sums(a, b, PARTS: tl.constexpr):
+    """a @ b [M, N] in fp64 from PARTS fp32 dots over the classes of k mod PARTS (1, 2, 4 or 8), each dot summing every
+    output in its own FMA chain (K / PARTS long), the partial sums added in fp64."""
+    if PARTS == 1:
+        return tl.dot(a, b, input_precision="ieee").to(tl.float64)
+    else:
+        a0, a1 = _halves(a)
+        b0, b1 = _halves(tl.trans(b))
+        return _dot_sums(a0, tl.trans(b0), PARTS // 2) + _dot_sums(a1, tl.trans(b1), PARTS // 2)
+
+
+@triton.jit
+def _dot_c(a, b, PS: tl.constexpr, STATE: tl.constexpr):
+    """a @ b for the sums whose result cancels against another term: dq, dk's sums over D against s (g.v_j - g.o_i;
+    dq = dden k at L = 1) and o's sum over F, which enters s. fp32 inputs (PS "ieee"): Triton's fp32 dot sums each
+    output over K in one FMA chain; here in chains of 16 terms (at most 8), their sum in fp64, which the caller rounds
+    after adding the cancelling term (README "Precision"). 16-bit inputs: as the other products, _dot_x(a, b, PS)
+    when b is an fp32 state (STATE), else one dot at precision PS."""
+    if PS == "ieee":
+        if a.shape[1] >= 128:
+            return _dot_sums(a, b, 8)
+        else:
+            return _dot_sums(a, b, a.shape[1] // 16)
+    elif STATE:
+        return _dot_x(a, b, PS)
+    else:
+        return tl.dot(a, b, input_precision=PS)
+
+
+@triton.jit
 def _act(b_y, m_f, KIND: tl.constexpr):
     """Hedgehog halves (phi+, phi-) [BT, BFH] in fp32 from y = x W + b; columns outside m_f give 0.
     KIND 0: softmax_split, 1: exp (stabilised by the row max of |y|), 2: joint_softmax."""
@@ -248,7 +284,7 @@ def linear_attention_fwd_kernel(
         b_q = tl.load(q + i_bh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
     b_h = tl.load(h + (i_kvh * NS + i_s) * F * D + o_k[:, None] * D + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
     b_z = tl.load(z + (i_kvh * NS + i_s) * F + o_k, mask=m_k, other=0)
-    b_o = _dot_x(b_q, b_h, PREC_STATE)  # [BT, BV]
+    b_o = _dot_c(b_q, b_h, PREC_STATE, True)  # [BT, BV] (fp64 on fp32 inputs)
     b_d = tl.sum(b_q.to(tl.float32) * b_z[None, :], 1)  # [BT]
     if CAUSAL:
         m_j = m_t
@@ -297,12 +333,16 @@ def linear_attention_bwd_dq_kernel(
     b_dr = tl.load(den + i_bh * L + o_t, mask=m_t, other=1)
     b_den = tl.maximum(b_dr, _DEN_FLOOR)
     # below the floor o = num / DEN_FLOOR: the gradient has no term through den
-    b_s = tl.where(b_dr >= _DEN_FLOOR, tl.sum(b_do.to(tl.float32) * b_o, 1) / b_den, 0)
+    if PREC == "ieee":  # fp32 inputs: s in fp64 (s z cancels against G h^T below)
+        b_s = tl.where(b_dr >= _DEN_FLOOR, tl.sum(b_do.to(tl.float64) * b_o.to(tl.float64), 1) / b_den, 0)
+    else:
+        b_s = tl.where(b_dr >= _DEN_FLOOR, tl.sum(b_do.to(tl.float32) * b_o, 1) / b_den, 0)
     b_s = tl.load(dden + i_bh * L + o_t, mask=m_t, other=0) - b_s  # [BT]
     tl.store(s + i_bh * L + o_t, b_s, mask=m_t)
     b_h = tl.load(h + (i_kvh * NS + i_s) * F * D + o_k[:, None] * D + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
     b_z = tl.load(z + (i_kvh * NS + i_s) * F + o_k, mask=m_k, other=0)
-    b_dq = _dot_x(b_do, tl.trans(b_h), PREC_STATE) / b_den[:, None] + b_s[:, None] * b_z[None, :]  # [BT, BK]
+    b_dq = _dot_c(b_do, tl.trans(b_h), PREC_STATE, True)  # fp64 on fp32 inputs: s z joins before the rounding
+    b_dq = (b_dq / b_den[:, None] + b_s.to(b_dq.dtype)[:, None] * b_z[None, :]).to(tl.float32)  # [BT, BK]
     if CAUSAL:
         m_j = m_t
         if HAS_MASK:
@@ -314,7 +354,7 @@ def linear_attention_bwd_dq_kernel(
         else:
             b_k = tl.load(k + i_kvh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0)
         b_v = tl.load(v + i_kvh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
-        b_P = tl.dot(b_do, tl.trans(b_v), input_precision=PREC) / b_den[:, None] + b_s[:, None]  # [BT, BT]
+        b_P = _dot_c(b_do, tl.trans(b_v), PREC, False) / b_den[:, None] + b_s[:, None]  # [BT, BT]
         b_P = tl.where((o_t[:, None] >= o_t[None, :]) & m_j[None, :], b_P, 0)
         b_dq += tl.dot(b_P.to(b_k.dtype), b_k, input_precision=PREC)
     if FUSED:
@@ -422,7 +462,7 @@ def linear_attention_bwd_dkdv_kernel(
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     if DK:
-        b_dk = _dot_x(b_v, tl.trans(b_dh), PREC_STATE) + b_dz[None, :]  # [BT, BK]
+        b_dk = (_dot_c(b_v, tl.trans(b_dh), PREC_STATE, True) + b_dz[None, :]).to(tl.float32)  # [BT, BK]
     if DV:
         b_dv = _dot_x(b_k, b_dh, PREC_STATE)  # [BT, BV]
     if CAUSAL:
@@ -449,7 +489,7 @@ def linear_attention_bwd_dkdv_kernel(
             if DK:
                 b_doT = tl.load(p_do + o_r[None, :] * D + o_v[:, None], mask=m_t[None, :] & m_v[:, None], other=0)
                 b_s = tl.load(s + i_qh * L + o_r, mask=m_t, other=0)
-                b_Pt = tl.dot(b_v, b_doT, input_precision=PREC) / b_den[None, :] + b_s[None, :]  # [BT(j), BT(i)]
+                b_Pt = _dot_c(b_v, b_doT, PREC, False) / b_den[None, :] + b_s[None, :]  # [BT(j), BT(i)]
                 b_Pt = tl.where(m_ji, b_Pt, 0)
                 b_dk += tl.dot(b_Pt.to(b_q.dtype), b_q, input_precision=PREC)
     if DV:
@@ -567,9 +607,10 @@ def _precisions(dtype: torch.dtype) -> Tuple[str, str]:
     return "tf32", "split" if mode == "split" and dtype == torch.bfloat16 else "tf32x3"
 
 
-# Every tl.dot dimension is at least 64. Triton's sm_90 (Hopper) code for kernels with two or more tl.dot gives
-# illegal addresses or silently wrong results when a dot dimension is 16 or 32 (pytorch/helion#1905 works around the
-# same bug; triton-lang/triton#10486, #11366); each failure of these kernels on the H200 had F or D = 32.
+# Every tl.dot dimension is at least 64 (but _dot_c's split sums on fp32 inputs: FMA dots, no tensor cores). Triton's
+# sm_90 (Hopper) code for kernels with two or more tl.dot gives illegal addresses or silently wrong results when a dot
+# dimension is 16 or 32 (pytorch/helion#1905 works around the same bug; triton-lang/triton#10486, #11366); each
+# failure of these kernels on the H200 had F or D = 32.
 _MIN_BLOCK = 64
 
 
