@@ -1,7 +1,9 @@
 """Where the GPU time goes: a per-kernel breakdown (torch.profiler) of the configurations that miss their targets.
 
 For each case it runs a few warm iterations, then profiles 5 more and prints every CUDA kernel's time per iteration,
-largest first, with its share of the total. Cases (the benchmarks' shapes):
+largest first, with its share of the total, and the host time per iteration (the wall time of enqueueing 20
+iterations without a synchronisation: when it exceeds the kernels' time, the GPU waits for Python and the
+benchmarks' figures measure the host). Cases (the benchmarks' shapes):
 
   la-fused-<L>   hedgehog_linear_attention (feature maps + chunk kernels) forward+backward, bf16, H=16 D=64 F=128
   la-phi-<L>     linear_attention on given phi, forward+backward (the unfused kernels)
@@ -18,6 +20,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -80,6 +83,16 @@ def fft_case(kind: str, L: int):
     return step, f"B={B} H={H} L={L} N={monarch.plan(L, L, L)} bf16 u, fp32 k, forward+backward"
 
 
+def host_ms(step, n: int = 20) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e3
+
+
 def profile(step) -> list[tuple[str, float, int]]:
     for _ in range(3):
         step()
@@ -111,14 +124,15 @@ def main(argv=None) -> None:
         try:
             step, what = (la_case if kind.startswith(("la", "fla")) else fft_case)(kind, int(L))
             rows = profile(step)
+            host = host_ms(step)
         except Exception as e:  # one failing case must not lose the others
             print(f"## {case}: failed: {e!r}"[:600], flush=True)
             continue
         total = sum(r[1] for r in rows)
-        print(f"## {case}: {what}; kernels {total:.3f} ms per iteration", flush=True)
+        print(f"## {case}: {what}; kernels {total:.3f} ms, host {host:.3f} ms per iteration", flush=True)
         for name, ms, n in rows[:25]:
             print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  x{n:<3d} {name[:110]}")
-        results[case] = dict(what=what, total_ms=total, kernels=rows)
+        results[case] = dict(what=what, total_ms=total, host_ms=host, kernels=rows)
         torch.cuda.empty_cache()
     with open(os.path.join(args.out, "profile_kernels.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -228,10 +228,10 @@ def test_state_segments(states, fused, causal, monkeypatch):
 def test_state_segments_by_default_fill_the_gpu():
     """Unset HHFFT_LA_STATES: few heads x tiles get many segments (a long chain per head left most of the H200
     idle), many get one."""
-    few = chunk._Plan(*_inputs(1, 2, 1, 64 * 40, 8, 16, False, dtype=torch.float32)[:3], True, None, None)
-    assert few.NG == few.NT == 40 and few.seg
-    many = chunk._Plan(*_inputs(1100, 2, 1, 64 * 3, 8, 16, False, dtype=torch.float32)[:3], True, None, None)
-    assert many.NG == 1 and not many.seg
+    few = chunk._Plan(*_inputs(1, 2, 1, 64 * 1000, 8, 16, False, dtype=torch.float32)[:3], True, None, None)
+    assert (few.NT, few.NC, few.NG, few.seg) == (1000, 2, 500, True)  # 1 program: 4 x 132 segments, at most
+    many = chunk._Plan(*_inputs(264, 2, 1, 64 * 3, 8, 16, False, dtype=torch.float32)[:3], True, None, None)
+    assert many.NG == 1 and not many.seg  # 2 x 132 programs
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])

@@ -202,6 +202,34 @@ def linear_attention_state_fwd_kernel(
             tl.store(zt + (i_bh * NG + i_g) * F + o_k, b_z, mask=m_k)
 
 
+# One config only: the autotuner reruns a kernel to time its configs, and this one works in place (a second scan of
+# the same buffer would be wrong).
+@triton.jit
+def _carry(x, i_e, i_bh, NG, E, BE: tl.constexpr, REVERSE: tl.constexpr):
+    o_e = i_e * BE + tl.arange(0, BE)
+    m_e = o_e < E
+    p_x = x + i_bh * NG * E + o_e
+    b_run = tl.zeros([BE], dtype=tl.float32)
+    for i_r in range(NG):
+        i_g = NG - 1 - i_r if REVERSE else i_r
+        b_x = tl.load(p_x + i_g * E, mask=m_e, other=0)
+        tl.store(p_x + i_g * E, b_run, mask=m_e)
+        b_run += b_x
+
+
+@triton.autotune(configs=_configs(warps=(4,), stages=(3,)), key=["F", "D", "BE", "REVERSE"])
+@triton.jit
+def linear_attention_carry_kernel(h, z, NG, F, D, BE: tl.constexpr, REVERSE: tl.constexpr):
+    """In place, per head: x[g] <- sum_{m < g} x[m] (REVERSE: sum_{m > g}) for x = h [B*H, NG, F*D] and z
+    [B*H, NG, F] fp32: the segments' totals in, their carry-in out. Blocks of h first, then of z."""
+    i_e, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    NH = tl.cdiv(F * D, BE)
+    if i_e < NH:
+        _carry(h, i_e, i_bh, NG, F * D, BE, REVERSE)
+    else:
+        _carry(z, i_e - NH, i_bh, NG, F, BE, REVERSE)
+
+
 @triton.jit
 def _state(h, z, hc, zc, i_h, i_t, NT, NC, F, D, o_k, o_v, m_k, m_v, CAUSAL: tl.constexpr, SEG: tl.constexpr):
     """The state [BK, BV] and normaliser [BK] that chunk i_t of head i_h sees: causal, the sum over the chunks of its
@@ -549,7 +577,7 @@ def _precisions(dtype: torch.dtype) -> Tuple[str, str]:
 # illegal addresses or silently wrong results when a dot dimension is 16 or 32 (pytorch/helion#1905 works around the
 # same bug; triton-lang/triton#10486, #11366); each failure of these kernels on the H200 had F or D = 32.
 _MIN_BLOCK = 64
-_STATE_WAVES = 8  # state passes: segments enough for about this many programs per SM
+_STATE_PROGRAMS = (2, 4)  # state passes: segments below 2 programs per SM, then enough for about 4
 
 
 def _sm_count(device: torch.device) -> int:
@@ -631,11 +659,15 @@ class _Plan:
         # The state passes walk the chunks of a segment in order, one program per (tile, head, segment); a head's
         # segments run in parallel and the chunk kernels add each segment's carry-in (the sum of the segments before
         # it). One segment per head is a chain of NT dependent steps: at L = 32K, B = 1, H = 16 (32 programs) it took
-        # 2.3 of the 3.1 ms of forward+backward on the H200. HHFFT_LA_STATES: chunks per segment, "sequential" (one
-        # segment) or "parallel" (one chunk); unset: enough segments for _STATE_WAVES programs per SM.
+        # 2.3 of the 3.1 ms of forward+backward on the H200, 0.49 ms with 17 segments. Segments cost a carry pass and
+        # an extra state load in every chunk kernel (at L = 2K, B = 16: 512 programs, 3 segments were 0.3 ms slower
+        # than one), so they are used only below _STATE_PROGRAMS programs per SM. HHFFT_LA_STATES: chunks per
+        # segment, "sequential" (one segment) or "parallel" (one chunk); unset: chosen from the GPU's size.
         mode = os.environ.get("HHFFT_LA_STATES", "")
         if mode == "":
-            nc = triton.cdiv(self.NT, triton.cdiv(_STATE_WAVES * _sm_count(q.device), self.n_tiles * B * Hkv))
+            sms, programs = _sm_count(q.device), self.n_tiles * B * Hkv
+            nc = self.NT if programs >= _STATE_PROGRAMS[0] * sms else triton.cdiv(
+                self.NT, triton.cdiv(_STATE_PROGRAMS[1] * sms, programs))
         elif mode in ("sequential", "parallel"):
             nc = self.NT if mode == "sequential" else 1
         elif mode.isdigit() and int(mode) > 0:
@@ -664,13 +696,10 @@ class _Plan:
             return (ht.sum(2, keepdim=True), zt.sum(2, keepdim=True), h, z) if NG > 1 else (h, z, h, z)
         if not self.seg:
             return h, z, h, z  # one segment: no carry (the kernels do not read hc, zc)
-
-        def carry(t):  # exclusive prefix sums over the segments
-            t = t.flip(2) if reverse else t
-            c = torch.cat([torch.zeros_like(t[:, :, :1]), t[:, :, :-1].cumsum(2)], 2)
-            return c.flip(2) if reverse else c
-
-        return h, z, carry(ht), carry(zt)
+        BE = min(1024, triton.next_power_of_2(F * D))  # the totals become each segment's carry-in, in place
+        _launcher(linear_attention_carry_kernel)[(triton.cdiv(F * D, BE) + triton.cdiv(F, BE), B * H)](
+            ht, zt, NG, F, D, BE=BE, REVERSE=reverse)
+        return h, z, ht, zt
 
 
 def _states_fwd(p, q, k, v):
