@@ -16,6 +16,9 @@ benchmarks' figures measure the host). Cases (the benchmarks' shapes):
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import json
 import math
 import os
@@ -116,6 +119,8 @@ def main(argv=None) -> None:
     p.add_argument("--cases", nargs="+", default=["la-fused-2048", "la-fused-32768", "la-phi-32768", "fla-32768",
                                                   "fft-4096", "fft-16384", "fft-65536", "fftref-16384"])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--cprofile", type=int, default=0, metavar="N",
+                   help="also print the N Python functions with the most own host time (cProfile over 20 iterations)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results = {}
@@ -133,6 +138,13 @@ def main(argv=None) -> None:
         for name, ms, n in rows[:25]:
             print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  x{n:<3d} {name[:110]}")
         results[case] = dict(what=what, total_ms=total, host_ms=host, kernels=rows)
+        if args.cprofile:
+            prof = cProfile.Profile()
+            prof.runcall(host_ms, step)
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.cprofile)
+            print("\n".join(line[:150] for line in text.getvalue().splitlines()[4:]), flush=True)
+            torch.cuda.synchronize()
         torch.cuda.empty_cache()
     with open(os.path.join(args.out, "profile_kernels.json"), "w") as f:
         json.dump(results, f, indent=1)
