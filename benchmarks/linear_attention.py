@@ -11,9 +11,8 @@ B = 1 at 64K; bf16; causal), forward and forward+backward times of
   - fla:         fla.ops.linear_attn.chunk_linear_attn (fla-core 0.6) on the same phi (its layout [B, L, H, F]),
                  scale=1, normalize=True: the same function
   - sdpa:        F.scaled_dot_product_attention(q, k, v, is_causal=True) on q, k, v [B, H, L, 64] (FlashAttention)
-  - hhfft-par, hhfft-fused-inkernel-seq: hhfft and hhfft-fused-inkernel with the other way of computing the causal
-                 states (HHFFT_LA_STATES=parallel / sequential; the defaults: sequential for loaded phi, parallel for
-                 the in-kernel map)
+  - hhfft-par, hhfft-seq, hhfft-fused-seq: the state passes with one chunk per segment (HHFFT_LA_STATES=parallel)
+                 or one segment per head (=sequential) instead of the default (segments enough to fill the GPU)
   - hhfft-tf32x3, hhfft-fused-tf32x3: with HHFFT_LA_PREC=tf32x3 (fp32 operands as tf32x3, not the default bf16
                  hi + lo split)
   - hhfft-apart, hhfft-fused-apart: with HHFFT_LA_DKDV=apart (dk, dv by two launches)
@@ -51,12 +50,13 @@ FEAT = 2 * FH
 C = 64
 LENGTHS = [2048, 8192, 32768, 65536]
 METHODS = ["hhfft-fused", "hhfft", "fla", "sdpa", "hhfft-fused-inkernel", "hhfft-tf32x3", "hhfft-fused-tf32x3",
-           "hhfft-apart", "hhfft-fused-apart", "hhfft-par", "hhfft-fused-inkernel-seq"]
+           "hhfft-apart", "hhfft-fused-apart", "hhfft-par", "hhfft-seq", "hhfft-fused-seq"]
 VARIANTS = {  # the environment of each variant of the two hhfft paths
     "hhfft-fused-map": ("hhfft-fused", {"HHFFT_LA_FUSED": "map"}),
     "hhfft-fused-inkernel": ("hhfft-fused", {"HHFFT_LA_FUSED": "inkernel"}),
     "hhfft-par": ("hhfft", {"HHFFT_LA_STATES": "parallel"}),
-    "hhfft-fused-inkernel-seq": ("hhfft-fused", {"HHFFT_LA_FUSED": "inkernel", "HHFFT_LA_STATES": "sequential"}),
+    "hhfft-seq": ("hhfft", {"HHFFT_LA_STATES": "sequential"}),
+    "hhfft-fused-seq": ("hhfft-fused", {"HHFFT_LA_STATES": "sequential"}),
     "hhfft-tf32x3": ("hhfft", {"HHFFT_LA_PREC": "tf32x3"}),
     "hhfft-fused-tf32x3": ("hhfft-fused", {"HHFFT_LA_PREC": "tf32x3"}),
     "hhfft-apart": ("hhfft", {"HHFFT_LA_DKDV": "apart"}),

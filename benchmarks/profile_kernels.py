@@ -1,7 +1,9 @@
 """Where the GPU time goes: a per-kernel breakdown (torch.profiler) of the configurations that miss their targets.
 
 For each case it runs a few warm iterations, then profiles 5 more and prints every CUDA kernel's time per iteration,
-largest first, with its share of the total. Cases (the benchmarks' shapes):
+largest first, with its share of the total, and the host time per iteration (the wall time of enqueueing 20
+iterations without a synchronisation: when it exceeds the kernels' time, the GPU waits for Python and the
+benchmarks' figures measure the host). Cases (the benchmarks' shapes):
 
   la-fused-<L>   hedgehog_linear_attention (feature maps + chunk kernels) forward+backward, bf16, H=16 D=64 F=128
   la-phi-<L>     linear_attention on given phi, forward+backward (the unfused kernels)
@@ -14,10 +16,14 @@ largest first, with its share of the total. Cases (the benchmarks' shapes):
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import json
 import math
 import os
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -80,6 +86,16 @@ def fft_case(kind: str, L: int):
     return step, f"B={B} H={H} L={L} N={monarch.plan(L, L, L)} bf16 u, fp32 k, forward+backward"
 
 
+def host_ms(step, n: int = 20) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e3
+
+
 def profile(step) -> list[tuple[str, float, int]]:
     for _ in range(3):
         step()
@@ -103,6 +119,8 @@ def main(argv=None) -> None:
     p.add_argument("--cases", nargs="+", default=["la-fused-2048", "la-fused-32768", "la-phi-32768", "fla-32768",
                                                   "fft-4096", "fft-16384", "fft-65536", "fftref-16384"])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--cprofile", type=int, default=0, metavar="N",
+                   help="also print the N Python functions with the most own host time (cProfile over 20 iterations)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results = {}
@@ -111,14 +129,22 @@ def main(argv=None) -> None:
         try:
             step, what = (la_case if kind.startswith(("la", "fla")) else fft_case)(kind, int(L))
             rows = profile(step)
+            host = host_ms(step)
         except Exception as e:  # one failing case must not lose the others
             print(f"## {case}: failed: {e!r}"[:600], flush=True)
             continue
         total = sum(r[1] for r in rows)
-        print(f"## {case}: {what}; kernels {total:.3f} ms per iteration", flush=True)
+        print(f"## {case}: {what}; kernels {total:.3f} ms, host {host:.3f} ms per iteration", flush=True)
         for name, ms, n in rows[:25]:
             print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  x{n:<3d} {name[:110]}")
-        results[case] = dict(what=what, total_ms=total, kernels=rows)
+        results[case] = dict(what=what, total_ms=total, host_ms=host, kernels=rows)
+        if args.cprofile:
+            prof = cProfile.Profile()
+            prof.runcall(host_ms, step)
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.cprofile)
+            print("\n".join(line[:150] for line in text.getvalue().splitlines()[4:]), flush=True)
+            torch.cuda.synchronize()
         torch.cuda.empty_cache()
     with open(os.path.join(args.out, "profile_kernels.json"), "w") as f:
         json.dump(results, f, indent=1)

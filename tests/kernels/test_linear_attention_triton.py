@@ -212,15 +212,28 @@ def test_dk_dv_in_separate_launches(fused, monkeypatch):
         test_forward_and_backward_vs_fp64(CASES[2], True, torch.float16)
 
 
-@pytest.mark.parametrize("states", ["parallel", "sequential"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("states", ["parallel", "sequential", "4"])
 @pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])
-def test_both_state_passes(states, fused, monkeypatch):
-    """The causal states by one sequential pass or by chunk-local states + scan (HHFFT_LA_STATES): same results."""
+def test_state_segments(states, fused, causal, monkeypatch):
+    """The state passes by segments of chunks (HHFFT_LA_STATES: one chunk each, one segment per head, or 4 chunks:
+    at L = 330, 6 chunks, a full and a ragged segment), forward and backward against fp64."""
     monkeypatch.setenv("HHFFT_LA_STATES", states)
+    p = chunk._Plan(*_inputs(1, 2, 1, 330, 8, 16, True, dtype=torch.float32)[:3], causal, None, None)
+    assert (p.NT, p.NC, p.NG) == {"parallel": (6, 1, 6), "sequential": (6, 6, 1), "4": (6, 4, 2)}[states]
     if fused:
-        test_fused_feature_map_forward_and_backward_vs_fp64(FUSED_CASES[0], True, "softmax_split")
+        test_fused_feature_map_forward_and_backward_vs_fp64((1, 2, 1, 330, 8, 6, 5, True), causal, "softmax_split")
     else:
-        test_forward_and_backward_vs_fp64(CASES[3], True, torch.float32)
+        test_forward_and_backward_vs_fp64((1, 2, 1, 330, 8, 16, True), causal, torch.float32)
+
+
+def test_state_segments_by_default_fill_the_gpu():
+    """Unset HHFFT_LA_STATES: few heads x tiles get many segments (a long chain per head left most of the H200
+    idle), many get one."""
+    few = chunk._Plan(*_inputs(1, 2, 1, 64 * 1000, 8, 16, False, dtype=torch.float32)[:3], True, None, None)
+    assert (few.NT, few.NC, few.NG, few.seg) == (1000, 2, 500, True)  # 1 program: 4 x 132 segments, at most
+    many = chunk._Plan(*_inputs(264, 2, 1, 64 * 3, 8, 16, False, dtype=torch.float32)[:3], True, None, None)
+    assert many.NG == 1 and not many.seg  # 2 x 132 programs
 
 
 @triton.jit
@@ -274,7 +287,7 @@ def _plan():
 @pytest.mark.parametrize("env,value,match,read", [
     ("HHFFT_LA_PREC", "bf16", "split .* or tf32x3", _plan),
     ("HHFFT_LA_DKDV", "both", "joint .* or apart", _plan),
-    ("HHFFT_LA_STATES", "scan", "sequential or parallel", _plan),
+    ("HHFFT_LA_STATES", "scan", "sequential, parallel or a number", _plan),
     ("HHFFT_LA_FUSED", "fused", "map .* or inkernel", lambda: chunk._fused_route()),
 ], ids=["PREC", "DKDV", "STATES", "FUSED"])
 def test_switches_refuse_unknown_values(env, value, match, read, monkeypatch):

@@ -189,34 +189,34 @@ def _feat_bwd(b_dphi, b_x, b_y, m_t, p_w, p_dw, p_db, DX, FH,
 @triton.autotune(configs=_configs(warps=(4,), stages=(2, 3)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_state_fwd_kernel(
-    k, v, mask, h, z, wk, bk,
-    L, NT, F, D, Hkv, DX, FH,
+    k, v, mask, h, z, ht, zt, wk, bk,
+    L, NT, NC, F, D, Hkv, DX, FH,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr,
-    LOCAL: tl.constexpr,
+    SEG: tl.constexpr,
 ):
-    # LOCAL: program (., ., t) stores chunk t's own K_t^T V_t and K_t^T 1 at slot t (a scan makes them prefixes);
-    # otherwise one program walks all chunks and stores the running prefix (causal) or the total.
-    i_kv, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    # Program (tile, batch-head, segment) walks the segment's NC chunks in order. Causal: it stores at slot t the sum
+    # of K^T V and K^T 1 over the segment's chunks before t, and (SEG) the segment's total at ht, zt; the host turns
+    # the totals into each segment's carry-in. Non-causal: only the segment's total, at ht, zt.
+    i_kv, i_bh, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     NV = tl.cdiv(D, BV)
     i_k, i_v = i_kv // NV, i_kv % NV  # FUSED: one F tile (BK covers F)
     i_b = i_bh // Hkv
-    NS = NT if CAUSAL else 1
+    NG = tl.num_programs(2)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < F, o_v < D
+    m_kv = m_k[:, None] & m_v[None, :]
     p_v = v + i_bh * L * D
-    p_h = h + i_bh * NS * F * D + o_k[:, None] * D + o_v[None, :]
-    p_z = z + i_bh * NS * F + o_k
+    p_h = h + i_bh * NT * F * D + o_k[:, None] * D + o_v[None, :]
+    p_z = z + i_bh * NT * F + o_k
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     b_z = tl.zeros([BK], dtype=tl.float32)
-    i_0, n_t = 0, NT
-    if LOCAL:
-        i_0, n_t = tl.program_id(2).to(tl.int64), 1
-    for i_i in range(n_t):
+    i_0 = i_g * NC
+    for i_i in range(tl.minimum(NC, NT - i_0)):
         i_t = i_0 + i_i
-        if CAUSAL and not LOCAL:
-            tl.store(p_h + i_t * F * D, b_h, mask=m_k[:, None] & m_v[None, :])
+        if CAUSAL:
+            tl.store(p_h + i_t * F * D, b_h, mask=m_kv)
             if i_v == 0:
                 tl.store(p_z + i_t * F, b_z, mask=m_k)
         o_t = i_t * BT + tl.arange(0, BT)
@@ -232,48 +232,68 @@ def linear_attention_state_fwd_kernel(
         b_v = tl.load(p_v + o_r[:, None] * D + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0)  # [BT, BV]
         b_h += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
         b_z += tl.sum(b_k.to(tl.float32), 0)
-    if LOCAL:
-        tl.store(p_h + i_0 * F * D, b_h, mask=m_k[:, None] & m_v[None, :])
+    if SEG or not CAUSAL:
+        tl.store(ht + (i_bh * NG + i_g) * F * D + o_k[:, None] * D + o_v[None, :], b_h, mask=m_kv)
         if i_v == 0:
-            tl.store(p_z + i_0 * F, b_z, mask=m_k)
-    elif not CAUSAL:
-        tl.store(p_h, b_h, mask=m_k[:, None] & m_v[None, :])
-        if i_v == 0:
-            tl.store(p_z, b_z, mask=m_k)
+            tl.store(zt + (i_bh * NG + i_g) * F + o_k, b_z, mask=m_k)
 
 
 # One config only: the autotuner reruns a kernel to time its configs, and this one works in place (a second scan of
 # the same buffer would be wrong).
-@triton.autotune(configs=_configs(warps=(4,), stages=(3,)), key=["E", "BE", "REVERSE"])
 @triton.jit
-def linear_attention_state_scan_kernel(x, NT, E, BE: tl.constexpr, REVERSE: tl.constexpr):
-    """In place, per head: x[t] <- sum_{m < t} x[m] (REVERSE: sum_{m > t}); x [B*H, NT, E] fp32."""
-    i_e, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+def _carry(x, i_e, i_bh, NG, E, BE: tl.constexpr, REVERSE: tl.constexpr):
     o_e = i_e * BE + tl.arange(0, BE)
     m_e = o_e < E
-    p_x = x + i_bh * NT * E + o_e
+    p_x = x + i_bh * NG * E + o_e
     b_run = tl.zeros([BE], dtype=tl.float32)
-    for i_r in range(NT):
-        i_t = NT - 1 - i_r if REVERSE else i_r
-        b_x = tl.load(p_x + i_t * E, mask=m_e, other=0)
-        tl.store(p_x + i_t * E, b_run, mask=m_e)
+    for i_r in range(NG):
+        i_g = NG - 1 - i_r if REVERSE else i_r
+        b_x = tl.load(p_x + i_g * E, mask=m_e, other=0)
+        tl.store(p_x + i_g * E, b_run, mask=m_e)
         b_run += b_x
+
+
+@triton.autotune(configs=_configs(warps=(4,), stages=(3,)), key=["F", "D", "BE", "REVERSE"])
+@triton.jit
+def linear_attention_carry_kernel(h, z, NG, F, D, BE: tl.constexpr, REVERSE: tl.constexpr):
+    """In place, per head: x[g] <- sum_{m < g} x[m] (REVERSE: sum_{m > g}) for x = h [B*H, NG, F*D] and z
+    [B*H, NG, F] fp32: the segments' totals in, their carry-in out. Blocks of h first, then of z."""
+    i_e, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    NH = tl.cdiv(F * D, BE)
+    if i_e < NH:
+        _carry(h, i_e, i_bh, NG, F * D, BE, REVERSE)
+    else:
+        _carry(z, i_e - NH, i_bh, NG, F, BE, REVERSE)
+
+
+@triton.jit
+def _state(h, z, hc, zc, i_h, i_t, NT, NC, F, D, o_k, o_v, m_k, m_v, CAUSAL: tl.constexpr, SEG: tl.constexpr):
+    """The state [BK, BV] and normaliser [BK] that chunk i_t of head i_h sees: causal, the sum over the chunks of its
+    segment before it (h, z: one slot per chunk) plus the segment's carry-in (SEG: hc, zc, one slot per segment);
+    non-causal, the total (one slot)."""
+    i_s = i_h * NT + i_t if CAUSAL else i_h
+    m_kv = m_k[:, None] & m_v[None, :]
+    b_h = tl.load(h + i_s * F * D + o_k[:, None] * D + o_v[None, :], mask=m_kv, other=0)
+    b_z = tl.load(z + i_s * F + o_k, mask=m_k, other=0)
+    if CAUSAL and SEG:
+        i_c = i_h * tl.cdiv(NT, NC) + i_t // NC
+        b_h += tl.load(hc + i_c * F * D + o_k[:, None] * D + o_v[None, :], mask=m_kv, other=0)
+        b_z += tl.load(zc + i_c * F + o_k, mask=m_k, other=0)
+    return b_h, b_z
 
 
 @triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_fwd_kernel(
-    q, k, v, mask, h, z, o, den, wq, bq, wk, bk,
-    L, NT, F, D, Hq, G, DX, FH,
+    q, k, v, mask, h, z, hc, zc, o, den, wq, bq, wk, bk,
+    L, NT, NC, F, D, Hq, G, DX, FH,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr,
-    PREC: tl.constexpr, PREC_STATE: tl.constexpr,
+    PREC: tl.constexpr, PREC_STATE: tl.constexpr, SEG: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b = i_bh // Hq
     i_kvh = i_bh // G  # = i_b * Hkv + (i_bh % Hq) // G
-    NS = NT if CAUSAL else 1
-    i_s = i_t if CAUSAL else 0
     o_t = i_t * BT + tl.arange(0, BT)
     o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
     m_t, m_k, m_v = o_t < L, o_k < F, o_v < D
@@ -282,8 +302,7 @@ def linear_attention_fwd_kernel(
                                 DX, FH, BT, BDX, BFH, KIND, PREC)
     else:
         b_q = tl.load(q + i_bh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
-    b_h = tl.load(h + (i_kvh * NS + i_s) * F * D + o_k[:, None] * D + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
-    b_z = tl.load(z + (i_kvh * NS + i_s) * F + o_k, mask=m_k, other=0)
+    b_h, b_z = _state(h, z, hc, zc, i_kvh, i_t, NT, NC, F, D, o_k, o_v, m_k, m_v, CAUSAL, SEG)
     b_o = _dot_c(b_q, b_h, PREC_STATE, True)  # [BT, BV] (fp64 on fp32 inputs)
     b_d = tl.sum(b_q.to(tl.float32) * b_z[None, :], 1)  # [BT]
     if CAUSAL:
@@ -310,17 +329,15 @@ def linear_attention_fwd_kernel(
 @triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_bwd_dq_kernel(
-    q, k, v, mask, h, z, o, den, do, dden, dq, s, wq, bq, wk, bk, dwq, dbq,
-    L, NT, F, D, Hq, G, DX, FH,
+    q, k, v, mask, h, z, hc, zc, o, den, do, dden, dq, s, wq, bq, wk, bk, dwq, dbq,
+    L, NT, NC, F, D, Hq, G, DX, FH,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr,
-    PREC: tl.constexpr, PREC_STATE: tl.constexpr,
+    PREC: tl.constexpr, PREC_STATE: tl.constexpr, SEG: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b = i_bh // Hq
     i_kvh = i_bh // G
-    NS = NT if CAUSAL else 1
-    i_s = i_t if CAUSAL else 0
     o_t = i_t * BT + tl.arange(0, BT)
     o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
     m_t, m_k, m_v = o_t < L, o_k < F, o_v < D
@@ -339,8 +356,7 @@ def linear_attention_bwd_dq_kernel(
         b_s = tl.where(b_dr >= _DEN_FLOOR, tl.sum(b_do.to(tl.float32) * b_o, 1) / b_den, 0)
     b_s = tl.load(dden + i_bh * L + o_t, mask=m_t, other=0) - b_s  # [BT]
     tl.store(s + i_bh * L + o_t, b_s, mask=m_t)
-    b_h = tl.load(h + (i_kvh * NS + i_s) * F * D + o_k[:, None] * D + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
-    b_z = tl.load(z + (i_kvh * NS + i_s) * F + o_k, mask=m_k, other=0)
+    b_h, b_z = _state(h, z, hc, zc, i_kvh, i_t, NT, NC, F, D, o_k, o_v, m_k, m_v, CAUSAL, SEG)
     b_dq = _dot_c(b_do, tl.trans(b_h), PREC_STATE, True)  # fp64 on fp32 inputs: s z joins before the rounding
     b_dq = (b_dq / b_den[:, None] + b_s.to(b_dq.dtype)[:, None] * b_z[None, :]).to(tl.float32)  # [BT, BK]
     if CAUSAL:
@@ -374,40 +390,37 @@ def linear_attention_bwd_dq_kernel(
 @triton.autotune(configs=_configs(warps=(4,), stages=(2, 3)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
 @triton.jit
 def linear_attention_state_bwd_kernel(
-    q, do, den, s, dh, dz, wq, bq,
-    L, NT, F, D, Hkv, G, DX, FH,
+    q, do, den, s, dh, dz, dht, dzt, wq, bq,
+    L, NT, NC, F, D, Hkv, G, DX, FH,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
     CAUSAL: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr, PREC: tl.constexpr, PREC_STATE: tl.constexpr,
-    LOCAL: tl.constexpr,
+    SEG: tl.constexpr,
 ):
-    i_kv, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # i_bh over B * Hkv
+    # As the forward state kernel, in reverse: slot t gets the sum over the segment's chunks after t
+    i_kv, i_bh, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     NV = tl.cdiv(D, BV)
     i_k, i_v = i_kv // NV, i_kv % NV
-    NS = NT if CAUSAL else 1
+    NG = tl.num_programs(2)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < F, o_v < D
-    p_dh = dh + i_bh * NS * F * D + o_k[:, None] * D + o_v[None, :]
-    p_dz = dz + i_bh * NS * F + o_k
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_dh = dh + i_bh * NT * F * D + o_k[:, None] * D + o_v[None, :]
+    p_dz = dz + i_bh * NT * F + o_k
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     b_dz = tl.zeros([BK], dtype=tl.float32)
-    i_0, n_t = 0, NT
-    if LOCAL:
-        i_0, n_t = tl.program_id(2).to(tl.int64), 1
+    n_t = tl.minimum(NC, NT - i_g * NC)
     for i_i in range(n_t):
-        if LOCAL:
-            i_t = i_0
-        else:
-            i_t = NT - 1 - i_i
-        if CAUSAL and not LOCAL:
-            tl.store(p_dh + i_t * F * D, b_dh, mask=m_k[:, None] & m_v[None, :])
+        i_t = i_g * NC + n_t - 1 - i_i
+        if CAUSAL:
+            tl.store(p_dh + i_t * F * D, b_dh, mask=m_kv)
             if i_v == 0:
                 tl.store(p_dz + i_t * F, b_dz, mask=m_k)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < L
         o_r = tl.where(m_t, o_t, 0)
-        for i_g in range(G):
-            i_qh = i_bh * G + i_g
+        for i_q in range(G):
+            i_qh = i_bh * G + i_q
             if FUSED:
                 i_h = i_qh % (Hkv * G)
                 b_q, b_xq, b_yq = _feat(q + i_qh * L * DX, wq + i_h * DX * FH, bq + i_h * FH, o_t, m_t,
@@ -421,30 +434,24 @@ def linear_attention_state_bwd_kernel(
             b_g = b_do.to(tl.float32) / b_den[:, None]
             b_dh += _dot_x(tl.trans(b_q), b_g, PREC_STATE)  # [BK, BV]
             b_dz += tl.sum(b_q.to(tl.float32) * b_s[:, None], 0)
-    if LOCAL:
-        tl.store(p_dh + i_0 * F * D, b_dh, mask=m_k[:, None] & m_v[None, :])
+    if SEG or not CAUSAL:
+        tl.store(dht + (i_bh * NG + i_g) * F * D + o_k[:, None] * D + o_v[None, :], b_dh, mask=m_kv)
         if i_v == 0:
-            tl.store(p_dz + i_0 * F, b_dz, mask=m_k)
-    elif not CAUSAL:
-        tl.store(p_dh, b_dh, mask=m_k[:, None] & m_v[None, :])
-        if i_v == 0:
-            tl.store(p_dz, b_dz, mask=m_k)
+            tl.store(dzt + (i_bh * NG + i_g) * F + o_k, b_dz, mask=m_k)
 
 
 @triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED", "DK", "DV"])
 @triton.jit
 def linear_attention_bwd_dkdv_kernel(
-    q, k, v, mask, den, do, s, dh, dz, dk, dv, wq, bq, wk, bk, dwk, dbk,
-    L, NT, F, D, Hkv, G, DX, FH,
+    q, k, v, mask, den, do, s, dh, dz, dhc, dzc, dk, dv, wq, bq, wk, bk, dwk, dbk,
+    L, NT, NC, F, D, Hkv, G, DX, FH,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BDX: tl.constexpr, BFH: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, FUSED: tl.constexpr, KIND: tl.constexpr,
-    PREC: tl.constexpr, PREC_STATE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    PREC: tl.constexpr, PREC_STATE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SEG: tl.constexpr,
 ):
     # DK, DV: which of the two this launch computes (both in one launch, or one each: half the live registers)
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)  # i_bh over B * Hkv
     i_b = i_bh // Hkv
-    NS = NT if CAUSAL else 1
-    i_s = i_t if CAUSAL else 0
     o_t = i_t * BT + tl.arange(0, BT)
     o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
     m_t, m_k, m_v = o_t < L, o_k < F, o_v < D
@@ -457,8 +464,7 @@ def linear_attention_bwd_dkdv_kernel(
     else:
         b_k = tl.load(k + i_bh * L * F + o_t[:, None] * F + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0)
     b_v = tl.load(v + i_bh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
-    b_dh = tl.load(dh + (i_bh * NS + i_s) * F * D + o_k[:, None] * D + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
-    b_dz = tl.load(dz + (i_bh * NS + i_s) * F + o_k, mask=m_k, other=0)
+    b_dh, b_dz = _state(dh, dz, dhc, dzc, i_bh, i_t, NT, NC, F, D, o_k, o_v, m_k, m_v, CAUSAL, SEG)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     if DK:
@@ -612,6 +618,14 @@ def _precisions(dtype: torch.dtype) -> Tuple[str, str]:
 # dimension is 16 or 32 (pytorch/helion#1905 works around the same bug; triton-lang/triton#10486, #11366); each
 # failure of these kernels on the H200 had F or D = 32.
 _MIN_BLOCK = 64
+_STATE_PROGRAMS = (2, 4)  # state passes: segments below 2 programs per SM, then enough for about 4
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 for other devices: the interpreter's tests, the H100/H200)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
 
 
 def _block(n: int) -> int:
@@ -645,7 +659,6 @@ class _Plan:
         self.B, self.Hq, self.Hkv, self.L, self.D, self.G = B, Hq, Hkv, L, D, Hq // Hkv
         self.causal, self.has_mask = bool(causal), key_mask is not None
         self.NT = triton.cdiv(L, BT)
-        self.NS = self.NT if causal else 1
         self.BV = _block(D)
         self.prec, self.prec_state = _precisions(q.dtype)
         self.mask = _mask_arg(key_mask, q)
@@ -672,13 +685,6 @@ class _Plan:
             self.w = (q, q, q, q)  # unused
             self.BKS = min(_MIN_BLOCK, self.BK)  # state tiles [BKS, BVS]: more programs per head
         self.BVS = min(_MIN_BLOCK, self.BV)
-        # Causal states: one sequential pass per head (cheap per chunk when phi is loaded), or, for the fused map
-        # (phi recomputed per chunk), chunk-parallel local states then a memory-bound scan. HHFFT_LA_STATES overrides.
-        mode = os.environ.get("HHFFT_LA_STATES", "")
-        if mode not in ("", "sequential", "parallel"):
-            raise ValueError(f"HHFFT_LA_STATES must be sequential or parallel (or unset: sequential for loaded phi, "
-                             f"parallel for the in-kernel map), got {mode!r}")
-        self.local = self.causal and (mode == "parallel" or (mode != "sequential" and self.fused))
         # dk and dv in one launch (default) or one launch each (HHFFT_LA_DKDV=apart: each holds half the registers,
         # compiled for sm_90 the spills drop from 1272 to 344 + 8 bytes per thread at 8 warps). H200, bf16 fwd+bwd,
         # L = 2K-64K: with tf32x3 operands 1.10-1.20x faster unfused, 1.30-1.52x on the in-kernel route; with the
@@ -691,38 +697,70 @@ class _Plan:
         if self.F > 256 or D > 256:
             raise ValueError(f"linear_attention (Triton): F and D must be <= 256, got F={self.F}, D={D}")
         self.n_tiles = triton.cdiv(self.F, self.BKS) * triton.cdiv(D, self.BVS)
+        # The state passes walk the chunks of a segment in order, one program per (tile, head, segment); a head's
+        # segments run in parallel and the chunk kernels add each segment's carry-in (the sum of the segments before
+        # it). One segment per head is a chain of NT dependent steps: at L = 32K, B = 1, H = 16 (32 programs) it took
+        # 2.3 of the 3.1 ms of forward+backward on the H200, 0.49 ms with 17 segments. Segments cost a carry pass and
+        # an extra state load in every chunk kernel (at L = 2K, B = 16: 512 programs, 3 segments were 0.3 ms slower
+        # than one), so they are used only below _STATE_PROGRAMS programs per SM. HHFFT_LA_STATES: chunks per
+        # segment, "sequential" (one segment) or "parallel" (one chunk); unset: chosen from the GPU's size.
+        mode = os.environ.get("HHFFT_LA_STATES", "")
+        if mode == "":
+            sms, programs = _sm_count(q.device), self.n_tiles * B * Hkv
+            nc = self.NT if programs >= _STATE_PROGRAMS[0] * sms else triton.cdiv(
+                self.NT, triton.cdiv(_STATE_PROGRAMS[1] * sms, programs))
+        elif mode in ("sequential", "parallel"):
+            nc = self.NT if mode == "sequential" else 1
+        elif mode.isdigit() and int(mode) > 0:
+            nc = int(mode)
+        else:
+            raise ValueError(f"HHFFT_LA_STATES must be sequential, parallel or a number of chunks per segment "
+                             f"(or unset: chosen from the GPU's size), got {mode!r}")
+        self.NC = max(1, min(nc, self.NT))
+        self.NG = max(1, triton.cdiv(self.NT, self.NC))  # L = 0: one empty segment (non-causal: zero totals)
+        self.seg = self.causal and self.NG > 1
 
     def consts(self, state: bool = False):
         return dict(BT=BT, BK=self.BKS if state else self.BK, BV=self.BVS if state else self.BV, BDX=self.BDX,
-                    BFH=self.BFH, CAUSAL=self.causal, FUSED=self.fused, KIND=self.kind)
+                    BFH=self.BFH, CAUSAL=self.causal, FUSED=self.fused, KIND=self.kind, SEG=self.seg)
 
-    def scan(self, x, E, reverse):
-        BE = min(1024, triton.next_power_of_2(E))
-        _launcher(linear_attention_state_scan_kernel)[(triton.cdiv(E, BE), self.B * self.Hkv)](
-            x, self.NT, E, BE=BE, REVERSE=reverse,
-        )
+    def states(self, ref, launch, reverse):
+        """Run a state kernel: ``launch(grid, h, z, ht, zt)``. Returns (h, z, hc, zc) for the chunk kernels: causal,
+        h, z [B, Hkv, NT, F(, D)] within each segment and the segments' carry-in hc, zc [B, Hkv, NG, F(, D)] (the
+        sum of the totals ht, zt of the segments before, or after when ``reverse``); non-causal, the totals."""
+        B, H, F, D, NG = self.B, self.Hkv, self.F, self.D, self.NG
+        NS = self.NT if self.causal else 1
+        h, z = _new(ref, B, H, NS, F, D, dtype=torch.float32), _new(ref, B, H, NS, F, dtype=torch.float32)
+        ht, zt = (_new(ref, B, H, NG, F, D, dtype=torch.float32), _new(ref, B, H, NG, F, dtype=torch.float32)) if NG > 1 else (h, z)
+        launch((self.n_tiles, B * H, NG), h, z, ht, zt)
+        if not self.causal:
+            return (ht.sum(2, keepdim=True), zt.sum(2, keepdim=True), h, z) if NG > 1 else (h, z, h, z)
+        if not self.seg:
+            return h, z, h, z  # one segment: no carry (the kernels do not read hc, zc)
+        BE = min(1024, triton.next_power_of_2(F * D))  # the totals become each segment's carry-in, in place
+        _launcher(linear_attention_carry_kernel)[(triton.cdiv(F * D, BE) + triton.cdiv(F, BE), B * H)](
+            ht, zt, NG, F, D, BE=BE, REVERSE=reverse)
+        return h, z, ht, zt
 
-    def states(self, k, v, h, z):
-        grid = (self.n_tiles, self.B * self.Hkv, self.NT if self.local else 1)
+
+def _states_fwd(p, q, k, v):
+    def launch(grid, h, z, ht, zt):
         _launcher(linear_attention_state_fwd_kernel)[grid](
-            k, v, self.mask, h, z, self.w[2], self.w[3], self.L, self.NT, self.F, self.D, self.Hkv, self.DX, self.FH,
-            HAS_MASK=self.has_mask, PREC=self.prec, LOCAL=self.local, **self.consts(state=True),
+            k, v, p.mask, h, z, ht, zt, p.w[2], p.w[3], p.L, p.NT, p.NC, p.F, p.D, p.Hkv, p.DX, p.FH,
+            HAS_MASK=p.has_mask, PREC=p.prec, **p.consts(state=True),
         )
-        if self.local:
-            self.scan(h, self.F * self.D, False)
-            self.scan(z, self.F, False)
+
+    return p.states(q, launch, reverse=False)
 
 
 def _fwd(q, k, v, causal, key_mask, fmap):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     p = _Plan(q, k, v, causal, key_mask, fmap)
-    h = _new(q, p.B, p.Hkv, p.NS, p.F, p.D, dtype=torch.float32)
-    z = _new(q, p.B, p.Hkv, p.NS, p.F, dtype=torch.float32)
     o = _new(v, p.B, p.Hq, p.L, p.D)
     den = _new(q, p.B, p.Hq, p.L, dtype=torch.float32)
-    p.states(k, v, h, z)
+    h, z, hc, zc = _states_fwd(p, q, k, v)
     _launcher(linear_attention_fwd_kernel)[(p.NT, p.B * p.Hq)](
-        q, k, v, p.mask, h, z, o, den, *p.w, p.L, p.NT, p.F, p.D, p.Hq, p.G, p.DX, p.FH,
+        q, k, v, p.mask, h, z, hc, zc, o, den, *p.w, p.L, p.NT, p.NC, p.F, p.D, p.Hq, p.G, p.DX, p.FH,
         HAS_MASK=p.has_mask, PREC=p.prec, PREC_STATE=p.prec_state, **p.consts(),
     )
     return o, den
@@ -733,10 +771,6 @@ def _bwd(q, k, v, o, den, do, dden, causal, key_mask, fmap):
     do = do.contiguous().to(v.dtype)
     den, dden = den.contiguous().float(), dden.contiguous().float()
     p = _Plan(q, k, v, causal, key_mask, fmap)
-    h = _new(q, p.B, p.Hkv, p.NS, p.F, p.D, dtype=torch.float32)
-    z = _new(q, p.B, p.Hkv, p.NS, p.F, dtype=torch.float32)
-    dh = _new(q, p.B, p.Hkv, p.NS, p.F, p.D, dtype=torch.float32)
-    dz = _new(q, p.B, p.Hkv, p.NS, p.F, dtype=torch.float32)
     s = _new(q, p.B, p.Hq, p.L, dtype=torch.float32)
     dq, dk, dv = _new(q, *q.shape), _new(k, *k.shape), _new(v, *v.shape)
     if p.fused:  # per-(chunk, batch, head) partials of dW, db
@@ -744,23 +778,25 @@ def _bwd(q, k, v, o, den, do, dden, causal, key_mask, fmap):
         dwk, dbk = _new(q, p.NT, p.B, p.Hkv, p.DX, p.FH, dtype=torch.float32), _new(q, p.NT, p.B, p.Hkv, p.FH, dtype=torch.float32)
     else:
         dwq = dbq = dwk = dbk = s
-    p.states(k, v, h, z)
+    h, z, hc, zc = _states_fwd(p, q, k, v)
     _launcher(linear_attention_bwd_dq_kernel)[(p.NT, p.B * p.Hq)](
-        q, k, v, p.mask, h, z, o, den, do, dden, dq, s, *p.w, dwq, dbq,
-        p.L, p.NT, p.F, p.D, p.Hq, p.G, p.DX, p.FH,
+        q, k, v, p.mask, h, z, hc, zc, o, den, do, dden, dq, s, *p.w, dwq, dbq,
+        p.L, p.NT, p.NC, p.F, p.D, p.Hq, p.G, p.DX, p.FH,
         HAS_MASK=p.has_mask, PREC=p.prec, PREC_STATE=p.prec_state, **p.consts(),
     )
-    _launcher(linear_attention_state_bwd_kernel)[(p.n_tiles, p.B * p.Hkv, p.NT if p.local else 1)](
-        q, do, den, s, dh, dz, p.w[0], p.w[1], p.L, p.NT, p.F, p.D, p.Hkv, p.G, p.DX, p.FH,
-        PREC=p.prec, PREC_STATE=p.prec_state, LOCAL=p.local, **p.consts(state=True),
-    )
-    if p.local:
-        p.scan(dh, p.F * p.D, True)
-        p.scan(dz, p.F, True)
+    del h, z, hc, zc
+
+    def launch(grid, dh, dz, dht, dzt):
+        _launcher(linear_attention_state_bwd_kernel)[grid](
+            q, do, den, s, dh, dz, dht, dzt, p.w[0], p.w[1], p.L, p.NT, p.NC, p.F, p.D, p.Hkv, p.G, p.DX, p.FH,
+            PREC=p.prec, PREC_STATE=p.prec_state, **p.consts(state=True),
+        )
+
+    dh, dz, dhc, dzc = p.states(q, launch, reverse=True)
     for part_dk, part_dv in p.dkdv_parts:
         _launcher(linear_attention_bwd_dkdv_kernel)[(p.NT, p.B * p.Hkv)](
-            q, k, v, p.mask, den, do, s, dh, dz, dk, dv, *p.w, dwk, dbk,
-            p.L, p.NT, p.F, p.D, p.Hkv, p.G, p.DX, p.FH,
+            q, k, v, p.mask, den, do, s, dh, dz, dhc, dzc, dk, dv, *p.w, dwk, dbk,
+            p.L, p.NT, p.NC, p.F, p.D, p.Hkv, p.G, p.DX, p.FH,
             HAS_MASK=p.has_mask, PREC=p.prec, PREC_STATE=p.prec_state, DK=part_dk, DV=part_dv, **p.consts(),
         )
     if p.fused:
