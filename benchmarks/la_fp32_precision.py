@@ -163,8 +163,9 @@ def sm90_offline() -> None:
 
     fn = chunk.linear_attention_bwd_dq_kernel.fn
     const = dict(BT=64, BK=128, BV=128, BDX=16, BFH=16, CAUSAL=False, HAS_MASK=True, FUSED=False, KIND=0,
-                 PREC="ieee", PREC_STATE="ieee")
-    ints = {"L", "NT", "F", "D", "Hq", "G", "DX", "FH"}
+                 PREC="ieee", PREC_STATE="ieee", SEG=False)
+    const = {a: x for a, x in const.items() if a in fn.arg_names}
+    ints = {"L", "NT", "NC", "F", "D", "Hq", "G", "DX", "FH"}
     sig = {a: "constexpr" if a in const else "i32" if a in ints else "*u8" if a == "mask" else "*fp32"
            for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
