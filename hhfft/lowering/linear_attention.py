@@ -147,9 +147,9 @@ def _triton_enabled(dtype: torch.dtype) -> bool:
     """Whether CUDA tensors of ``dtype`` go to the Triton kernels. HHFFT_LINEAR_ATTENTION_TRITON unset (the default):
     fp16 and bf16 do, fp32 stays on the plain-torch path; 1: every supported dtype; 0: none.
 
-    Why fp32 is held back: on the H200 every 16-bit case of tests/gpu/test_linear_attention_gpu.py passed (two runs,
-    benchmarks/RESULTS.md "linear attention (Hedgehog)"), but one fp32 case misses the 2x rule (dq at L = 1, where
-    Triton's fp32 dot sums over F in one sequential chain; the kernels README has the analysis)."""
+    Why fp32 is held back: its kernels pass tests/gpu/test_linear_attention_gpu.py on the H200 since their cancelling
+    sums are split into short FMA chains joined in fp64 (63/63, benchmarks/RESULTS.md "linear attention (Hedgehog)"),
+    but their speed is not measured and they compile for 1-2 minutes per kernel (the kernels README, "Precision")."""
     value = os.environ.get(_TRITON_SWITCH)
     if value is None:
         return dtype in (torch.float16, torch.bfloat16)
