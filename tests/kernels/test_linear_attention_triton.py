@@ -227,9 +227,20 @@ def test_state_segments(states, fused, causal, monkeypatch):
         test_forward_and_backward_vs_fp64((1, 2, 1, 330, 8, 16, True), causal, torch.float32)
 
 
-def test_state_segments_by_default_fill_the_gpu():
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_empty_batch(causal):
+    """B = 0: empty outputs and gradients (no program runs; the segment choice must not divide by zero programs)."""
+    q, k, v, _ = _inputs(0, 2, 1, 70, 8, 4, False, dtype=torch.float32)
+    o, den = chunk.linear_attention_fwd(q, k, v, causal)
+    grads = chunk.linear_attention_bwd(q, k, v, o, den, torch.randn_like(o), torch.zeros_like(den), causal)
+    assert o.shape == (0, 2, 70, 4) and den.shape == (0, 2, 70)
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in (q, k, v)]
+
+
+def test_state_segments_by_default_fill_the_gpu(monkeypatch):
     """Unset HHFFT_LA_STATES: few heads x tiles get many segments (a long chain per head left most of the H200
     idle), many get one."""
+    monkeypatch.setattr(chunk, "_sm_count", lambda device: 132)  # an H100/H200
     few = chunk._Plan(*_inputs(1, 2, 1, 64 * 1000, 8, 16, False, dtype=torch.float32)[:3], True, None, None)
     assert (few.NT, few.NC, few.NG, few.seg) == (1000, 2, 500, True)  # 1 program: 4 x 132 segments, at most
     many = chunk._Plan(*_inputs(264, 2, 1, 64 * 3, 8, 16, False, dtype=torch.float32)[:3], True, None, None)

@@ -1,12 +1,14 @@
 """Chunked linear attention in Triton: forward and backward, causal and non-causal, GQA and key masks.
 
 Kernels (README.md has the maths), chunk size BT, feature dim F, value dim D:
-    linear_attention_state_fwd_kernel  h_t = sum_{m<t} K_m^T V_m, z_t = sum_{m<t} K_m^T 1 (fp32), one pass over the
-                                       chunks per (head, F-tile, D-tile); non-causal: the totals only
+    linear_attention_state_fwd_kernel  h_t = sum_{m<t} K_m^T V_m, z_t = sum_{m<t} K_m^T 1 (fp32) within a segment of
+                                       chunks, one program per (F-tile, D-tile, head, segment), and each segment's
+                                       total; non-causal: the totals only
+    linear_attention_carry_kernel      in place: the segments' totals -> their carry-in (exclusive scan over segments)
     linear_attention_fwd_kernel        per chunk: o = (tril(Q K^T) V + Q h_t) / (tril(Q K^T) 1 + Q z_t)
     linear_attention_bwd_dq_kernel     per chunk: dq = tril(G V^T + s 1^T) K + G h_t^T + s z_t^T; stores s
     linear_attention_state_bwd_kernel  reverse pass: dh_t = sum_{m>t} Q_m^T G_m, dz_t = sum_{m>t} Q_m^T s_m,
-                                       summed over the query heads of each GQA group
+                                       summed over the query heads of each GQA group, by segments likewise
     linear_attention_bwd_dkdv_kernel   per chunk: dk = tril(G V^T + s)^T Q + V dh_t^T + dz_t, dv = tril(Q K^T)^T G + K dh_t
     hedgehog_feature_map_fwd_kernel    phi = [f(y), f(-y)], y = x W + b (the fused op's default route, map)
     hedgehog_feature_map_bwd_kernel    dx = dy W^T per chunk; dW = x^T dy, db = sum dy over several chunks per program
@@ -89,7 +91,7 @@ def _dot_sums(a, b, PARTS: tl.constexpr):
 def _dot_c(a, b, PS: tl.constexpr, STATE: tl.constexpr):
     """a @ b for the sums whose result cancels against another term: dq, dk's sums over D against s (g.v_j - g.o_i;
     dq = dden k at L = 1) and o's sum over F, which enters s. fp32 inputs (PS "ieee"): Triton's fp32 dot sums each
-    output over K in one FMA chain; here in chains of 16 terms (at most 8), their sum in fp64, which the caller rounds
+    output over K in one FMA chain; here in 8 chains of K / 8 terms, their sum in fp64, which the caller rounds
     after adding the cancelling term (README "Precision"). 16-bit inputs: as the other products, _dot_x(a, b, PS)
     when b is an fp32 state (STATE), else one dot at precision PS."""
     if PS == "ieee":
@@ -186,7 +188,7 @@ def _feat_bwd(b_dphi, b_x, b_y, m_t, p_w, p_dw, p_db, DX, FH,
     return b_dx
 
 
-@triton.autotune(configs=_configs(warps=(4,), stages=(2, 3)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
+@triton.autotune(configs=_configs(warps=(4,), stages=(2, 3)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED", "SEG"])
 @triton.jit
 def linear_attention_state_fwd_kernel(
     k, v, mask, h, z, ht, zt, wk, bk,
@@ -238,8 +240,6 @@ def linear_attention_state_fwd_kernel(
             tl.store(zt + (i_bh * NG + i_g) * F + o_k, b_z, mask=m_k)
 
 
-# One config only: the autotuner reruns a kernel to time its configs, and this one works in place (a second scan of
-# the same buffer would be wrong).
 @triton.jit
 def _carry(x, i_e, i_bh, NG, E, BE: tl.constexpr, REVERSE: tl.constexpr):
     o_e = i_e * BE + tl.arange(0, BE)
@@ -253,6 +253,8 @@ def _carry(x, i_e, i_bh, NG, E, BE: tl.constexpr, REVERSE: tl.constexpr):
         b_run += b_x
 
 
+# One config only: the autotuner reruns a kernel to time its configs, and this one works in place (a second scan of
+# the same buffer would be wrong).
 @triton.autotune(configs=_configs(warps=(4,), stages=(3,)), key=["F", "D", "BE", "REVERSE"])
 @triton.jit
 def linear_attention_carry_kernel(h, z, NG, F, D, BE: tl.constexpr, REVERSE: tl.constexpr):
@@ -282,7 +284,7 @@ def _state(h, z, hc, zc, i_h, i_t, NT, NC, F, D, o_k, o_v, m_k, m_v, CAUSAL: tl.
     return b_h, b_z
 
 
-@triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED", "SEG"])
 @triton.jit
 def linear_attention_fwd_kernel(
     q, k, v, mask, h, z, hc, zc, o, den, wq, bq, wk, bk,
@@ -326,7 +328,7 @@ def linear_attention_fwd_kernel(
     tl.store(den + i_bh * L + o_t, b_d, mask=m_t)
 
 
-@triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED", "SEG"])
 @triton.jit
 def linear_attention_bwd_dq_kernel(
     q, k, v, mask, h, z, hc, zc, o, den, do, dden, dq, s, wq, bq, wk, bk, dwq, dbq,
@@ -387,7 +389,7 @@ def linear_attention_bwd_dq_kernel(
                  mask=m_t[:, None] & m_k[None, :])
 
 
-@triton.autotune(configs=_configs(warps=(4,), stages=(2, 3)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED"])
+@triton.autotune(configs=_configs(warps=(4,), stages=(2, 3)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED", "SEG"])
 @triton.jit
 def linear_attention_state_bwd_kernel(
     q, do, den, s, dh, dz, dht, dzt, wq, bq,
@@ -440,7 +442,7 @@ def linear_attention_state_bwd_kernel(
             tl.store(dzt + (i_bh * NG + i_g) * F + o_k, b_dz, mask=m_k)
 
 
-@triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED", "DK", "DV"])
+@triton.autotune(configs=_configs(warps=(4, 8), stages=(1, 2)), key=["F", "D", "BK", "BV", "CAUSAL", "FUSED", "SEG", "DK", "DV"])
 @triton.jit
 def linear_attention_bwd_dkdv_kernel(
     q, k, v, mask, den, do, s, dh, dz, dhc, dzc, dk, dv, wq, bq, wk, bk, dwk, dbk,
@@ -706,12 +708,12 @@ class _Plan:
         # segment, "sequential" (one segment) or "parallel" (one chunk); unset: chosen from the GPU's size.
         mode = os.environ.get("HHFFT_LA_STATES", "")
         if mode == "":
-            sms, programs = _sm_count(q.device), self.n_tiles * B * Hkv
+            sms, programs = _sm_count(q.device), max(1, self.n_tiles * B * Hkv)  # B = 0: no program, one segment
             nc = self.NT if programs >= _STATE_PROGRAMS[0] * sms else triton.cdiv(
                 self.NT, triton.cdiv(_STATE_PROGRAMS[1] * sms, programs))
         elif mode in ("sequential", "parallel"):
             nc = self.NT if mode == "sequential" else 1
-        elif mode.isdigit() and int(mode) > 0:
+        elif mode.isascii() and mode.isdigit() and int(mode) > 0:
             nc = int(mode)
         else:
             raise ValueError(f"HHFFT_LA_STATES must be sequential, parallel or a number of chunks per segment "
