@@ -63,8 +63,9 @@ class _Bucket:
 
 @dataclasses.dataclass
 class _Layout:
-    key: Tuple[Tuple[int, ...], int, int]  # ids of the stepping parameters, id and size of the state mapping
+    key: Tuple[int, ...]  # ids of the stepping parameters
     states: List[Dict[str, Any]]  # per stepping parameter
+    tensors: List[Tuple[Tensor, Tensor, Tensor]]  # per stepping parameter: its exp_avg, exp_hessian_diag_sq, step
     buckets: List[_Bucket]
 
 
@@ -265,10 +266,15 @@ class AdaHessian(torch.optim.Optimizer):
 
     def _layout_for(self, params: List[Tensor]) -> "_Layout":
         """The buckets for this set of stepping parameters: built (and missing state created) on the first step with
-        this set, then reused, so a step does no per-parameter state lookups and regroups nothing."""
-        key = (tuple(map(id, params)), id(self.state), len(self.state))  # a cleared or replaced state rebuilds
-        if self._layout is not None and self._layout.key == key:
-            return self._layout
+        this set, then reused while every parameter's state holds the same tensors, so a step regroups nothing. A
+        state the user cleared, replaced or refilled with other tensors (e.g. moved to the CPU and back) rebuilds."""
+        key = tuple(map(id, params))
+        lay = self._layout
+        if lay is not None and lay.key == key and all(
+            self.state.get(p) is st and st.get("exp_avg") is t[0] and st.get("exp_hessian_diag_sq") is t[1]
+            and st.get("step") is t[2] for p, st, t in zip(params, lay.states, lay.tensors)
+        ):
+            return lay
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         states, buckets = [], {}
         for i, p in enumerate(params):
@@ -283,7 +289,8 @@ class AdaHessian(torch.optim.Optimizer):
             b.params.append(p)
             for lst, k in zip((b.exp_avgs, b.exp_sqs, b.steps), ("exp_avg", "exp_hessian_diag_sq", "step")):
                 lst.append(state[k])
-        self._layout = _Layout(key, states, list(buckets.values()))
+        tensors = [(st["exp_avg"], st["exp_hessian_diag_sq"], st["step"]) for st in states]
+        self._layout = _Layout(key, states, tensors, list(buckets.values()))
         return self._layout
 
     def _lr(self, device: torch.device, dtype: torch.dtype, value: float) -> Tensor:

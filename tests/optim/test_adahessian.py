@@ -277,6 +277,31 @@ def test_reused_layout_equals_a_fresh_one_every_step():
             torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, n=n, t=t: f"step {t}, {n}: {m}")
 
 
+def test_state_changed_by_the_user_between_steps():
+    # the buckets are reused while the same parameters step; a parameter's state cleared (a reset of its moments) or
+    # its moments replaced by other tensors (moved to the CPU and back) must take effect, as in a rebuilt layout
+    models = [make_model(), make_model()]
+    opts = [AdaHessian(m.parameters(), generator=torch.Generator().manual_seed(3), fused=False) for m in models]
+    for t in range(5):
+        for k, (model, opt) in enumerate(zip(models, opts)):
+            if t == 2:
+                opt.state[model.c1.weight].clear()
+            if t == 3:
+                st = opt.state[model.fc1.weight]
+                st["exp_avg"] = st["exp_avg"].clone()
+            xs, y = DATA[t % len(DATA)]
+            opt.zero_grad()
+            loss_of(model, xs, y).backward(create_graph=True)
+            if k == 1:
+                opt._layout = None
+            opt.step()
+        for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, n=n, t=t: f"step {t}, {n}: {m}")
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        for key in ("exp_avg", "exp_hessian_diag_sq", "step"):
+            torch.testing.assert_close(opts[0].state[p][key], opts[1].state[q][key], rtol=0, atol=0)
+
+
 def test_step_without_graph_says_how_to_fix():
     model = make_model()
     opt = AdaHessian(model.parameters(), fused=False)
