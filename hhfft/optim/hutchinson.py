@@ -161,9 +161,11 @@ def hutchinson(
         grads, hess = _average_over_ranks(grads), _average_over_ranks(hess)
     del g, loss_s  # the last call's outputs: from here on only `grads` and `hess` hold them
     if set_grad:
+        # CUDA-graph outputs live in the graph's pool and are overwritten by its next replay: always copied
+        steal = backend is None or not _cudagraphs(options)
         for p, g in zip(leaves, grads):
             if p.grad is None:
-                p.grad = g if _own_buffer(g, p) else g.clone()
+                p.grad = g if steal and _own_buffer(g, p) else g.clone()
             else:
                 p.grad.add_(g)
     return HutchinsonResult(
@@ -172,6 +174,13 @@ def hutchinson(
         hessian=pytree.tree_unflatten(hess, spec),
         params=leaves,
     )
+
+
+def _cudagraphs(options: Optional[dict]) -> bool:
+    """Whether Inductor would run the compiled function under CUDA graphs (its option, else its global config)."""
+    from torch._inductor import config
+
+    return bool((options or {}).get("triton.cudagraphs", config.triton.cudagraphs))
 
 
 def _own_buffer(g: Tensor, p: Tensor) -> bool:

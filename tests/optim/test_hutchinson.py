@@ -148,6 +148,17 @@ def test_set_grad_takes_a_fresh_gradient_without_copying(backend):
     torch.testing.assert_close(w.grad, 2 * x.t() @ (x @ w.detach() + b.detach()))
 
 
+def test_set_grad_copies_gradients_of_cuda_graphs():
+    """Under CUDA graphs (Inductor's option or global config) the outputs live in the graph's pool, which the next
+    replay overwrites: .grad gets a copy (on the CPU Inductor skips the graphs, so only the decision is tested)."""
+    w = torch.randn(4, 3, requires_grad=True)
+    x = torch.randn(5, 4)
+    res = hutchinson(lambda ps: ((x @ ps["w"]) ** 2).sum(), {"w": w}, backend="inductor",
+                     options={"triton.cudagraphs": True})
+    assert w.grad is not res.grads["w"]
+    torch.testing.assert_close(w.grad, res.grads["w"], rtol=0, atol=0)
+
+
 def test_set_grad_copies_a_gradient_whose_memory_is_shared():
     p = torch.empty(4, 3)
     assert _own_buffer(torch.randn(4, 3), p)
