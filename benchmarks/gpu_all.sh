@@ -7,7 +7,7 @@
 #   LA_BENCH_ARGS="--lengths 8192 --methods hhfft fla" ...   # extra arguments of the linear-attention benchmark
 #   PROFILE_ARGS="--cases fft-16384" ...              # extra arguments of benchmarks/profile_kernels.py
 #
-# Lanes: 0 linear-attention, decode and AdaHessian tests; 1 linear_attention.py; 2 the 16K demo and adahessian.py;
+# Lanes: 0 linear-attention, decode and AdaHessian (step and peak-memory) tests; 1 linear_attention.py; 2 the 16K demo and adahessian.py;
 # 3 converted-model and fftconv tests; 4 profile_kernels.py (per-kernel times); 5 fftconv.py (the headline table).
 #
 # Each lane runs its commands in order, each under `timeout` (its own limit, cut to what is left of the budget),
@@ -34,7 +34,7 @@ gpus=${LANE_GPUS:-$(nvidia-smi -L | wc -l)}
 # tests compile many shapes and time nothing: one Triton config per kernel; the benchmarks autotune, as users do
 PYTEST="HHFFT_TRITON_AUTOTUNE=0 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu"
 LANES=(
-  "240|$PYTEST -n 12 --dist loadgroup tests/gpu/test_linear_attention_gpu.py;;120|$PYTEST -n 8 tests/gpu/test_decode_gpu.py;;120|$PYTEST tests/gpu/test_adahessian_cuda.py"
+  "240|$PYTEST -n 12 --dist loadgroup tests/gpu/test_linear_attention_gpu.py;;120|$PYTEST -n 8 tests/gpu/test_decode_gpu.py;;120|$PYTEST tests/gpu/test_adahessian_cuda.py tests/gpu/test_adahessian_memory_gpu.py"
   "480|python3 benchmarks/linear_attention.py --out $work/la_bench --method-timeout 120 $LA_BENCH_ARGS"
   "200|python3 -m hhfft.cli demo --device cuda --length 16384 --batch 1 --amp bf16;;260|python3 benchmarks/adahessian.py --out $work/adahessian"
   "150|$PYTEST -n 3 tests/gpu/test_converted_models_gpu.py;;300|$PYTEST -n 8 tests/gpu/test_fftconv_gpu.py"

@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import pstats
 import json
 import math
 import os
+import pstats
 import sys
 import time
 from collections import defaultdict
