@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 import time
 
@@ -25,19 +26,16 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from hhfft.optim import AdaHessian, hutchinson
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import adahessian as adahessian_bench  # noqa: E402
+
 
 def sq_err(out, y):
     return (out - y).pow(2).mean()
 
 
 def mlp(layers: int, width: int) -> nn.Sequential:
-    torch.manual_seed(0)
-    mods = []
-    for i in range(layers):
-        mods.append(nn.Linear(width, width))
-        if i < layers - 1:
-            mods.append(nn.GELU())
-    return nn.Sequential(*mods)
+    return adahessian_bench.mlp(layers, width, "cpu")  # the GPU benchmark's model, scaled
 
 
 def live_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
@@ -150,7 +148,8 @@ def main() -> int:
             return model, opt, it
         return make
 
-    def hh_rows(update_each):
+    def hh_rows(update_each, always_graph=False):
+        """always_graph: a graph on every step, also those that reuse the curvature (the official loop, unchanged)."""
         def make():
             model = mlp(args.layers, args.width)
             opt = AdaHessian(model.parameters(), lr=0.15, update_each=update_each)
@@ -158,22 +157,7 @@ def main() -> int:
             def it():
                 opt.zero_grad(set_to_none=True)
                 with record_function("phase:fwd_bwd"):
-                    sq_err(model(x), y).backward(create_graph=opt.hessian_due)
-                with record_function("phase:step"):
-                    opt.step()
-            return model, opt, it
-        return make
-
-    def hh_always_graph(update_each):
-        """update_each > 1 with a graph on every step (the official loop, unchanged)."""
-        def make():
-            model = mlp(args.layers, args.width)
-            opt = AdaHessian(model.parameters(), lr=0.15, update_each=update_each)
-
-            def it():
-                opt.zero_grad(set_to_none=True)
-                with record_function("phase:fwd_bwd"):
-                    sq_err(model(x), y).backward(create_graph=True)
+                    sq_err(model(x), y).backward(create_graph=always_graph or opt.hessian_due)
                 with record_function("phase:step"):
                     opt.step()
             return model, opt, it
@@ -209,7 +193,7 @@ def main() -> int:
         "po-up2": po_rows(2),
         "hhfft": hh_rows(1),
         "hhfft-ue2": hh_rows(2),
-        "hhfft-ue2-graph-always": hh_always_graph(2),
+        "hhfft-ue2-graph-always": hh_rows(2, always_graph=True),
         "jvp": func_rows(1),
         "jvp-ue2": func_rows(2),
     }

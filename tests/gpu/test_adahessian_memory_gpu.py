@@ -8,10 +8,11 @@ slack), and the jvp path stays at least 1 P below the create_graph path."""
 from __future__ import annotations
 
 import gc
+import importlib.util
+import pathlib
 
 import pytest
 import torch
-import torch.nn as nn
 
 from hhfft.optim import AdaHessian, hutchinson
 
@@ -19,13 +20,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def _mlp(layers=8, width=2048):
-    torch.manual_seed(0)
-    mods = []
-    for i in range(layers):
-        mods.append(nn.Linear(width, width))
-        if i < layers - 1:
-            mods.append(nn.GELU())
-    return nn.Sequential(*mods).cuda()
+    """The benchmark's model (benchmarks/adahessian.py), at a third of its depth."""
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "adahessian.py"
+    spec = importlib.util.spec_from_file_location("adahessian_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.mlp(layers, width, "cuda")
 
 
 def _peaks(path: str):
