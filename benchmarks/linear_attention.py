@@ -6,6 +6,8 @@ B = 1 at 64K; bf16; causal), forward and forward+backward times of
   - hhfft-fused: hhfft.lowering.linear_attention.hedgehog_linear_attention on q, k [B, H, L, 64] and the maps' W, b
                  (softmax_split; backward also gives dW, db), by its default route (HHFFT_LA_FUSED=map: one
                  feature-map kernel writes phi, then the unfused kernels); hhfft-fused-map names that route explicitly
+  - hhfft-fused-compiled: hhfft-fused under torch.compile (Inductor launches the op's kernels from its generated
+                 code: the backend's path, without the eager op's Python per launch)
   - hhfft-fused-inkernel: the same op with HHFFT_LA_FUSED=inkernel (the map computed inside the chunk kernels, phi
                  never in memory)
   - fla:         fla.ops.linear_attn.chunk_linear_attn (fla-core 0.6) on the same phi (its layout [B, L, H, F]),
@@ -49,8 +51,8 @@ H, D, FH = 16, 64, 64
 FEAT = 2 * FH
 C = 64
 LENGTHS = [2048, 8192, 32768, 65536]
-METHODS = ["hhfft-fused", "hhfft", "fla", "sdpa", "hhfft-fused-inkernel", "hhfft-tf32x3", "hhfft-fused-tf32x3",
-           "hhfft-apart", "hhfft-fused-apart", "hhfft-par", "hhfft-seq", "hhfft-fused-seq"]
+METHODS = ["hhfft-fused", "hhfft", "fla", "sdpa", "hhfft-fused-compiled", "hhfft-fused-inkernel", "hhfft-tf32x3",
+           "hhfft-fused-tf32x3", "hhfft-apart", "hhfft-fused-apart", "hhfft-par", "hhfft-seq", "hhfft-fused-seq"]
 VARIANTS = {  # the environment of each variant of the two hhfft paths
     "hhfft-fused-map": ("hhfft-fused", {"HHFFT_LA_FUSED": "map"}),
     "hhfft-fused-inkernel": ("hhfft-fused", {"HHFFT_LA_FUSED": "inkernel"}),
@@ -150,6 +152,13 @@ def run_length(L: int, methods: list[str], quick: bool, sink=None, timeout: int 
             params = [fq.weight, fq.bias, fk.weight, fk.bias]
             fwd = lambda: hedgehog_linear_attention(  # noqa: E731
                 x[0], x[1], x[2], fq.weight, fq.bias, fk.weight, fk.bias, kind="softmax_split", causal=True)
+            out = lambda o: o  # noqa: E731
+            leaves = x + params
+        elif name == "hhfft-fused-compiled":  # the backend's path: Inductor launches the kernels from its own code
+            x = [t.clone().requires_grad_() for t in (q, k, v)]
+            params = [fq.weight, fq.bias, fk.weight, fk.bias]
+            cfn = torch.compile(lambda *a: hedgehog_linear_attention(*a, kind="softmax_split", causal=True))
+            fwd = lambda: cfn(*x, *params)  # noqa: E731
             out = lambda o: o  # noqa: E731
             leaves = x + params
         elif name == "fla":
