@@ -144,7 +144,6 @@ def main(argv=None) -> None:
             text = io.StringIO()
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.cprofile)
             print("\n".join(line[:150] for line in text.getvalue().splitlines()[4:]), flush=True)
-            torch.cuda.synchronize()
         torch.cuda.empty_cache()
     with open(os.path.join(args.out, "profile_kernels.json"), "w") as f:
         json.dump(results, f, indent=1)
