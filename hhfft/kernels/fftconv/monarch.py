@@ -207,9 +207,8 @@ def _cdot_l(fr, fd, fs, xr, xi, CONJ: tl.constexpr, GAUSS: tl.constexpr, PREC: t
             cr, ci = b_t - _dot(fs, xi, PREC), b_t + _dot(fd, xr, PREC)
     else:
         if CONJ:
-            cr, ci = _cdot(fr, -fd, xr, xi, PREC)
-        else:
-            cr, ci = _cdot(fr, fd, xr, xi, PREC)
+            fd = -fd
+        cr, ci = _cdot(fr, fd, xr, xi, PREC)
     return cr, ci
 
 
@@ -224,9 +223,8 @@ def _cdot_r(xr, xi, fr, fd, fs, CONJ: tl.constexpr, GAUSS: tl.constexpr, PREC: t
             cr, ci = b_t - _dot(xi, fs, PREC), b_t + _dot(xr, fd, PREC)
     else:
         if CONJ:
-            cr, ci = _cdot(xr, xi, fr, -fd, PREC)
-        else:
-            cr, ci = _cdot(xr, xi, fr, fd, PREC)
+            fd = -fd
+        cr, ci = _cdot(xr, xi, fr, fd, PREC)
     return cr, ci
 
 
