@@ -24,6 +24,11 @@ the fp32 plain-torch implementation on the same inputs before it is timed.
 
     PYTHONPATH=. python benchmarks/linear_attention.py --out /tmp/la          # the full table (one GPU run)
     PYTHONPATH=. python benchmarks/linear_attention.py --lengths 8192 --quick
+    PYTHONPATH=. python benchmarks/linear_attention.py --graphs ...           # plus each method replayed from a CUDA graph
+
+--graphs adds, after the normal (eager, host-included) timing, the time of the same forward and forward+backward
+replayed from a CUDA graph (triton.testing.do_bench_cudagraph): the GPU's time alone, which separates a method that
+is host-bound (its Python and launches take longer than its kernels) from one whose kernels are slow.
 
 With --out, each row is also appended to OUT/rows.jsonl as soon as it is measured, so a run stopped by a time limit
 keeps what it measured; --method-timeout S gives up on one method at one length after S seconds (fla autotunes
@@ -69,6 +74,11 @@ _VARIANT_VARS = sorted({var for _, env in VARIANTS.values() for var in env})
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def bench_graph(fn) -> float:
+    """Median ms of fn replayed from a CUDA graph: the GPU's time without the host's (Python, launches)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
 
 def peak_mb(fn) -> float:
@@ -119,7 +129,7 @@ def _alarm(signum, frame):
     raise MethodTimeout()
 
 
-def run_length(L: int, methods: list[str], quick: bool, sink=None, timeout: int = 0) -> list[dict]:
+def run_length(L: int, methods: list[str], quick: bool, sink=None, timeout: int = 0, graphs: bool = False) -> list[dict]:
     B = max(1, TOKENS // L)
     g = torch.Generator(device="cuda").manual_seed(L)
     dt = torch.bfloat16
@@ -193,6 +203,13 @@ def run_length(L: int, methods: list[str], quick: bool, sink=None, timeout: int 
                 row["fwd_ms"] = bench(fwd)
             row["fwdbwd_ms"] = bench(fwdbwd)
             row["peak_mb_fwdbwd"] = peak_mb(fwdbwd)
+            if graphs:  # after the eager timing: kernels are autotuned and compiled, nothing left to do on the host
+                try:
+                    with torch.no_grad():
+                        row["fwd_graph_ms"] = bench_graph(fwd)
+                    row["fwdbwd_graph_ms"] = bench_graph(fwdbwd)
+                except Exception as e:  # noqa: BLE001 - the eager figures stand without it
+                    row["graph_error"] = repr(e)[:400]
         except MethodTimeout:
             row = dict(L=L, B=B, method=name, error=f"gave up after {timeout} s (--method-timeout)")
         except Exception as e:  # one failing method must not lose the others' figures
@@ -212,21 +229,24 @@ def run_length(L: int, methods: list[str], quick: bool, sink=None, timeout: int 
 def table(rows: list[dict], fl: dict) -> str:
     lines = [
         "| L | B | method | fwd ms | fwd+bwd ms | peak MB (fwd+bwd) | rel err vs fp32 | fwd+bwd speed-up of hhfft-fused "
-        "| fwd+bwd speed-up over fla |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| fwd+bwd speed-up over fla | fwd ms, graph | fwd+bwd ms, graph | fwd+bwd over fla, both graphs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     by = {(r["L"], r["method"]): r for r in rows}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['L']} | {r['B']} | {r['method']} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['L']} | {r['B']} | {r['method']} | failed: {r['error'][:80]} | | | | | | | | |")
             continue
         fused = by.get((r["L"], "hhfft-fused"), {})
         sp = f"{r['fwdbwd_ms'] / fused['fwdbwd_ms']:.2f}x" if "fwdbwd_ms" in fused and r["method"] != "hhfft-fused" else ""
         fla = by.get((r["L"], "fla"), {})
         sp_fla = f"{fla['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}x" if "fwdbwd_ms" in fla and r["method"] != "fla" else ""
         err = "" if r["err_vs_fp32"] is None else f"{r['err_vs_fp32']:.1e}"
+        g_fwd, g_all = (f"{r[k]:.3f}" if k in r else r.get("graph_error", "")[:40] for k in ("fwd_graph_ms", "fwdbwd_graph_ms"))
+        g_fla = (f"{fla['fwdbwd_graph_ms'] / r['fwdbwd_graph_ms']:.2f}x"
+                 if "fwdbwd_graph_ms" in fla and "fwdbwd_graph_ms" in r and r["method"] != "fla" else "")
         lines.append(f"| {r['L']} | {r['B']} | {r['method']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
-                     f"{r['peak_mb_fwdbwd']:.0f} | {err} | {sp} | {sp_fla} |")
+                     f"{r['peak_mb_fwdbwd']:.0f} | {err} | {sp} | {sp_fla} | {g_fwd} | {g_all} | {g_fla} |")
     lines.append("")
     lines.append("| L | fwd GFLOP | fwd MB moved | fwd floor ms | fwd+bwd floor ms |")
     lines.append("| --- | --- | --- | --- | --- |")
@@ -242,6 +262,8 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--method-timeout", type=int, default=0, help="seconds per method and length (0: no limit)")
     p.add_argument("--out", default=None, help="folder for results.json and table.md")
+    p.add_argument("--graphs", action="store_true",
+                   help="also time each method replayed from a CUDA graph (GPU time without host overhead)")
     a = p.parse_args(argv)
     os.environ["HHFFT_LINEAR_ATTENTION_TRITON"] = "1"  # the kernels for every dtype (fp32 is opt-in); this measures them
     bw, fl_rate = measure_rates()
@@ -256,7 +278,7 @@ def main(argv=None) -> None:
     rows, fl = [], {}
     for L in a.lengths:
         fl[L] = floors(L, max(1, TOKENS // L), bw, fl_rate)
-        rows += run_length(L, a.methods, a.quick, sink, a.method_timeout)
+        rows += run_length(L, a.methods, a.quick, sink, a.method_timeout, a.graphs)
         torch.cuda.empty_cache()
     md = table(rows, fl)
     print(md, flush=True)
