@@ -109,7 +109,7 @@ def sm90_offline(lengths) -> None:
             sig.update(p_kf="*fp32", p_ks="*fp32", p_tw="*fp32", p_f1=tab, p_f2=tab)
             sig.update({a: "i32" for a in ("B", "H", "L", "T", "LO", "HI")})
             const = dict(N1=n1, N2=n2, R=cfg.rows, HAS_PRE=False, HAS_POST=False, HAS_BIAS=False, HAS_SKIP=False,
-                         PREC="fp16", GAUSS=d["gauss"])
+                         PREC="fp16", GAUSS=d["gauss"], CONJ_K=False)
             attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kern.arg_names) if a.startswith("p_")}
             t0 = time.perf_counter()
             ck = triton.compile(ASTSource(kern, sig, const, attrs), target=GPUTarget("cuda", 90, 32),

@@ -181,7 +181,10 @@ class _FFTConv(torch.autograd.Function):
         g, v = _gated(dy, postgate), _gated(u, pregate)
         du = dk = dbias = dskip = dpre = dpost = None
         if need[0] or need[6]:
-            dv = fftconv(g, k.flip(-1), shift=K - 1 - shift, out_len=L)
+            k_flipped = k.flip(-1)
+            if _monarch is not None and not torch.compiler.is_compiling():
+                _monarch.note_flip(k_flipped, k)  # du's spectrum: the conjugate of the one the forward kept
+            dv = fftconv(g, k_flipped, shift=K - 1 - shift, out_len=L)
             if need[0]:
                 du = _gated(dv, pregate)
                 if skip is not None:
@@ -322,6 +325,14 @@ def fftconv(
                 f"fftconv: taps must be an int in [1, K={k.shape[-1]}] (the number of kernel taps kept), got {taps!r}"
             )
         k = k[:, :taps]
+    if (
+        _monarch is not None
+        and not torch.compiler.is_compiling()
+        and torch.is_grad_enabled()
+        and (u.requires_grad or (pregate is not None and pregate.requires_grad))
+        and _use_kernels(u, k, bias, skip, pregate, postgate)
+    ):
+        _monarch.keep_spectrum(k)  # the backward's du reuses the forward's spectrum of k (conjugated)
     return _FFTConv.apply(u, k, shift, out_len, bias, skip, pregate, postgate)
 
 

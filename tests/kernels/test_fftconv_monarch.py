@@ -189,3 +189,48 @@ def test_static_dot_options_only_for_fp16_dots():
             assert cfg.half_tables == (prec == "fp16"), (N, prec, cfg)
             assert not cfg.gauss or prec == "fp16", (N, prec, cfg)
     assert _fused_config(2048, "fp16").gauss
+
+
+@pytest.mark.parametrize("L,K,shift,max_fused_n", [(129, 100, 3, None), (1500, 1001, 7, 256)],
+                         ids=["N256-fused", "N4096-fourstep"])
+def test_kept_spectrum_served_only_to_the_same_k_at_the_same_version(L, K, shift, max_fused_n):
+    """flip(k) at shift K-1-shift has the conjugate of k's spectrum at shift (README, "One spectrum per step"): the
+    spectrum kept by a marked forward is served to the flipped call once, and never after k changed in place or
+    died."""
+    from hhfft.kernels.fftconv import monarch as m
+
+    B, H = 3, 2
+    u, k, _ = _inputs(B, H, L, K, L, False, seed=5)
+    dy = torch.randn(B, H, L, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    u_d, g_d = u.to(DEVICE, torch.float16), dy.to(DEVICE, torch.float16)
+    opts = dict(precision="ieee", max_fused_n=max_fused_n)
+
+    def du(k32):  # the backward's du call: flip(k), declared as such
+        kf = k32.flip(-1)
+        m.note_flip(kf, k32)
+        return fftconv_fwd(g_d, kf, K - 1 - shift, L, **opts)
+
+    def check(dv, kk, what):
+        ref = fftconv_naive(dy, kk.flip(-1), K - 1 - shift, L)
+        assert_within_torch_error(dv.cpu(), ref, _fftconv_torch(g_d, kk.flip(-1).float(), K - 1 - shift, L, None,
+                                                                None, None, None).cpu(), what)
+
+    m.SPECTRUM_COUNTS.clear()
+    k32 = k.to(DEVICE, torch.float32)
+    m.keep_spectrum(k32)
+    fftconv_fwd(u_d, k32, shift, L, **opts)
+    assert len(m._KEPT) == 1 and not m._KEEP
+    check(du(k32), k, "du from the kept spectrum")
+    assert dict(m.SPECTRUM_COUNTS) == {"built": 1, "reused": 1} and not m._KEPT and not m._FLIPS
+
+    m.keep_spectrum(k32)
+    fftconv_fwd(u_d, k32, shift, L, **opts)
+    k32.mul_(2)  # in place: k._version moves on, the kept spectrum is stale
+    check(du(k32), 2 * k, "du after an in-place update of k")
+    assert dict(m.SPECTRUM_COUNTS) == {"built": 3, "reused": 1} and not m._KEPT
+
+    m.keep_spectrum(k32)
+    fftconv_fwd(u_d, k32, shift, L, **opts)
+    assert len(m._KEPT) == 1
+    del k32  # the entry goes with its tensor
+    assert not m._KEPT and not m._KEEP

@@ -151,3 +151,67 @@ def test_partial_convolution_is_exact_for_the_truncated_kernel():
     assert dk[:, 5:].abs().max() == 0 and dk[:, :5].abs().max() > 0
     with pytest.raises(ValueError, match="taps must be"):
         fftconv(u, k, taps=13)
+
+
+# ------------------------------------------------------------------- the op's kernel branch (Triton interpreter)
+@pytest.fixture
+def kernels_on_cpu(monkeypatch):
+    """The op's CUDA branch on the CPU through the Triton interpreter (tests/conftest.py sets it without a GPU), with
+    the fused limit lowered to N = 256 so that larger sizes take the four-step path, and "ieee" dots (the interpreter
+    has no tf32; its bf16 dots are broken, so the inputs are fp16)."""
+    import hhfft.lowering.fftconv as op_mod
+    from hhfft.kernels.fftconv import monarch
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(
+            op_mod, "_use_kernels", lambda x, *o: op_mod._monarch is not None and x.dtype != torch.float64 and all(
+                t is None or t.dtype != torch.float64 for t in o)
+        )
+    monkeypatch.setattr(monarch, "precision_for", lambda dtype: "ieee")
+    monkeypatch.setitem(monarch._MAX_FUSED, "ieee", 256)
+    monarch.SPECTRUM_COUNTS.clear()
+    return op_mod, monarch
+
+
+def _max_err(x, ref):
+    return (x.double() - ref).abs().max().item()
+
+
+# (B, H, L, K, shift, gates): N = 256 (fused) and 4096 (four-step, P16 x Q256), odd batch (a half-empty pair)
+KERNEL_CASES = [
+    pytest.param(3, 2, 129, 100, 0, True, id="N256-fused-B3-H2-L129-K100-causal-gates"),
+    pytest.param(3, 2, 1500, 1001, 0, False, id="N4096-fourstep-B3-H2-L1500-K1001-causal"),
+    pytest.param(3, 1, 2049, 1500, 7, True, id="N4096-fourstep-B3-H1-L2049-K1500-shift7-gates"),
+]
+
+
+@pytest.mark.parametrize("B,H,L,K,shift,gates", KERNEL_CASES)
+def test_kernel_branch_forward_and_all_gradients(B, H, L, K, shift, gates, kernels_on_cpu, monkeypatch):
+    """y and every gradient through the op's kernel branch (fp16 inputs, fp32 k) against naive.py in fp64, by the
+    STYLE rule: error <= 2x that of the same computation by the op's torch.fft branch at fp16. The backward's du
+    reuses the forward's spectrum of k (conjugated) instead of building one for flip(k)."""
+    op_mod, monarch = kernels_on_cpu
+    u, k, extra = _args(B, H, L, K, L, gates, seed=11)
+    dy = torch.randn(B, H, L, **F64, generator=torch.Generator().manual_seed(12))
+    names = ["u", "k", *extra]
+    leaves = [x.clone().requires_grad_() for x in (u, k, *extra.values())]
+    y_ref = fftconv_naive(leaves[0], leaves[1], shift, L, *leaves[2:])
+    refs = [y_ref.detach(), *torch.autograd.grad(y_ref, leaves, dy)]
+
+    def run():
+        xs = [u.half(), k.float(), *(x.half() for x in extra.values())]
+        xs = [x.requires_grad_() for x in xs]
+        y = fftconv(xs[0], xs[1], shift=shift, out_len=L, **dict(zip(names[2:], xs[2:])))
+        return [y.detach(), *torch.autograd.grad(y, xs, dy.half())]
+
+    outs = run()
+    counts = dict(monarch.SPECTRUM_COUNTS)
+    monkeypatch.setattr(op_mod, "_monarch", None)  # the same computation by torch.fft at fp16
+    outs_t = run()
+    for name, a, a_t, ref in zip(["y", *names], outs, outs_t, refs):
+        assert not torch.isnan(a).any(), f"{name}: NaN"
+        e, e_t = _max_err(a, ref), _max_err(a_t, ref)
+        assert e <= 2 * e_t, f"{name}: error {e:.3e} > 2 x torch's {e_t:.3e}"
+    # y's spectrum built once, du's taken from it; the gated backward's postgate gradient recomputes y (one more)
+    assert counts == {"built": 2 if gates else 1, "reused": 1}, counts
+    assert not monarch._KEPT and not monarch._FLIPS

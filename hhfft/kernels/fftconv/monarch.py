@@ -27,11 +27,12 @@ accuracy and measured limits.
 """
 from __future__ import annotations
 
+import collections
 import math
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -279,7 +280,7 @@ def fftconv_fwd_kernel(
     B, H, L, T, LO, HI,
     N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    PREC: tl.constexpr, GAUSS: tl.constexpr,
+    PREC: tl.constexpr, GAUSS: tl.constexpr, CONJ_K: tl.constexpr,
 ):
     # program: channel i_h, pairs of rows [R i_g, R i_g + R); tables and spectrum loaded once
     i_g, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -288,6 +289,8 @@ def fftconv_fwd_kernel(
     f2r, f2i, f2s = _load_table(p_f2, N2, GAUSS)
     twr, twi = _load_plane(p_tw, N1, N2)
     kr, ki = _load_plane(p_kf + i_h * 2 * N1 * N2, N1, N2)
+    if CONJ_K:  # the flipped kernel's spectrum (du): the conjugate of the stored one
+        ki = -ki
     b_ks = tl.load(p_ks + i_h)
     m_u = o_n < L
     m_t = o_n < T
@@ -333,7 +336,7 @@ def fftconv_fwd_stacked_kernel(
     B, H, L, T, LO, HI,
     N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    PREC: tl.constexpr, GAUSS: tl.constexpr,
+    PREC: tl.constexpr, GAUSS: tl.constexpr, CONJ_K: tl.constexpr,
 ):
     # R pairs side by side: [N1, R N2] for the left product by F_N1, [R N1, N2] for the right product by F_N2,
     # so every tl.dot is R times larger than in fftconv_fwd_kernel
@@ -377,6 +380,8 @@ def fftconv_fwd_stacked_kernel(
     o_k = (tl.arange(0, R * N1) % N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     kr = tl.load(p_kf + i_h * 2 * N1 * N2 + o_k) * (1.0 / (N1 * N2))
     ki = tl.load(p_kf + i_h * 2 * N1 * N2 + N1 * N2 + o_k) * (1.0 / (N1 * N2))
+    if CONJ_K:
+        ki = -ki
     b_cr, b_ci = b_cr * kr - b_ci * ki, b_cr * ki + b_ci * kr
     # inverse: D = C @ conj(F2), conj twiddle, back to [N1, R N2], Y = conj(F1) @ D
     b_dr, b_di = _cdot_r(b_cr, b_ci, f2r, f2i, f2s, True, GAUSS, PREC)
@@ -413,7 +418,7 @@ def fftconv_fwd_t_kernel(
     B, H, L, T, LO, HI,
     N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
-    PREC: tl.constexpr, GAUSS: tl.constexpr,
+    PREC: tl.constexpr, GAUSS: tl.constexpr, CONJ_K: tl.constexpr,
 ):
     # R pairs, every product a right product with R N2 or R N1 rows (F symmetric: X^T F1 = (F1 X)^T):
     # X^T [R N2, N1] @ F1 -> A^T, twiddle, per-pair transpose -> A [R N1, N2] @ F2 -> C, * K_f,
@@ -456,6 +461,8 @@ def fftconv_fwd_t_kernel(
     o_k = o_1[None, :, None] * N2 + o_2[None, None, :]  # [1, N1, N2]
     kr = tl.load(p_kf + i_h * 2 * N1 * N2 + o_k) * (1.0 / (N1 * N2))
     ki = tl.load(p_kf + i_h * 2 * N1 * N2 + N1 * N2 + o_k) * (1.0 / (N1 * N2))
+    if CONJ_K:
+        ki = -ki
     b_cr = tl.reshape(b_cr, (R, N1, N2))
     b_ci = tl.reshape(b_ci, (R, N1, N2))
     b_cr, b_ci = b_cr * kr - b_ci * ki, b_cr * ki + b_ci * kr
@@ -531,6 +538,7 @@ def fftconv_row_kernel(
     p_s, p_kf, p_ks, p_f1, p_f2, p_tw,
     H,
     P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
+    CONJ_K: tl.constexpr,
 ):
     # rows k_p in [R i_k, R i_k + R) of s: FFT_Q, times the spectrum row, inverse FFT_Q, in place
     i_r, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -544,6 +552,8 @@ def fftconv_row_kernel(
     for i_j in range(R):
         i_kp = i_k * R + i_j
         kr, ki = _load_plane(p_kf + (i_h * P + i_kp) * 2 * Q, N1, N2)
+        if CONJ_K:
+            ki = -ki
         p_row = p_s + i_r * 2 * P * Q + i_kp * Q + o_n
         b_yr, b_yi = _conv_row(
             tl.load(p_row), tl.load(p_row + P * Q), kr, ki, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, N1, N2, False, PREC
@@ -644,27 +654,119 @@ def fftconv_corr_kernel(
     tl.store(p_dk + (i_s * H + i_h) * K + o_j, b_cr * (b_sc / N), mask=m_j)
 
 
+@triton.jit
+def fftconv_spectrum_kernel(p_r, p_ks, p_kf, N, P, Q1, Q2, BLOCK: tl.constexpr):
+    # kf[h, k_p, :, k1, k2] = f[k_p + P (k1 + Q1 k2)] / ks[h] from the rfft half r of a real row (f[N - m] = conj(f[m]))
+    i_hp, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_h = i_hp // P
+    i_p = i_hp % P
+    Q = Q1 * Q2
+    o = i_b * BLOCK + tl.arange(0, BLOCK)
+    m = o < Q
+    o_f = i_p + P * (o // Q2 + Q1 * (o % Q2))
+    m_lo = o_f <= N // 2
+    p = p_r + (i_h * (N // 2 + 1) + tl.where(m_lo, o_f, N - o_f)) * 2
+    b_s = tl.load(p_ks + i_h)
+    b_re = tl.load(p, mask=m, other=0.0)
+    b_im = tl.load(p + 1, mask=m, other=0.0)
+    b_im = tl.where(m_lo, b_im, -b_im)
+    tl.store(p_kf + i_hp * 2 * Q + o, b_re / b_s, mask=m)
+    tl.store(p_kf + i_hp * 2 * Q + Q + o, b_im / b_s, mask=m)
+
+
 # ---------------------------------------------------------------------------------------------------- host side
-def _spectrum(k: Tensor, shift: int, N: int, rows: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+def _spectrum(k: Tensor, shift: int, N: int, layout: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
     """fft(k') in the kernels' order as fp32 planes scaled into [-1, 1], and the per-channel power-of-two scales.
 
     k'[m] = k[m + shift] circularly (taps before 0 wrap), so the kernels compute a plain circular convolution.
-    rows = (N1, N2): fused layout [H, 2, N1, N2] with [k1, k2] = f[k1 + N1 k2].
-    rows = (P, Q1, Q2): four-step layout [H, P, 2, Q1, Q2] with [kp, k1, k2] = f[kp + P (k1 + Q1 k2)].
+    layout = (P, Q1, Q2): [H, P, 2, Q1, Q2] with [kp, k1, k2] = f[kp + P (k1 + Q1 k2)] (four-step); P = 1 is the
+    fused kernels' [H, 2, N1, N2] with [k1, k2] = f[k1 + N1 k2].
+    Passes: the rolled, zero-padded k' (one write), its rfft, one min/max reduction, one kernel that mirrors the
+    half spectrum (f[N - m] = conj(f[m])), scales and permutes.
     """
     H, K = k.shape
-    kp = F.pad(k.to(torch.float32), (0, N - K))
-    kp = torch.roll(kp, -(shift % N), dims=-1) if shift % N else kp
-    f = torch.fft.fft(kp, dim=-1)
-    f = torch.stack([f.real, f.imag], dim=1)  # [H, 2, N]
-    m = f.abs().amax(dim=(1, 2))
+    P, q1, q2 = layout
+    kp = torch.zeros(H, N, device=k.device, dtype=torch.float32)
+    a0 = (-shift) % N  # tap j lands at (j - shift) mod N: a run of K slots that wraps at most once
+    n0 = min(K, N - a0)
+    kp[:, a0:a0 + n0] = k[:, :n0]
+    if n0 < K:
+        kp[:, :K - n0] = k[:, n0:]
+    r = torch.view_as_real(torch.fft.rfft(kp, dim=-1))  # [H, N/2 + 1, 2]
+    lo, hi = torch.aminmax(r.reshape(H, -1), dim=-1)
+    m = torch.maximum(hi, -lo)
     scale = torch.where(m > 0, torch.exp2(torch.ceil(torch.log2(m))), torch.ones_like(m))
-    f = f / scale[:, None, None]
-    if len(rows) == 2:
-        n1, n2 = rows
-        return f.view(H, 2, n2, n1).transpose(-1, -2).contiguous(), scale
-    p, q1, q2 = rows
-    return f.view(H, 2, q2, q1, p).permute(0, 4, 1, 3, 2).contiguous(), scale
+    kf = torch.empty(H, P, 2, q1 * q2, device=k.device, dtype=torch.float32)
+    block = min(1024, q1 * q2)
+    _launch(fftconv_spectrum_kernel, (H * P, triton.cdiv(q1 * q2, block)), k, p_r=r, p_ks=scale, p_kf=kf, N=N,
+            P=P, Q1=q1, Q2=q2, BLOCK=block)
+    return kf, scale
+
+
+# Spectrum reuse (README, "One spectrum per step"). The backward's du is a convolution with flip(k) at shift
+# K - 1 - shift, whose spectrum is exactly the conjugate of the forward's (scale included). In eager autograd the
+# forward's spectrum is handed on: the wrapper marks k when a backward will need du (keep_spectrum), the forward
+# stores the spectrum it builds for a marked k, the backward names its flipped kernel (note_flip), and the du call
+# takes the stored spectrum (conjugated in the kernels, CONJ_K) and drops it. Every entry holds a weak reference to
+# its tensor and k._version: it is served only for the same live tensor at the same version, and goes when the
+# tensor does. Under tracing and CUDA-graph capture nothing is stored or served (the spectrum is built in the graph).
+_KEEP: dict = {}  # id(k) -> (weakref(k), k._version)
+_KEPT: dict = {}  # (id(k), shift, N, layout) -> (weakref(k), k._version, kf, ks)
+_FLIPS: dict = {}  # id(flip(k)) -> (weakref(flip(k)), weakref(k), k._version)
+SPECTRUM_COUNTS: collections.Counter = collections.Counter()  # "built", "reused" (for tests)
+
+
+def _weak(x: Tensor, table: dict, key):
+    def gone(ref):
+        entry = table.get(key)
+        if entry is not None and entry[0] is ref:
+            del table[key]
+
+    return weakref.ref(x, gone)
+
+
+def _caching(x: Tensor) -> bool:
+    return not _tracing(x) and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def keep_spectrum(k: Tensor) -> None:
+    """Mark k: the next forward that builds k's spectrum keeps it for the backward's du (see note_flip)."""
+    if _caching(k):
+        _KEEP[id(k)] = (_weak(k, _KEEP, id(k)), k._version)
+
+
+def note_flip(k_flipped: Tensor, k: Tensor) -> None:
+    """Declare k_flipped = k.flip(-1): a convolution with it takes the conjugate of k's kept spectrum."""
+    if _caching(k):
+        _FLIPS[id(k_flipped)] = (_weak(k_flipped, _FLIPS, id(k_flipped)), weakref.ref(k), k._version)
+
+
+def _live(entry, x: Tensor) -> bool:
+    return entry is not None and entry[0]() is x and entry[1] == x._version
+
+
+def _spectrum_for(k: Tensor, shift: int, N: int, layout: tuple[int, int, int]) -> tuple[Tensor, Tensor, bool]:
+    """(kf, ks, conj): k's spectrum for the kernels; conj=True when it is the kept spectrum of flip(k)."""
+    if not _caching(k):
+        return (*_spectrum(k, shift, N, layout), False)
+    flip = _FLIPS.pop(id(k), None)
+    if flip is not None and flip[0]() is k:
+        base = flip[1]()
+        if base is not None and base._version == flip[2]:
+            key = (id(base), k.shape[-1] - 1 - shift, N, layout)
+            entry = _KEPT.get(key)
+            for other in [x for x in _KEPT if x[0] == id(base)]:  # the backward is the consumer: drop them all
+                del _KEPT[other]
+            if _live(entry, base):
+                SPECTRUM_COUNTS["reused"] += 1
+                return entry[2], entry[3], True
+    kf, ks = _spectrum(k, shift, N, layout)
+    SPECTRUM_COUNTS["built"] += 1
+    if _live(_KEEP.get(id(k)), k):
+        del _KEEP[id(k)]
+        key = (id(k), shift, N, layout)
+        _KEPT[key] = (_weak(k, _KEPT, key), k._version, kf, ks)
+    return kf, ks, False
 
 
 def _empty_if_none(x: Optional[Tensor], like: Tensor) -> Tensor:
@@ -794,10 +896,10 @@ def fftconv_fwd(
     if N <= max_fused:
         n1, n2 = _split(N)
         tw = _tables(n1, n2, u.device, u)[2]
-        kf, ks = _spectrum(k, shift, N, (n1, n2))
+        kf, ks, conj_k = _spectrum_for(k, shift, N, (1, n1, n2))
         kw = dict(
             **common, p_pre=_empty_if_none(pregate, u), p_kf=kf, p_ks=ks, p_tw=tw, N1=n1, N2=n2,
-            HAS_PRE=pregate is not None, **flags,
+            HAS_PRE=pregate is not None, CONJ_K=conj_k, **flags,
         )
 
         def run(cfg: FusedConfig):
@@ -824,7 +926,7 @@ def fftconv_fwd(
     fq1, fq2, twq = _tables(q1, q2, u.device, u)
     fp = _tables(P, P, u.device, u)[0]
     tw = _cached(("tw", P, Q, str(u.device)), u, lambda: _twiddles(P, Q, N, -1.0, u.device))
-    kf, ks = _spectrum(k, shift, N, (P, q1, q2))
+    kf, ks, conj_k = _spectrum_for(k, shift, N, (P, q1, q2))
     s = torch.empty(pairs * H, 2, P, Q, device=u.device, dtype=torch.float32)
     bq = min(Q, 64 if P <= 32 else 32)
     nqb = max(1, min(Q // bq, 8))
@@ -837,7 +939,7 @@ def fftconv_fwd(
     rr = 4 if Q <= 512 else 1  # rows per program, as the fused kernel's loop (P >= 16 is a multiple of 4)
     _launch(
         fftconv_row_kernel, (pairs * H, P // rr), u, p_s=s, p_kf=kf, p_ks=ks / P, p_f1=fq1, p_f2=fq2, p_tw=twq,
-        H=H, P=P, N1=q1, N2=q2, R=rr, PREC=prec, num_warps=_num_warps(q1, q2),
+        H=H, P=P, N1=q1, N2=q2, R=rr, PREC=prec, CONJ_K=conj_k, num_warps=_num_warps(q1, q2),
     )
     _launch(
         fftconv_col_inv_kernel, (pairs * H, nqb), u, **common, p_s=s, p_fp=fp, p_tw=tw, P=P, Q=Q, BQ=bq,
