@@ -176,3 +176,62 @@ def test_compile_fx_backward_calls_the_kernels():
     for name, a, b in [("loss", loss, ref_loss)] + list(zip(["u", "k", "pre", "post"], grads, ref_grads)):
         rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
         assert rel <= 2 ** -7, f"{name}: compiled vs eager relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("L", [5000, 20000], ids=["N16384-P16-Q1024", "N65536-P16-Q4096"])
+def test_four_step_backward_reuses_the_spectrum_and_runs_dk_in_the_kernels(L, monkeypatch):
+    """Eager forward+backward at four-step sizes (bf16): y's spectrum is built once and du reads it conjugated; dk
+    comes from the four-step correlation kernels, not torch.fft. Values are checked by test_fftconv_all_sizes."""
+    from hhfft.kernels.fftconv import monarch
+
+    B, H = 3, 4
+    u = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(H, L, device="cuda", requires_grad=True)
+    launched = []
+    launch = monarch._launch
+    monkeypatch.setattr(monarch, "_launch", lambda kern, *a, **kw: launched.append(kern) or launch(kern, *a, **kw))
+    monarch.SPECTRUM_COUNTS.clear()
+    y = fftconv(u, k)
+    y.float().square().sum().backward()
+    assert dict(monarch.SPECTRUM_COUNTS) == {"built": 1, "reused": 1}
+    assert monarch.fftconv_corr_row_kernel in launched and monarch.fftconv_corr_col_kernel in launched
+    assert not monarch._KEPT and not monarch._FLIPS
+    ref = fftconv(u.detach().double(), k.detach().double())  # the torch.fft path in fp64
+    assert _err(y, ref) <= 2 * _err(op_mod._fftconv_torch(u.detach(), k.detach(), 0, L, None, None, None, None), ref)
+
+
+def test_compile_fx_four_step_backward_calls_the_kernels():
+    """The hhfft backend's path (compile_fx) at a four-step size: the spectrum kernel, the four-step forward (y, du)
+    and the four-step correlation kernels (dk) are in the compiled code; nothing is kept across calls."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.utils import run_and_get_code
+
+    from hhfft.kernels.fftconv import monarch
+
+    def f(u, k, pre, post):
+        return _fftconv_leaf(u, k, pre, post).float().square().sum()
+
+    B, H, L, K = 3, 4, 5000, 3000  # y, du: N = 8192 (P16 x Q512); dk: N = plan(L, L, 0) = 16384
+    u, pre, post = (torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    k = torch.randn(H, K, device="cuda", requires_grad=True)
+    compiled = compile_fx(torch.fx.symbolic_trace(f), [u, k, pre, post])
+
+    def step():
+        loss = compiled(u, k, pre, post)
+        loss = loss[0] if isinstance(loss, (tuple, list)) else loss
+        return loss, torch.autograd.grad(loss, (u, k, pre, post))
+
+    (loss, grads), codes = run_and_get_code(step)
+    code = "\n".join(codes)
+    kernels = (
+        "fftconv_spectrum_kernel", "fftconv_col_fwd_kernel", "fftconv_col_inv_kernel", "fftconv_corr_row_kernel",
+        "fftconv_corr_col_kernel",
+    )
+    for name in kernels:
+        assert name in code, name
+    assert not monarch._KEPT
+    ref_loss = f(u, k, pre, post)
+    ref_grads = torch.autograd.grad(ref_loss, (u, k, pre, post))
+    for name, a, b in [("loss", loss, ref_loss)] + list(zip(["u", "k", "pre", "post"], grads, ref_grads)):
+        rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert rel <= 2 ** -7, f"{name}: compiled vs eager relative error {rel:.2e}"

@@ -121,10 +121,10 @@ def test_backward(B, H, L, K, shift, T, max_fused_n, R, gates, dtype):
         dv, dv_torch = dv + add, dv_torch + add
     assert_within_torch_error(dv.cpu(), du_ref, dv_torch.cpu(), "du")
 
-    if plan(T, L, 0) <= max_fused_n:
-        dk = fftconv_corr_fwd(g, v, shift, K, precision=PREC[dtype], max_fused_n=max_fused_n)
-        dk_torch = _fftconv_corr_torch(g, v, shift, K)
-        assert_within_torch_error(dk.cpu(), dk_ref, dk_torch.cpu(), "dk")
+    # dk's FFT size is plan(T, L, 0): N = 8192 in the four-step case (P32 x Q256 with max_fused_n = 256)
+    dk = fftconv_corr_fwd(g, v, shift, K, precision=PREC[dtype], max_fused_n=max_fused_n)
+    dk_torch = _fftconv_corr_torch(g, v, shift, K)
+    assert_within_torch_error(dk.cpu(), dk_ref, dk_torch.cpu(), f"dk N={plan(T, L, 0)}")
 
 
 def test_corr_matches_naive_odd_batch():
@@ -133,6 +133,26 @@ def test_corr_matches_naive_odd_batch():
     ref = fftconv_corr_naive(g, v, 5, 40)
     dk = fftconv_corr_fwd(g.float().to(DEVICE), v.float().to(DEVICE), 5, 40, precision="ieee")
     assert_within_torch_error(dk.cpu(), ref, _fftconv_corr_torch(g.float(), v.float(), 5, 40), "dk odd batch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "B,H,T,L,shift,K",
+    [
+        pytest.param(3, 2, 700, 900, 5, 600, id="N2048-P16-Q128-B3-H2-T700-L900-shift5-K600"),
+        pytest.param(1, 1, 300, 1100, -40, 1500, id="N2048-B1-T300-L1100-shift-40-K1500-longer-than-the-lags"),
+    ],
+)
+def test_corr_four_step(B, H, T, L, shift, K, dtype):
+    """dk by the four-step kernels (max_fused_n = 256 forces them): odd batch (a half-empty pair), T != L, a negative
+    shift and K beyond the correlation's lags (those stay 0)."""
+    gen = torch.Generator().manual_seed(9)
+    g = torch.randn(B, H, T, dtype=torch.float64, generator=gen)
+    v = torch.randn(B, H, L, dtype=torch.float64, generator=gen)
+    ref = fftconv_corr_naive(g, v, shift, K)
+    g_d, v_d = g.to(DEVICE, dtype), v.to(DEVICE, dtype)
+    dk = fftconv_corr_fwd(g_d, v_d, shift, K, precision=PREC[dtype], max_fused_n=256)
+    assert_within_torch_error(dk.cpu(), ref, _fftconv_corr_torch(g_d, v_d, shift, K).cpu(), "dk four-step")
 
 
 def test_fwd_rejects_bad_out():

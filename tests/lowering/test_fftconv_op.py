@@ -157,8 +157,8 @@ def test_partial_convolution_is_exact_for_the_truncated_kernel():
 @pytest.fixture
 def kernels_on_cpu(monkeypatch):
     """The op's CUDA branch on the CPU through the Triton interpreter (tests/conftest.py sets it without a GPU), with
-    the fused limit lowered to N = 256 so that larger sizes take the four-step path, and "ieee" dots (the interpreter
-    has no tf32; its bf16 dots are broken, so the inputs are fp16)."""
+    the fused limit lowered to N = 512 so that larger sizes take the four-step path (y, du and dk), and "ieee" dots
+    (the interpreter has no tf32; its bf16 dots are broken, so the inputs are fp16)."""
     import hhfft.lowering.fftconv as op_mod
     from hhfft.kernels.fftconv import monarch
 
@@ -168,7 +168,7 @@ def kernels_on_cpu(monkeypatch):
                 t is None or t.dtype != torch.float64 for t in o)
         )
     monkeypatch.setattr(monarch, "precision_for", lambda dtype: "ieee")
-    monkeypatch.setitem(monarch._MAX_FUSED, "ieee", 256)
+    monkeypatch.setitem(monarch._MAX_FUSED, "ieee", 512)
     monarch.SPECTRUM_COUNTS.clear()
     return op_mod, monarch
 
@@ -177,7 +177,8 @@ def _max_err(x, ref):
     return (x.double() - ref).abs().max().item()
 
 
-# (B, H, L, K, shift, gates): N = 256 (fused) and 4096 (four-step, P16 x Q256), odd batch (a half-empty pair)
+# (B, H, L, K, shift, gates): y's and du's N = 256 (fused) and 4096 (four-step, P16 x Q256); dk's N = plan(L, L, 0):
+# 512 (fused), 4096 and 8192 (four-step, P16 x Q512); odd batch (a half-empty pair)
 KERNEL_CASES = [
     pytest.param(3, 2, 129, 100, 0, True, id="N256-fused-B3-H2-L129-K100-causal-gates"),
     pytest.param(3, 2, 1500, 1001, 0, False, id="N4096-fourstep-B3-H2-L1500-K1001-causal"),
@@ -189,7 +190,8 @@ KERNEL_CASES = [
 def test_kernel_branch_forward_and_all_gradients(B, H, L, K, shift, gates, kernels_on_cpu, monkeypatch):
     """y and every gradient through the op's kernel branch (fp16 inputs, fp32 k) against naive.py in fp64, by the
     STYLE rule: error <= 2x that of the same computation by the op's torch.fft branch at fp16. The backward's du
-    reuses the forward's spectrum of k (conjugated) instead of building one for flip(k)."""
+    reuses the forward's spectrum of k (conjugated) instead of building one for flip(k); dk comes from the correlation
+    kernels (fused or four-step), not torch.fft."""
     op_mod, monarch = kernels_on_cpu
     u, k, extra = _args(B, H, L, K, L, gates, seed=11)
     dy = torch.randn(B, H, L, **F64, generator=torch.Generator().manual_seed(12))
@@ -204,8 +206,13 @@ def test_kernel_branch_forward_and_all_gradients(B, H, L, K, shift, gates, kerne
         y = fftconv(xs[0], xs[1], shift=shift, out_len=L, **dict(zip(names[2:], xs[2:])))
         return [y.detach(), *torch.autograd.grad(y, xs, dy.half())]
 
+    launched = []
+    launch = monarch._launch
+    monkeypatch.setattr(monarch, "_launch", lambda kernel, *a, **kw: launched.append(kernel) or launch(kernel, *a, **kw))
     outs = run()
     counts = dict(monarch.SPECTRUM_COUNTS)
+    corr = monarch.fftconv_corr_col_kernel if L > 256 else monarch.fftconv_corr_kernel
+    assert corr in launched, [getattr(x, "__name__", x) for x in launched]
     monkeypatch.setattr(op_mod, "_monarch", None)  # the same computation by torch.fft at fp16
     outs_t = run()
     for name, a, a_t, ref in zip(["y", *names], outs, outs_t, refs):

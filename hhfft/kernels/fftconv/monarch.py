@@ -19,7 +19,12 @@ Paths:
   twiddles) into an fp32 scratch, the fused row machinery does FFT_Q, spectrum product and inverse on each of
   the P rows, and a second column pass does the inverse size-P DFTs and the epilogue.
 - dk (``fftconv_corr``): one program per (channel, batch slice) accumulates conj(G) * V over its pairs of rows in
-  registers, inverse-transforms once and writes its partial sum of lags; the slices are summed on the host.
+  registers, inverse-transforms once and writes its partial sum of lags; the slices are summed on the host. Above
+  the fused limit: the four-step column pass on g and on v, one program per (channel, row) accumulating the rows'
+  conj(G) * V over the pairs (fftconv_corr_row_kernel), and an inverse column pass writing the lags
+  (fftconv_corr_col_kernel).
+- the kernel's spectrum: rfft of the rolled kernel, mirrored, scaled and permuted by fftconv_spectrum_kernel; the
+  backward's du (flip(k)) reads the forward's spectrum conjugated (CONJ_K; keep_spectrum / note_flip).
 
 Dot precision: "fp16" (fp16 operands, power-of-two scaled, fp32 accumulation) for bf16 inputs, "tf32x3" (split
 precision) for fp16 and fp32 inputs. Limits per precision: _MAX_FUSED, _MAX_P. See README.md for the maths,
@@ -91,9 +96,13 @@ def supported(u: Tensor, N: int) -> bool:
 
 
 def corr_supported(g: Tensor, v: Tensor, N: int) -> bool:
-    """Whether fftconv_corr goes to the Triton kernel (bf16/fp16 inputs, N within the fused limit)."""
+    """Whether fftconv_corr goes to the Triton kernels (bf16/fp16 inputs, N within the forward's limits: fused
+    kernel, then the four-step path)."""
     dt = torch.promote_types(g.dtype, v.dtype)
-    return dt in (torch.float16, torch.bfloat16) and N <= _MAX_FUSED[precision_for(dt)]
+    if dt not in (torch.float16, torch.bfloat16):
+        return False
+    prec = precision_for(dt)
+    return N <= _MAX_FUSED[prec] * _MAX_P[prec]
 
 
 def _num_warps(n1: int, n2: int) -> int:
@@ -655,6 +664,73 @@ def fftconv_corr_kernel(
 
 
 @triton.jit
+def fftconv_corr_row_kernel(
+    p_sg, p_sv, p_f1, p_f2, p_tw, p_c,
+    H, NP,
+    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
+):
+    # c[h, :, k_p, :] = Q ifft_Q(sum over the NP pairs of conj(fft_Q(sg[pair, h, k_p])) fft_Q(sv[pair, h, k_p])) for
+    # the rows k_p in [R i_k, R i_k + R): fftconv_corr_kernel's accumulation on the rows of the four-step scratch
+    i_h, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    Q: tl.constexpr = N1 * N2
+    o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    f1r, f1i = _load_plane(p_f1, N1, N1)
+    f2r, f2i = _load_plane(p_f2, N2, N2)
+    twr, twi = _load_plane(p_tw, N1, N2)
+    for i_j in range(R):
+        i_kp = i_k * R + i_j
+        b_sr = tl.zeros([N1, N2], dtype=tl.float32)
+        b_si = tl.zeros([N1, N2], dtype=tl.float32)
+        for i_p in range(NP):
+            o_row = (i_p * H + i_h) * 2 * P * Q + i_kp * Q + o_n
+            b_gr = tl.load(p_sg + o_row)
+            b_gi = tl.load(p_sg + o_row + P * Q)
+            b_sg = _pow2_scale(b_gr, b_gi)
+            b_gr, b_gi = _monarch_fwd(b_gr / b_sg, b_gi / b_sg, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+            b_vr = tl.load(p_sv + o_row)
+            b_vi = tl.load(p_sv + o_row + P * Q)
+            b_sv = _pow2_scale(b_vr, b_vi)
+            b_vr, b_vi = _monarch_fwd(b_vr / b_sv, b_vi / b_sv, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+            b_w = b_sg * b_sv
+            b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
+            b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
+        b_sc = _pow2_scale(b_sr, b_si)
+        b_cr, b_ci = _monarch_inv(b_sr / b_sc, b_si / b_sc, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+        o_c = i_h * 2 * P * Q + i_kp * Q + o_n
+        tl.store(p_c + o_c, b_cr * b_sc)
+        tl.store(p_c + o_c + P * Q, b_ci * b_sc)
+
+
+@triton.jit
+def fftconv_corr_col_kernel(
+    p_c, p_fp, p_tw, p_dk,
+    T, L, K, SHIFT,
+    P: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, NQB: tl.constexpr, PREC: tl.constexpr,
+):
+    # corr[n] = Re sum_kp W_P^(-p k_p) W_N^(-q k_p) c[h, k_p, q] / N at n = p Q + q (fftconv_col_inv_kernel's inverse,
+    # real part only), written to dk[h, shift - lag(n)] as fftconv_corr_kernel does
+    i_h, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    N: tl.constexpr = P * Q
+    o_p = tl.arange(0, P)
+    o_q = tl.arange(0, BQ)
+    f_r, f_i = _load_plane(p_fp, P, P)
+    for i_q in range(i_s, Q // BQ, NQB):
+        o_n = o_p[:, None] * Q + (i_q * BQ + o_q)[None, :]  # [P, BQ]: (k_p, q) in, n = p Q + q out
+        b_dr = tl.load(p_c + i_h * 2 * N + o_n)
+        b_di = tl.load(p_c + i_h * 2 * N + N + o_n)
+        b_tr = tl.load(p_tw + o_n)
+        b_ti = tl.load(p_tw + N + o_n)
+        b_dr, b_di = b_dr * b_tr + b_di * b_ti, b_di * b_tr - b_dr * b_ti
+        b_sc = _pow2_scale(b_dr, b_di)
+        b_yr = _dot(f_r, b_dr / b_sc, PREC) + _dot(f_i, b_di / b_sc, PREC)  # Re(conj(F_P) @ D)
+        o_m = tl.where(o_n < L, o_n, o_n - N)
+        m_lag = (o_n < L) | (o_n > N - T)
+        o_j = SHIFT - o_m
+        m_j = m_lag & (o_j >= 0) & (o_j < K)
+        tl.store(p_dk + i_h * K + o_j, b_yr * (b_sc / N), mask=m_j)
+
+
+@triton.jit
 def fftconv_spectrum_kernel(p_r, p_ks, p_kf, N, P, Q1, Q2, BLOCK: tl.constexpr):
     # kf[h, k_p, :, k1, k2] = f[k_p + P (k1 + Q1 k2)] / ks[h] from the rfft half r of a real row (f[N - m] = conj(f[m]))
     i_hp, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -920,17 +996,13 @@ def fftconv_fwd(
             cfg = _choose(N, prec, pairs, H, u, run)
         run(cfg)
         return y
-    Q = min(max_fused, N // 16)
-    P = N // Q
+    P, Q, bq, nqb, nw = _four_step(N, max_fused)
     q1, q2 = _split(Q)
     fq1, fq2, twq = _tables(q1, q2, u.device, u)
     fp = _tables(P, P, u.device, u)[0]
     tw = _cached(("tw", P, Q, str(u.device)), u, lambda: _twiddles(P, Q, N, -1.0, u.device))
     kf, ks, conj_k = _spectrum_for(k, shift, N, (P, q1, q2))
     s = torch.empty(pairs * H, 2, P, Q, device=u.device, dtype=torch.float32)
-    bq = min(Q, 64 if P <= 32 else 32)
-    nqb = max(1, min(Q // bq, 8))
-    nw = 4 if P * bq <= 2048 else 8
     _launch(
         fftconv_col_fwd_kernel, (pairs * H, nqb), u, p_u=u, p_pre=_empty_if_none(pregate, u), p_fp=fp,
         p_tw=tw, p_s=s, B=B, H=H, L=L, P=P, Q=Q, BQ=bq, NQB=nqb, HAS_PRE=pregate is not None, PREC=prec,
@@ -948,14 +1020,27 @@ def fftconv_fwd(
     return y
 
 
+def _four_step(N: int, max_fused: int) -> tuple[int, int, int, int, int]:
+    """N = P Q for the four-step kernels: (P, Q, BQ, NQB, num_warps) (Q up to the fused limit, P >= 16)."""
+    Q = min(max_fused, N // 16)
+    P = N // Q
+    bq = min(Q, 64 if P <= 32 else 32)
+    return P, Q, bq, max(1, min(Q // bq, 8)), 4 if P * bq <= 2048 else 8
+
+
 def fftconv_corr_fwd(
     g: Tensor, v: Tensor, shift: int, K: int, *, precision: Optional[str] = None, max_fused_n: Optional[int] = None
 ) -> Tensor:
     """dk[h, j] = sum_{b,t} g[b,h,t] v[b,h,t+shift-j], j in [0, K), by the Monarch kernels.
 
+    Up to the fused limit one kernel (fftconv_corr_kernel); above it the four-step path: the column pass of the
+    forward on g and on v (two fp32 scratches), a row kernel that accumulates conj(G) V over the pairs of rows and
+    inverse-transforms each row of the sum, and a column kernel that finishes the inverse and writes the lags.
+
     Args:
-        g: [B, H, T], v: [B, H, L] (fp16/bf16/fp32); FFT size N = plan(T, L, 0) <= the fused limit of the precision
-        precision, max_fused_n: as in fftconv_fwd (the limit can be raised for the interpreter)
+        g: [B, H, T], v: [B, H, L] (fp16/bf16/fp32); FFT size N = plan(T, L, 0) <= the fused limit x the largest
+            column DFT (_MAX_P) of the precision
+        precision, max_fused_n: as in fftconv_fwd (max_fused_n < N forces the four-step path)
     Returns:
         dk: [H, K] fp32
     """
@@ -964,18 +1049,44 @@ def fftconv_corr_fwd(
     N = plan(T, L, 0)
     prec = precision or precision_for(torch.promote_types(g.dtype, v.dtype))
     max_fused = max_fused_n or _MAX_FUSED[prec]
-    if N > max_fused or g.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if N > max_fused * _MAX_P[prec] or g.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(
-            f"fftconv_corr_fwd: expected N <= {max_fused} and fp16/bf16/fp32, got N={N}, {g.dtype}; "
+            f"fftconv_corr_fwd: expected N <= {max_fused * _MAX_P[prec]} and fp16/bf16/fp32, got N={N}, {g.dtype}; "
             "use hhfft.lowering.fftconv.fftconv_corr, which falls back to torch.fft"
         )
+    g, v = g.contiguous(), v.contiguous()
+    pairs = (B + 1) // 2
+    if N > max_fused:
+        P, Q, bq, nqb, nw = _four_step(N, max_fused)
+        q1, q2 = _split(Q)
+        fq1, fq2, twq = _tables(q1, q2, g.device, g)
+        fp = _tables(P, P, g.device, g)[0]
+        tw = _cached(("tw", P, Q, str(g.device)), g, lambda: _twiddles(P, Q, N, -1.0, g.device))
+        sg = torch.empty(pairs * H, 2, P, Q, device=g.device, dtype=torch.float32)
+        sv = torch.empty_like(sg)
+        for x, s, n in ((g, sg, T), (v, sv, L)):
+            _launch(
+                fftconv_col_fwd_kernel, (pairs * H, nqb), g, p_u=x, p_pre=x, p_fp=fp, p_tw=tw, p_s=s, B=B, H=H,
+                L=n, P=P, Q=Q, BQ=bq, NQB=nqb, HAS_PRE=False, PREC=prec, num_warps=nw,
+            )
+        c = torch.empty(H, 2, P, Q, device=g.device, dtype=torch.float32)
+        rr = 4 if Q <= 512 else 1
+        _launch(
+            fftconv_corr_row_kernel, (H, P // rr), g, p_sg=sg, p_sv=sv, p_f1=fq1, p_f2=fq2, p_tw=twq, p_c=c, H=H,
+            NP=pairs, P=P, N1=q1, N2=q2, R=rr, PREC=prec, num_warps=_num_warps(q1, q2),
+        )
+        dk = torch.zeros(H, K, device=g.device, dtype=torch.float32)  # lags outside the correlation stay 0
+        _launch(
+            fftconv_corr_col_kernel, (H, nqb), g, p_c=c, p_fp=fp, p_tw=tw, p_dk=dk, T=T, L=L, K=K, SHIFT=shift,
+            P=P, Q=Q, BQ=bq, NQB=nqb, PREC=prec, num_warps=nw,
+        )
+        return dk
     n1, n2 = _split(N)
     f1, f2, tw = _tables(n1, n2, g.device, g)
-    pairs = (B + 1) // 2
     ns = max(1, min(pairs, -(-264 // H)))
     part = torch.zeros(ns, H, K, device=g.device, dtype=torch.float32)
     _launch(
-        fftconv_corr_kernel, (H, ns), g, p_g=g.contiguous(), p_v=v.contiguous(), p_f1=f1, p_f2=f2, p_tw=tw,
+        fftconv_corr_kernel, (H, ns), g, p_g=g, p_v=v, p_f1=f1, p_f2=f2, p_tw=tw,
         p_dk=part, B=B, H=H, T=T, L=L, K=K, SHIFT=shift, NS=ns, N1=n1, N2=n2, PREC=prec,
         num_warps=_num_warps(n1, n2),
     )
