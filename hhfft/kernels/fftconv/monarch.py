@@ -545,13 +545,15 @@ def fftconv_col_fwd_kernel(
 @triton.jit
 def fftconv_row_kernel(
     p_s, p_kf, p_ks, p_f1, p_f2, p_tw,
-    H,
+    H, NP,
     P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
     CONJ_K: tl.constexpr,
 ):
-    # rows k_p in [R i_k, R i_k + R) of s: FFT_Q, times the spectrum row, inverse FFT_Q, in place
-    i_r, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_h = i_r % H
+    # rows k_p in [R i_k, R i_k + R) of s: FFT_Q, times the spectrum row, inverse FFT_Q, in place. Consecutive
+    # programs take the NP pairs of one channel, so they read the same spectrum rows (from L2 after the first)
+    i_c, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_h = i_c // NP
+    i_r = (i_c % NP) * H + i_h  # scratch row (pair, channel)
     Q: tl.constexpr = N1 * N2
     o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     f1r, f1i = _load_plane(p_f1, N1, N1)
@@ -1011,7 +1013,7 @@ def fftconv_fwd(
     rr = 4 if Q <= 512 else 1  # rows per program, as the fused kernel's loop (P >= 16 is a multiple of 4)
     _launch(
         fftconv_row_kernel, (pairs * H, P // rr), u, p_s=s, p_kf=kf, p_ks=ks / P, p_f1=fq1, p_f2=fq2, p_tw=twq,
-        H=H, P=P, N1=q1, N2=q2, R=rr, PREC=prec, CONJ_K=conj_k, num_warps=_num_warps(q1, q2),
+        H=H, NP=pairs, P=P, N1=q1, N2=q2, R=rr, PREC=prec, CONJ_K=conj_k, num_warps=_num_warps(q1, q2),
     )
     _launch(
         fftconv_col_inv_kernel, (pairs * H, nqb), u, **common, p_s=s, p_fp=fp, p_tw=tw, P=P, Q=Q, BQ=bq,
