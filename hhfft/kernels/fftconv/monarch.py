@@ -733,8 +733,9 @@ def fftconv_corr_col_kernel(
 
 
 @triton.jit
-def fftconv_spectrum_kernel(p_r, p_ks, p_kf, N, P, Q1, Q2, BLOCK: tl.constexpr):
-    # kf[h, k_p, :, k1, k2] = f[k_p + P (k1 + Q1 k2)] / ks[h] from the rfft half r of a real row (f[N - m] = conj(f[m]))
+def fftconv_spectrum_kernel(p_r, p_lo, p_hi, p_ks, p_kf, N, P, Q1, Q2, BLOCK: tl.constexpr):
+    # kf[h, k_p, :, k1, k2] = f[k_p + P (k1 + Q1 k2)] / ks[h] from the rfft half r of a real row (f[N - m] = conj(f[m]));
+    # ks[h] = the power of two >= max |re|, |im| of the row (from its min p_lo and max p_hi), written by one program
     i_hp, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_h = i_hp // P
     i_p = i_hp % P
@@ -744,7 +745,9 @@ def fftconv_spectrum_kernel(p_r, p_ks, p_kf, N, P, Q1, Q2, BLOCK: tl.constexpr):
     o_f = i_p + P * (o // Q2 + Q1 * (o % Q2))
     m_lo = o_f <= N // 2
     p = p_r + (i_h * (N // 2 + 1) + tl.where(m_lo, o_f, N - o_f)) * 2
-    b_s = tl.load(p_ks + i_h)
+    b_m = tl.maximum(tl.load(p_hi + i_h), -tl.load(p_lo + i_h))
+    b_s = tl.where(b_m > 0, tl.exp2(tl.ceil(tl.log2(tl.maximum(b_m, 1e-30)))), 1.0)
+    tl.store(p_ks + i_h, b_s, mask=(i_p == 0) & (i_b == 0))
     b_re = tl.load(p, mask=m, other=0.0)
     b_im = tl.load(p + 1, mask=m, other=0.0)
     b_im = tl.where(m_lo, b_im, -b_im)
@@ -759,8 +762,8 @@ def _spectrum(k: Tensor, shift: int, N: int, layout: tuple[int, int, int]) -> tu
     k'[m] = k[m + shift] circularly (taps before 0 wrap), so the kernels compute a plain circular convolution.
     layout = (P, Q1, Q2): [H, P, 2, Q1, Q2] with [kp, k1, k2] = f[kp + P (k1 + Q1 k2)] (four-step); P = 1 is the
     fused kernels' [H, 2, N1, N2] with [k1, k2] = f[k1 + N1 k2].
-    Passes: the rolled, zero-padded k' (one write), its rfft, one min/max reduction, one kernel that mirrors the
-    half spectrum (f[N - m] = conj(f[m])), scales and permutes.
+    Passes: the rolled, zero-padded k' (one write), its rfft, one min/max reduction, one kernel that takes the scale
+    from the min/max, mirrors the half spectrum (f[N - m] = conj(f[m])), scales and permutes.
     """
     H, K = k.shape
     P, q1, q2 = layout
@@ -772,12 +775,11 @@ def _spectrum(k: Tensor, shift: int, N: int, layout: tuple[int, int, int]) -> tu
         kp[:, :K - n0] = k[:, n0:]
     r = torch.view_as_real(torch.fft.rfft(kp, dim=-1))  # [H, N/2 + 1, 2]
     lo, hi = torch.aminmax(r.reshape(H, -1), dim=-1)
-    m = torch.maximum(hi, -lo)
-    scale = torch.where(m > 0, torch.exp2(torch.ceil(torch.log2(m))), torch.ones_like(m))
+    scale = torch.empty(H, device=k.device, dtype=torch.float32)
     kf = torch.empty(H, P, 2, q1 * q2, device=k.device, dtype=torch.float32)
     block = min(1024, q1 * q2)
-    _launch(fftconv_spectrum_kernel, (H * P, triton.cdiv(q1 * q2, block)), k, p_r=r, p_ks=scale, p_kf=kf, N=N,
-            P=P, Q1=q1, Q2=q2, BLOCK=block)
+    _launch(fftconv_spectrum_kernel, (H * P, triton.cdiv(q1 * q2, block)), k, p_r=r, p_lo=lo, p_hi=hi, p_ks=scale,
+            p_kf=kf, N=N, P=P, Q1=q1, Q2=q2, BLOCK=block)
     return kf, scale
 
 
