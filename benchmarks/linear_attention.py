@@ -18,6 +18,8 @@ B = 1 at 64K; bf16; causal), forward and forward+backward times of
   - hhfft-tf32x3, hhfft-fused-tf32x3: with HHFFT_LA_PREC=tf32x3 (fp32 operands as tf32x3, not the default bf16
                  hi + lo split)
   - hhfft-apart, hhfft-fused-apart: with HHFFT_LA_DKDV=apart (dk, dv by two launches)
+  - hhfft-fused-recompute: HHFFT_LA_KEEP=none (the backward recomputes phi instead of keeping the forward's);
+    hhfft-fused-compiled-states: HHFFT_LA_KEEP=phi,states (the forward's chunk states kept too)
 plus FLOPs and bytes of the chunked computation with the floors they give (the bf16 dense matmul rate and the copy
 bandwidth measured in the same run), and the peak memory of each forward+backward. Every method is checked against
 the fp32 plain-torch implementation on the same inputs before it is timed.
@@ -68,6 +70,8 @@ VARIANTS = {  # the environment of each variant of the two hhfft paths
     "hhfft-fused-tf32x3": ("hhfft-fused", {"HHFFT_LA_PREC": "tf32x3"}),
     "hhfft-apart": ("hhfft", {"HHFFT_LA_DKDV": "apart"}),
     "hhfft-fused-apart": ("hhfft-fused", {"HHFFT_LA_DKDV": "apart"}),
+    "hhfft-fused-recompute": ("hhfft-fused", {"HHFFT_LA_KEEP": "none"}),
+    "hhfft-fused-compiled-states": ("hhfft-fused-compiled", {"HHFFT_LA_KEEP": "phi,states"}),
 }
 _VARIANT_VARS = sorted({var for _, env in VARIANTS.values() for var in env})
 
@@ -164,7 +168,7 @@ def run_length(L: int, methods: list[str], quick: bool, sink=None, timeout: int 
                 x[0], x[1], x[2], fq.weight, fq.bias, fk.weight, fk.bias, kind="softmax_split", causal=True)
             out = lambda o: o  # noqa: E731
             leaves = x + params
-        elif name == "hhfft-fused-compiled":  # the backend's path: Inductor launches the kernels from its own code
+        elif base == "hhfft-fused-compiled":  # the backend's path: Inductor launches the kernels from its own code
             x = [t.clone().requires_grad_() for t in (q, k, v)]
             params = [fq.weight, fq.bias, fk.weight, fk.bias]
             cfn = torch.compile(lambda *a: hedgehog_linear_attention(*a, kind="softmax_split", causal=True))

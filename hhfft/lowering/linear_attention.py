@@ -22,7 +22,7 @@ Hb = G*Ha, the G heads of ``b, c`` paired with head h are summed. No repeated K/
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple
+from typing import List, Literal, Optional, Tuple
 
 import os
 
@@ -443,34 +443,46 @@ def _hh_use_triton(xq, xk, v, kind) -> bool:
     return kind in KINDS
 
 
+_SAVED = 6  # what the fused forward hands its backward (chunk.hedgehog_attention_fwd's ``saved``); 0-d on the CPU
+
+
 @torch.library.triton_op("hhfft::hedgehog_attention_fwd", mutates_args=())
 def _hh_fwd_op(
     xq: Tensor, xk: Tensor, v: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
     kind: str, causal: bool, key_mask: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if _hh_use_triton(xq, xk, v, kind):
         from hhfft.kernels.linear_attention.chunk import hedgehog_attention_fwd
 
-        return hedgehog_attention_fwd(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask)
-    return _hh_fwd_torch(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask)
+        o, den, saved = hedgehog_attention_fwd(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask, keep=True)
+        return (o, den, *saved)
+    from hhfft.kernels.linear_attention.chunk import empties
+
+    return (*_hh_fwd_torch(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask), *empties(xq, _SAVED))
 
 
 @_hh_fwd_op.register_fake
 def _(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask=None):
     B, Hq, L, _ = xq.shape
-    return v.new_empty(B, Hq, L, v.shape[-1]), xq.new_empty(B, Hq, L, dtype=_compute_dtype(xq, xk, v))
+    o, den = v.new_empty(B, Hq, L, v.shape[-1]), xq.new_empty(B, Hq, L, dtype=_compute_dtype(xq, xk, v))
+    from hhfft.kernels.linear_attention.chunk import empties, saved_like
+
+    if _hh_use_triton(xq, xk, v, kind):
+        return (o, den, *saved_like(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask))
+    return (o, den, *empties(xq, _SAVED))
 
 
 @torch.library.triton_op("hhfft::hedgehog_attention_bwd", mutates_args=())
 def _hh_bwd_op(
     xq: Tensor, xk: Tensor, v: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
-    o: Tensor, den: Tensor, do: Tensor, dden: Tensor, kind: str, causal: bool, key_mask: Optional[Tensor] = None,
+    o: Tensor, den: Tensor, do: Tensor, dden: Tensor, saved: List[Tensor], kind: str, causal: bool,
+    key_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if _hh_use_triton(xq, xk, v, kind):
         from hhfft.kernels.linear_attention.chunk import hedgehog_attention_bwd
 
         dxq, dxk, dv, dwq, dbq, dwk, dbk = hedgehog_attention_bwd(
-            xq, xk, v, wq, bq, wk, bk, o, den, do, dden, kind, causal, key_mask)
+            xq, xk, v, wq, bq, wk, bk, o, den, do, dden, kind, causal, key_mask, saved)
     else:
         from hhfft.nn.hedgehog import feature_map
 
@@ -491,7 +503,7 @@ def _hh_bwd_op(
 
 
 @_hh_bwd_op.register_fake
-def _(xq, xk, v, wq, bq, wk, bk, o, den, do, dden, kind, causal, key_mask=None):
+def _(xq, xk, v, wq, bq, wk, bk, o, den, do, dden, saved, kind, causal, key_mask=None):
     return (torch.empty_like(xq), torch.empty_like(xk), torch.empty_like(v), torch.empty_like(wq),
             wq.new_empty(wq.shape[0], wq.shape[2]), torch.empty_like(wk), wk.new_empty(wk.shape[0], wk.shape[2]))
 
@@ -505,16 +517,18 @@ class _HedgehogAttention(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask = inputs
         ctx.kind, ctx.causal = kind, causal
+        ctx.mark_non_differentiable(*output[2:])
+        ctx.set_materialize_grads(False)  # else the backward gets zero tensors the size of phi and the states
         ctx.save_for_backward(xq, xk, v, wq, bq, wk, bk, key_mask, *output)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, do, dden):
-        xq, xk, v, wq, bq, wk, bk, key_mask, o, den = ctx.saved_tensors
+    def backward(ctx, do, dden, *_saved_grads):
+        xq, xk, v, wq, bq, wk, bk, key_mask, o, den, *saved = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
         dden = torch.zeros_like(den) if dden is None else dden
         dxq, dxk, dv, dwq, dbq, dwk, dbk = torch.ops.hhfft.hedgehog_attention_bwd(
-            xq, xk, v, wq, bq, wk, bk, o, den, do, dden, ctx.kind, ctx.causal, key_mask)
+            xq, xk, v, wq, bq, wk, bk, o, den, do, dden, saved, ctx.kind, ctx.causal, key_mask)
         return dxq, dxk, dv, dwq, None if bq is None else dbq, dwk, None if bk is None else dbk, None, None, None
 
 
@@ -536,8 +550,9 @@ def hedgehog_linear_attention(
 
     Fused (CUDA, kinds softmax_split / exp / joint_softmax): one op, ``hhfft::hedgehog_attention_fwd/bwd``; by
     default (``HHFFT_LA_FUSED=map``) one Triton feature-map kernel per input writes phi, then the chunk kernels run
-    (the backward recomputes phi and turns dphi into dx, dW, db in one kernel per input); ``HHFFT_LA_FUSED=inkernel``
-    computes the maps inside the attention kernels instead, so phi never goes to memory (slower on the H200).
+    (the backward reuses the forward's phi, ``HHFFT_LA_KEEP``, and turns dphi into dx, dW, db in one kernel per
+    input); ``HHFFT_LA_FUSED=inkernel`` computes the maps inside the attention kernels instead, so phi never goes to
+    memory (slower on the H200).
     Backward gives dq, dk, dv, dW, db; first order only (training).
     Otherwise (``fused=False``, the CPU, other kinds): the feature maps, then :func:`linear_attention`, any order.
 

@@ -139,9 +139,11 @@ FUSED = [  # (B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind)
 @pytest.mark.parametrize("B,Hq,Hkv,L,DX,FH,D,masked,dtype,causal,kind", [
     pytest.param(*c, marks=[pytest.mark.xdist_group("long")] if c[3] > 4096 else [], id=f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-L{c[3]}-DX{c[4]}-FH{c[5]}-D{c[6]}{'-mask' if c[7] else ''}-"
                        f"{str(c[8])[6:]}-{'causal' if c[9] else 'full'}-{c[10]}") for c in FUSED])
-def test_fused_feature_map(B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind):
+@pytest.mark.parametrize("keep", ["phi", "phi,states"])
+def test_fused_feature_map(B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind, keep, monkeypatch):
     """The fused op's kernels against the module path (feature maps, then attention) in fp64, by the default route
-    (HHFFT_LA_FUSED=map: feature-map kernels, then the chunk kernels; test_fused_inkernel_route runs the other)."""
+    (HHFFT_LA_FUSED=map: feature-map kernels, then the chunk kernels; test_fused_inkernel_route runs the other), the
+    backward from what the forward kept (HHFFT_LA_KEEP: phi, the default, or phi and the chunk states)."""
     from hhfft.nn import feature_map
 
     g = torch.Generator(device="cuda").manual_seed(L + DX)
@@ -150,9 +152,10 @@ def test_fused_feature_map(B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind
          torch.eye(DX, FH, device="cuda").expand(Hq, DX, FH) + 0.1 * r(Hq, DX, FH), 0.1 * r(Hq, FH),
          torch.eye(DX, FH, device="cuda").expand(Hkv, DX, FH) + 0.1 * r(Hkv, DX, FH), 0.1 * r(Hkv, FH)]
     mask = (torch.rand(B, L, device="cuda", generator=g) > 0.25) if masked else None
-    o, den = chunk.hedgehog_attention_fwd(*x, kind, causal, mask)
+    monkeypatch.setenv("HHFFT_LA_KEEP", keep)
+    o, den, saved = chunk.hedgehog_attention_fwd(*x, kind, causal, mask, keep=True)
     do, dden = r(*o.shape).to(dtype), torch.zeros_like(den)
-    got = chunk.hedgehog_attention_bwd(*x, o, den, do, dden, kind, causal, mask)
+    got = chunk.hedgehog_attention_bwd(*x, o, den, do, dden, kind, causal, mask, saved)
 
     def run(xs, low):
         xs = [t.detach().clone().requires_grad_() for t in xs]

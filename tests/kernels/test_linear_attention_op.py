@@ -275,10 +275,11 @@ def test_hedgehog_attention_ops_cpu_match_composite(kind):
     for i, (a, b) in enumerate(zip(xa, xb)):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-11, msg=lambda m: f"input {i}: {m}")
     args = [t.float() for t in x]
-    o, den = torch.ops.hhfft.hedgehog_attention_fwd(*args, kind, True, mask)
+    o, den, *saved = torch.ops.hhfft.hedgehog_attention_fwd(*args, kind, True, mask)
+    assert all(t.dim() == 0 for t in saved)  # the CPU branch keeps nothing for its backward
     for op, a in ((torch.ops.hhfft.hedgehog_attention_fwd.default, (*args, kind, False, None)),
                   (torch.ops.hhfft.hedgehog_attention_bwd.default, (*args, o, den, torch.randn_like(o),
-                                                                    torch.zeros_like(den), kind, True, mask))):
+                                                                    torch.zeros_like(den), saved, kind, True, mask))):
         torch.library.opcheck(op, a, test_utils=("test_schema", "test_faketensor"))
 
 

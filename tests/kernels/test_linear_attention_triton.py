@@ -425,3 +425,34 @@ def test_fused_empty_sequence(route, monkeypatch):
     assert o.shape == (B, Hq, L, D) and den.shape == (B, Hq, L)
     for name, g, t in zip(["dq", "dk", "dv", "dWq", "dbq", "dWk", "dbk"], grads, x):
         assert g.shape == t.shape and not g.any(), name
+
+
+@pytest.mark.parametrize("states", ["sequential", "1"], ids=["one-segment", "segments"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("route,keep", [("map", "phi"), ("map", "phi,states"), ("inkernel", "states")])
+def test_fused_backward_from_kept_tensors(route, keep, causal, states, monkeypatch):
+    """The backward from what the forward kept (HHFFT_LA_KEEP: phi and/or the chunk states, HHFFT_LA_STATES cutting
+    the head into segments or not) gives bit for bit the gradients of the backward that recomputes them, and the
+    kept tensors have the shapes the op's fake gives (saved_like)."""
+    monkeypatch.setenv("HHFFT_LA_FUSED", route)
+    monkeypatch.setenv("HHFFT_LA_STATES", states)
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    B, Hq, Hkv, L, DX, FH, D = 2, 4, 2, 70, 8, 4, 8  # two chunks: two segments with HHFFT_LA_STATES=1
+    x = [r(B, Hq, L, DX), r(B, Hkv, L, DX), r(B, Hkv, L, D), r(Hq, DX, FH), r(Hq, FH), r(Hkv, DX, FH), r(Hkv, FH)]
+    mask = torch.rand(B, L, generator=g) > 0.3
+    do, dden = r(B, Hq, L, D), r(B, Hq, L)
+    monkeypatch.setenv("HHFFT_LA_KEEP", keep)
+    o, den, saved = chunk.hedgehog_attention_fwd(*x, "softmax_split", causal, mask, keep=True)
+    like = chunk.saved_like(*x, "softmax_split", causal, mask)
+    assert [t.shape for t in saved] == [t.shape for t in like]
+    assert saved[0].dim() == (4 if route == "map" and "phi" in keep else 0)
+    assert saved[2].dim() == (5 if "states" in keep else 0)
+    assert (saved[4].dim() == 5) == ("states" in keep and states == "1")  # segments: a carry-in (or parts) apart
+    got = chunk.hedgehog_attention_bwd(*x, o, den, do, dden, "softmax_split", causal, mask, saved)
+    monkeypatch.setenv("HHFFT_LA_KEEP", "none")
+    o2, den2 = chunk.hedgehog_attention_fwd(*x, "softmax_split", causal, mask)
+    want = chunk.hedgehog_attention_bwd(*x, o2, den2, do, dden, "softmax_split", causal, mask)
+    assert torch.equal(o, o2) and torch.equal(den, den2)
+    for name, a, b in zip(["dq", "dk", "dv", "dWq", "dbq", "dWk", "dbk"], got, want):
+        assert torch.equal(a, b), name

@@ -545,7 +545,7 @@ def hedgehog_feature_map_fwd_kernel(
 
 
 # 8 warps first (the config without autotuning): compiled for sm_90 at 4 warps it spills ~400 bytes per thread
-@triton.autotune(configs=_configs(warps=(8, 4), stages=(1, 2)), key=["DX", "FH", "BDX", "BFH", "KIND"])
+@triton.autotune(configs=_configs(warps=(8, 4), stages=(1, 2, 3)), key=["DX", "FH", "BDX", "BFH", "KIND"])
 @triton.jit
 def hedgehog_feature_map_bwd_kernel(
     x, w, b, mask, dphi, dx, dw, db,
@@ -760,15 +760,15 @@ def _fwd(q, k, v, causal, key_mask, fmap):
     p = _Plan(q, k, v, causal, key_mask, fmap)
     o = _new(v, p.B, p.Hq, p.L, p.D)
     den = _new(q, p.B, p.Hq, p.L, dtype=torch.float32)
-    h, z, hc, zc = _states_fwd(p, q, k, v)
+    states = _states_fwd(p, q, k, v)
     _launcher(linear_attention_fwd_kernel)[(p.NT, p.B * p.Hq)](
-        q, k, v, p.mask, h, z, hc, zc, o, den, *p.w, p.L, p.NT, p.NC, p.F, p.D, p.Hq, p.G, p.DX, p.FH,
+        q, k, v, p.mask, *states, o, den, *p.w, p.L, p.NT, p.NC, p.F, p.D, p.Hq, p.G, p.DX, p.FH,
         HAS_MASK=p.has_mask, PREC=p.prec, PREC_STATE=p.prec_state, **p.consts(),
     )
-    return o, den
+    return o, den, states
 
 
-def _bwd(q, k, v, o, den, do, dden, causal, key_mask, fmap):
+def _bwd(q, k, v, o, den, do, dden, causal, key_mask, fmap, states=None):
     q, k, v, o = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous()
     do = do.contiguous().to(v.dtype)
     den, dden = den.contiguous().float(), dden.contiguous().float()
@@ -780,7 +780,7 @@ def _bwd(q, k, v, o, den, do, dden, causal, key_mask, fmap):
         dwk, dbk = _new(q, p.NT, p.B, p.Hkv, p.DX, p.FH, dtype=torch.float32), _new(q, p.NT, p.B, p.Hkv, p.FH, dtype=torch.float32)
     else:
         dwq = dbq = dwk = dbk = s
-    h, z, hc, zc = _states_fwd(p, q, k, v)
+    h, z, hc, zc = _states_fwd(p, q, k, v) if states is None else states
     _launcher(linear_attention_bwd_dq_kernel)[(p.NT, p.B * p.Hq)](
         q, k, v, p.mask, h, z, hc, zc, o, den, do, dden, dq, s, *p.w, dwq, dbq,
         p.L, p.NT, p.NC, p.F, p.D, p.Hq, p.G, p.DX, p.FH,
@@ -877,7 +877,7 @@ def linear_attention_fwd(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward: q [B, Hq, L, F], k [B, Hkv, L, F], v [B, Hkv, L, D], key_mask [B, L] bool or None ->
     (o [B, Hq, L, D] in v's dtype, den [B, Hq, L] fp32)."""
-    return _fwd(q, k, v, causal, key_mask, None)
+    return _fwd(q, k, v, causal, key_mask, None)[:2]
 
 
 def linear_attention_bwd(
@@ -896,32 +896,97 @@ def linear_attention_bwd(
     return _bwd(q, k, v, o, den, do, dden, causal, key_mask, None)[:3]
 
 
+def _kept() -> frozenset:
+    """HHFFT_LA_KEEP: what the fused op's forward keeps for its backward instead of recomputing it there, a comma list
+    of "phi" (the map route's phi_q, phi_k: 4 B x H x L x FH bytes in 16 bits; saves two map launches) and "states"
+    (the chunk states h, z: 4 B x H x L / BT x F x (D + 1) bytes in fp32; saves the backward's state pass and its
+    carry), or "none". Default "phi"."""
+    value = os.environ.get("HHFFT_LA_KEEP", "phi")
+    kept = frozenset() if value == "none" else frozenset(value.split(","))
+    if not kept <= {"phi", "states"}:
+        raise ValueError(f"HHFFT_LA_KEEP must be none or a comma list of phi and states, got {value!r}")
+    return kept
+
+
+def empties(ref: torch.Tensor, n: int) -> tuple:
+    """n marks of tensors not kept: 0-d, one element each (distinct storages, as an op's outputs must be)."""
+    return tuple(ref.new_empty(()) for _ in range(n))
+
+
+def _pack(states, ref):
+    """(h, z, hc, zc) as distinct tensors (an op's outputs may not alias): hc, zc empty when they are h, z."""
+    h, z, hc, zc = states
+    return (h, z) + (empties(ref, 2) if hc is h else (hc, zc))
+
+
+def _unpack(saved):
+    h, z, hc, zc = saved
+    return (h, z, h, z) if hc.dim() == 0 else (h, z, hc, zc)
+
+
 def hedgehog_attention_fwd(
     xq: torch.Tensor, xk: torch.Tensor, v: torch.Tensor,
     wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk: Optional[torch.Tensor],
-    kind: str, causal: bool, key_mask: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    kind: str, causal: bool, key_mask: Optional[torch.Tensor] = None, keep: bool = False,
+):
     """Fused forward: phi = Hedgehog map of kind ``kind``, by one feature-map kernel per input before the chunk
     kernels (HHFFT_LA_FUSED=map, the default) or inside the chunk kernels, never stored (HHFFT_LA_FUSED=inkernel).
     xq [B, Hq, L, DX], xk [B, Hkv, L, DX], v [B, Hkv, L, D], wq [Hq, DX, FH], bq [Hq, FH] or None, wk [Hkv, DX, FH],
-    bk [Hkv, FH] or None -> (o [B, Hq, L, D], den [B, Hq, L] fp32)."""
+    bk [Hkv, FH] or None -> (o [B, Hq, L, D], den [B, Hq, L] fp32), and with ``keep`` a third item, ``saved``: six
+    tensors (phi_q, phi_k, h, z, hc, zc) for :func:`hedgehog_attention_bwd`, those not kept (``_kept``) 0-d."""
+    kept = _kept()
     if _fused_route() == "map":
         pq, pk = hedgehog_feature_map_fwd(xq, wq, bq, kind), hedgehog_feature_map_fwd(xk, wk, bk, kind, key_mask)
-        return _fwd(pq, pk, v, causal, key_mask, None)
-    return _fwd(xq, xk, v, causal, key_mask, (wq, bq, wk, bk, kind))
+        o, den, states = _fwd(pq, pk, v, causal, key_mask, None)
+        phis = (pq, pk) if "phi" in kept else empties(xq, 2)
+    else:
+        o, den, states = _fwd(xq, xk, v, causal, key_mask, (wq, bq, wk, bk, kind))
+        phis = empties(xq, 2)
+    if not keep:
+        return o, den
+    return o, den, phis + (_pack(states, xq) if "states" in kept else empties(xq, 4))
+
+
+def saved_like(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask=None):
+    """Empty tensors shaped as ``hedgehog_attention_fwd(..., keep=True)``'s ``saved`` (for the op's fake)."""
+    kept = _kept()
+    if _fused_route() == "map":
+        F = 2 * wq.shape[-1]
+        pq, pk = xq.new_empty(*xq.shape[:3], F), xk.new_empty(*xk.shape[:3], F)
+        phis = (pq, pk) if "phi" in kept else empties(xq, 2)
+        p = _Plan(pq, pk, v, causal, key_mask, None)
+    else:
+        phis = empties(xq, 2)
+        p = _Plan(xq, xk, v, causal, key_mask, (wq, bq, wk, bk, kind))
+    if "states" not in kept:
+        return phis + empties(xq, 4)
+    new = lambda *shape: xq.new_empty(*shape, dtype=torch.float32)  # noqa: E731
+    NS = p.NT if p.causal else 1
+    h, z = new(p.B, p.Hkv, NS, p.F, p.D), new(p.B, p.Hkv, NS, p.F)
+    if p.NG == 1:  # _Plan.states returns (h, z, h, z)
+        return phis + (h, z) + empties(xq, 2)
+    n = p.NG if p.causal else 1  # causal: the segments' carry-in; non-causal: h, z are the totals, hc, zc the parts
+    return phis + (h, z, new(p.B, p.Hkv, n, p.F, p.D), new(p.B, p.Hkv, n, p.F))
 
 
 def hedgehog_attention_bwd(
-    xq, xk, v, wq, bq, wk, bk, o, den, do, dden, kind: str, causal: bool, key_mask=None,
+    xq, xk, v, wq, bq, wk, bk, o, den, do, dden, kind: str, causal: bool, key_mask=None, saved=None,
 ):
     """Fused backward -> (dxq, dxk, dv, dwq, dbq, dwk, dbk); dW, db in fp32 (None for a None bias). The map route
-    recomputes phi (one feature-map kernel per input), runs the unfused backward for dphi, then one kernel per input
-    turns dphi into dx, dW, db."""
+    takes phi from ``saved`` (the forward's, see hedgehog_attention_fwd) or recomputes it (one feature-map kernel per
+    input), runs the unfused backward for dphi (the forward's states from ``saved`` or recomputed), then one kernel
+    per input turns dphi into dx, dW, db."""
+    saved = saved if saved is not None else empties(xq, 6)
+    states = _unpack(saved[2:]) if saved[2].dim() else None
     if _fused_route() == "map":
-        pq, pk = hedgehog_feature_map_fwd(xq, wq, bq, kind), hedgehog_feature_map_fwd(xk, wk, bk, kind, key_mask)
-        dpq, dpk, dv = _bwd(pq, pk, v, o, den, do, dden, causal, key_mask, None)[:3]
+        if saved[0].dim():
+            pq, pk = saved[0], saved[1]
+        else:
+            pq, pk = hedgehog_feature_map_fwd(xq, wq, bq, kind), hedgehog_feature_map_fwd(xk, wk, bk, kind, key_mask)
+        dpq, dpk, dv = _bwd(pq, pk, v, o, den, do, dden, causal, key_mask, None, states)[:3]
         dq, dwq, dbq = hedgehog_feature_map_bwd(xq, wq, bq, dpq, kind)
         dk, dwk, dbk = hedgehog_feature_map_bwd(xk, wk, bk, dpk, kind, key_mask)
     else:
-        dq, dk, dv, (dwq, dbq, dwk, dbk) = _bwd(xq, xk, v, o, den, do, dden, causal, key_mask, (wq, bq, wk, bk, kind))
+        dq, dk, dv, (dwq, dbq, dwk, dbk) = _bwd(xq, xk, v, o, den, do, dden, causal, key_mask,
+                                                (wq, bq, wk, bk, kind), states)
     return dq, dk, dv, dwq, None if bq is None else dbq, dwk, None if bk is None else dbk
