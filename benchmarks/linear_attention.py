@@ -171,6 +171,7 @@ def run_length(L: int, methods: list[str], quick: bool, sink=None, timeout: int 
         elif base == "hhfft-fused-compiled":  # the backend's path: Inductor launches the kernels from its own code
             x = [t.clone().requires_grad_() for t in (q, k, v)]
             params = [fq.weight, fq.bias, fk.weight, fk.bias]
+            torch._dynamo.reset()  # the environment (HHFFT_LA_KEEP) is read when tracing: no graph of another variant
             cfn = torch.compile(lambda *a: hedgehog_linear_attention(*a, kind="softmax_split", causal=True))
             fwd = lambda: cfn(*x, *params)  # noqa: E731
             out = lambda o: o  # noqa: E731

@@ -177,7 +177,7 @@ def test_fused_feature_map(B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind
 def test_fused_inkernel_route(case, monkeypatch):
     """HHFFT_LA_FUSED=inkernel (the map inside the chunk kernels; the default route is map + unfused kernels)."""
     monkeypatch.setenv("HHFFT_LA_FUSED", "inkernel")
-    test_fused_feature_map(*case)
+    test_fused_feature_map(*case, "phi,states", monkeypatch)  # inkernel keeps no phi: the states
 
 
 def test_hedgehog_op_takes_the_map_route(monkeypatch):
@@ -227,7 +227,7 @@ def test_tf32x3_precision_bf16(B, Hq, Hkv, L, F, D, masked, dtype, causal, monke
 
 def test_tf32x3_precision_fused_bf16(monkeypatch):
     monkeypatch.setenv("HHFFT_LA_PREC", "tf32x3")
-    test_fused_feature_map(2, 4, 2, 1000, 64, 64, 64, True, torch.bfloat16, True, "softmax_split")
+    test_fused_feature_map(2, 4, 2, 1000, 64, 64, 64, True, torch.bfloat16, True, "softmax_split", "phi", monkeypatch)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["phi", "fused"])
@@ -235,7 +235,8 @@ def test_dk_dv_in_separate_launches(fused, monkeypatch):
     """HHFFT_LA_DKDV=apart: dk and dv by two launches (each with half the registers): same tolerance."""
     monkeypatch.setenv("HHFFT_LA_DKDV", "apart")
     if fused:
-        test_fused_feature_map(2, 4, 2, 1000, 64, 64, 64, True, torch.bfloat16, True, "softmax_split")
+        test_fused_feature_map(2, 4, 2, 1000, 64, 64, 64, True, torch.bfloat16, True, "softmax_split", "phi",
+                               monkeypatch)
     else:
         test_forward_backward(2, 8, 2, 1000, 128, 64, True, torch.float16, True)
 
