@@ -1,4 +1,5 @@
-"""``hhfft::fftconv`` and its kernel-gradient primitive ``hhfft::fftconv_corr``.
+"""``hhfft::fftconv``, its kernel-gradient primitive ``hhfft::fftconv_corr``, and ``hhfft::fftconv_dv_dk`` (the
+backward's two products in one call, so the four-step kernels share g's column pass; first-order backward only).
 
 Both are ``torch.library.triton_op``s (schema, fake): on CUDA they run the Monarch Triton kernels
 (``hhfft/kernels/fftconv/monarch.py``) for fp16/bf16/fp32 inputs up to the kernels' largest FFT size, elsewhere (CPU,
@@ -145,6 +146,24 @@ def _(g, v, shift, K):
     return g.new_empty(g.shape[1], K, dtype=_compute_dtype(g, v))
 
 
+@torch.library.triton_op("hhfft::fftconv_dv_dk", mutates_args=())
+def _fftconv_dv_dk_op(g: Tensor, v: Tensor, k_flipped: Tensor, shift: int) -> tuple[Tensor, Tensor]:
+    """The backward's dv = fftconv(g, k_flipped, K-1-shift, out_len=L) and dk = fftconv_corr(g, v, shift, K) in one
+    call, so that the four-step kernels do g's column pass once (the backward uses it when shares_column_pass)."""
+    K, L = k_flipped.shape[-1], v.shape[-1]
+    if _use_kernels(g, v, k_flipped) and _monarch.shares_column_pass(g, v, K):
+        return _monarch.fftconv_dv_dk(g, v, k_flipped, shift)
+    dv = _fftconv_torch(g, k_flipped, K - 1 - shift, L, None, None, None, None)
+    return dv, _fftconv_corr_torch(g, v, shift, K)
+
+
+@_fftconv_dv_dk_op.register_fake
+def _(g, v, k_flipped, shift):
+    return g.new_empty(g.shape[0], g.shape[1], v.shape[-1]), g.new_empty(
+        g.shape[1], k_flipped.shape[-1], dtype=_compute_dtype(g, v)
+    )
+
+
 # ------------------------------------------------------------------------------------------------ differentiation
 def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     return b if a is None else a if b is None else a + b
@@ -184,14 +203,23 @@ class _FFTConv(torch.autograd.Function):
             k_flipped = k.flip(-1)
             if _monarch is not None and not torch.compiler.is_compiling():
                 _monarch.note_flip(k_flipped, k)  # du's spectrum: the conjugate of the one the forward kept
-            dv = fftconv(g, k_flipped, shift=K - 1 - shift, out_len=L)
+            if (
+                need[1]
+                and not torch.is_grad_enabled()  # no double backward through this step: one op for dv and dk
+                and _use_kernels(g, v, k)
+                and _monarch.shares_column_pass(g, v, K)
+            ):
+                dv, dk = torch.ops.hhfft.fftconv_dv_dk(g, v, k_flipped, shift)
+                dk = dk.to(k.dtype)
+            else:
+                dv = fftconv(g, k_flipped, shift=K - 1 - shift, out_len=L)
             if need[0]:
                 du = _gated(dv, pregate)
                 if skip is not None:
                     du = du + skip[:, None].to(dy.dtype) * _fit(dy, L)
             if need[6]:
                 dpre = dv * u
-        if need[1]:
+        if need[1] and dk is None:
             dk = fftconv_corr(g, v, shift=shift, K=K).to(k.dtype)
         if need[4]:
             dbias = dy.sum(dim=(0, 2)).to(bias.dtype)

@@ -179,30 +179,42 @@ def test_compile_fx_backward_calls_the_kernels():
 
 
 @pytest.mark.parametrize("L", [5000, 20000], ids=["N16384-P16-Q1024", "N65536-P16-Q4096"])
-def test_four_step_backward_reuses_the_spectrum_and_runs_dk_in_the_kernels(L, monkeypatch):
-    """Eager forward+backward at four-step sizes (bf16): y's spectrum is built once and du reads it conjugated; dk
-    comes from the four-step correlation kernels, not torch.fft. Values are checked by test_fftconv_all_sizes."""
+def test_four_step_backward_reuses_the_spectrum_and_runs_dk_in_the_kernels(L, nan_memory, monkeypatch):
+    """Eager forward+backward at four-step sizes (bf16 u, fp32 k, K = L as in the benchmark): y's spectrum is built
+    once and du reads it conjugated; du and dk come from fftconv_dv_dk (g's column pass shared, dk by the four-step
+    correlation kernels, not torch.fft). y, du, dk against fp64 by the 2x rule (test_fftconv_all_sizes, whose K < L
+    gives dk twice du's N, covers the separate ops)."""
     from hhfft.kernels.fftconv import monarch
 
     B, H = 3, 4
-    u = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(H, L, device="cuda", requires_grad=True)
+    g = torch.Generator(device="cuda").manual_seed(L)
+    u = torch.randn(B, H, L, device="cuda", dtype=torch.float64, generator=g)
+    k = torch.randn(H, L, device="cuda", dtype=torch.float64, generator=g) / L**0.5
+    dy = torch.randn(B, H, L, device="cuda", dtype=torch.float64, generator=g)
+    y_ref, g_ref = _run(u, k, {}, 0, L, dy)  # fp64: the torch.fft path
     launched = []
     launch = monarch._launch
     monkeypatch.setattr(monarch, "_launch", lambda kern, *a, **kw: launched.append(kern) or launch(kern, *a, **kw))
     monarch.SPECTRUM_COUNTS.clear()
-    y = fftconv(u, k)
-    y.float().square().sum().backward()
+    y, grads = _run(u.to(torch.bfloat16), k.float(), {}, 0, L, dy)
     assert dict(monarch.SPECTRUM_COUNTS) == {"built": 1, "reused": 1}
     assert monarch.fftconv_corr_row_kernel in launched and monarch.fftconv_corr_col_kernel in launched
+    assert launched.count(monarch.fftconv_col_fwd_kernel) == 3  # u, g (shared by du and dk: fftconv_dv_dk), v
     assert not monarch._KEPT and not monarch._FLIPS
-    ref = fftconv(u.detach().double(), k.detach().double())  # the torch.fft path in fp64
-    assert _err(y, ref) <= 2 * _err(op_mod._fftconv_torch(u.detach(), k.detach(), 0, L, None, None, None, None), ref)
+    with monkeypatch.context() as m:
+        m.setattr(op_mod, "_monarch", None)  # the same computation by torch.fft at this dtype
+        y_t, grads_t = _run(u.to(torch.bfloat16), k.float(), {}, 0, L, dy)
+    for name, a, a_t, ref in [("y", y, y_t, y_ref), *[(n, grads[n], grads_t[n], g_ref[n]) for n in ("u", "k")]]:
+        assert not torch.isnan(a).any(), name
+        e, e_t = _err(a, ref), _err(a_t, ref)
+        assert e <= 2 * e_t, f"{name}: err {e:.3e} > 2 x torch {e_t:.3e}"
 
 
-def test_compile_fx_four_step_backward_calls_the_kernels():
-    """The hhfft backend's path (compile_fx) at a four-step size: the spectrum kernel, the four-step forward (y, du)
-    and the four-step correlation kernels (dk) are in the compiled code; nothing is kept across calls."""
+@pytest.mark.parametrize("K", [3000, 5000], ids=["K3000-du-N8192-dk-N16384-apart", "K5000-N16384-fftconv_dv_dk"])
+def test_compile_fx_four_step_backward_calls_the_kernels(K):
+    """The hhfft backend's path (compile_fx) at four-step sizes: the spectrum kernel, the four-step forward (y, du)
+    and the four-step correlation kernels (dk) are in the compiled code, du and dk by separate ops (their FFT sizes
+    differ) or by fftconv_dv_dk (one size); nothing is kept across calls."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.utils import run_and_get_code
 
@@ -211,7 +223,7 @@ def test_compile_fx_four_step_backward_calls_the_kernels():
     def f(u, k, pre, post):
         return _fftconv_leaf(u, k, pre, post).float().square().sum()
 
-    B, H, L, K = 3, 4, 5000, 3000  # y, du: N = 8192 (P16 x Q512); dk: N = plan(L, L, 0) = 16384
+    B, H, L = 3, 4, 5000  # dk: N = plan(L, L, 0) = 16384; y, du: plan(L, K, L) = 8192 (K = 3000) or 16384
     u, pre, post = (torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     k = torch.randn(H, K, device="cuda", requires_grad=True)
     compiled = compile_fx(torch.fx.symbolic_trace(f), [u, k, pre, post])

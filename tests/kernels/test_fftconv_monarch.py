@@ -155,6 +155,30 @@ def test_corr_four_step(B, H, T, L, shift, K, dtype):
     assert_within_torch_error(dk.cpu(), ref, _fftconv_corr_torch(g_d, v_d, shift, K).cpu(), "dk four-step")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16-fp16dots"])
+def test_dv_dk_shared_column_pass_equals_the_separate_calls(dtype):
+    """fftconv_dv_dk (g's column pass done once) gives bit for bit what fftconv_fwd (dv with flip(k)) and
+    fftconv_corr_fwd (dk) give separately: the same kernels on the same scratch values. N = 4096 for both products
+    (P16 x Q256 with max_fused_n = 256), odd batch, shift 7."""
+    from hhfft.kernels.fftconv.monarch import fftconv_dv_dk
+
+    B, H, L, K, shift = 3, 2, 1500, 1001, 7
+    gen = torch.Generator().manual_seed(13)
+    g = torch.randn(B, H, L, dtype=torch.float64, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(B, H, L, dtype=torch.float64, generator=gen).to(DEVICE, dtype)
+    kf = (torch.randn(H, K, dtype=torch.float64, generator=gen) / K**0.5).to(DEVICE, torch.float32)
+    opts = dict(precision=PREC[dtype], max_fused_n=256)
+    dv, dk = fftconv_dv_dk(g, v, kf, shift, **opts)
+    dv_ref = fftconv_fwd(g, kf, K - 1 - shift, L, **opts)
+    dk_ref = fftconv_corr_fwd(g, v, shift, K, **opts)
+    assert dv.dtype == dtype and dk.dtype == torch.float32
+    assert torch.equal(dv, dv_ref) and torch.equal(dk, dk_ref)
+    with pytest.raises(ValueError, match="one four-step FFT size for dv and dk"):
+        fftconv_dv_dk(g, torch.cat([v, v], -1), kf, shift, **opts)  # dv's N = plan(1500, 1001, 3000) = 4096, dk's 8192
+    with pytest.raises(ValueError, match="one four-step FFT size for dv and dk"):
+        fftconv_dv_dk(g, v, kf[:, :100], shift, **opts)  # dv's N = plan(1500, 100, 1500) = 2048, dk's 4096
+
+
 def test_fwd_rejects_bad_out():
     u, k = torch.randn(1, 1, 10, device=DEVICE), torch.randn(1, 3, device=DEVICE)
     with pytest.raises(ValueError, match="out must be"):

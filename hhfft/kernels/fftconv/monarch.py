@@ -52,6 +52,8 @@ __all__ = [
     "corr_supported",
     "fftconv_fwd",
     "fftconv_corr_fwd",
+    "shares_column_pass",
+    "fftconv_dv_dk",
 ]
 
 MIN_N = 256  # tl.dot needs every tile side >= 16
@@ -1032,6 +1034,61 @@ def _four_step(N: int, max_fused: int) -> tuple[int, int, int, int, int]:
     return P, Q, bq, max(1, min(Q // bq, 8)), 4 if P * bq <= 2048 else 8
 
 
+class _FourStep(NamedTuple):
+    """The four-step factorisation N = P Q of _four_step with its tables (DFT_P, twiddles W_N^(kp q), DFT_Q1/Q2 and the
+    row twiddles)."""
+
+    P: int
+    Q: int
+    q1: int
+    q2: int
+    bq: int
+    nqb: int
+    nw: int
+    fp: Tensor
+    tw: Tensor
+    fq1: Tensor
+    fq2: Tensor
+    twq: Tensor
+
+    @staticmethod
+    def make(N: int, max_fused: int, like: Tensor) -> "_FourStep":
+        P, Q, bq, nqb, nw = _four_step(N, max_fused)
+        q1, q2 = _split(Q)
+        dev = like.device
+        fq1, fq2, twq = _tables(q1, q2, dev, like)
+        fp = _tables(P, P, dev, like)[0]
+        tw = _cached(("tw", P, Q, str(dev)), like, lambda: _twiddles(P, Q, N, -1.0, dev))
+        return _FourStep(P, Q, q1, q2, bq, nqb, nw, fp, tw, fq1, fq2, twq)
+
+
+def _col_fwd(fs: _FourStep, x: Tensor, B: int, H: int, prec: str) -> Tensor:
+    """The forward column pass of x [B, H, n] (contiguous, no gates) into a new fp32 scratch [(B+1)//2 H, 2, P, Q]."""
+    s = torch.empty((B + 1) // 2 * H, 2, fs.P, fs.Q, device=x.device, dtype=torch.float32)
+    _launch(
+        fftconv_col_fwd_kernel, (s.shape[0], fs.nqb), x, p_u=x, p_pre=x, p_fp=fs.fp, p_tw=fs.tw, p_s=s, B=B, H=H,
+        L=x.shape[-1], P=fs.P, Q=fs.Q, BQ=fs.bq, NQB=fs.nqb, HAS_PRE=False, PREC=prec, num_warps=fs.nw,
+    )
+    return s
+
+
+def _corr_four_step(fs: _FourStep, sg: Tensor, sv: Tensor, H: int, T: int, L: int, K: int, shift: int,
+                    prec: str) -> Tensor:
+    """dk [H, K] fp32 from the column passes of g [B, H, T] and v [B, H, L] (read only)."""
+    c = torch.empty(H, 2, fs.P, fs.Q, device=sg.device, dtype=torch.float32)
+    rr = 4 if fs.Q <= 512 else 1
+    _launch(
+        fftconv_corr_row_kernel, (H, fs.P // rr), sg, p_sg=sg, p_sv=sv, p_f1=fs.fq1, p_f2=fs.fq2, p_tw=fs.twq, p_c=c,
+        H=H, NP=sg.shape[0] // H, P=fs.P, N1=fs.q1, N2=fs.q2, R=rr, PREC=prec, num_warps=_num_warps(fs.q1, fs.q2),
+    )
+    dk = torch.zeros(H, K, device=sg.device, dtype=torch.float32)  # lags outside the correlation stay 0
+    _launch(
+        fftconv_corr_col_kernel, (H, fs.nqb), sg, p_c=c, p_fp=fs.fp, p_tw=fs.tw, p_dk=dk, T=T, L=L, K=K,
+        SHIFT=shift, P=fs.P, Q=fs.Q, BQ=fs.bq, NQB=fs.nqb, PREC=prec, num_warps=fs.nw,
+    )
+    return dk
+
+
 def fftconv_corr_fwd(
     g: Tensor, v: Tensor, shift: int, K: int, *, precision: Optional[str] = None, max_fused_n: Optional[int] = None
 ) -> Tensor:
@@ -1061,30 +1118,8 @@ def fftconv_corr_fwd(
     g, v = g.contiguous(), v.contiguous()
     pairs = (B + 1) // 2
     if N > max_fused:
-        P, Q, bq, nqb, nw = _four_step(N, max_fused)
-        q1, q2 = _split(Q)
-        fq1, fq2, twq = _tables(q1, q2, g.device, g)
-        fp = _tables(P, P, g.device, g)[0]
-        tw = _cached(("tw", P, Q, str(g.device)), g, lambda: _twiddles(P, Q, N, -1.0, g.device))
-        sg = torch.empty(pairs * H, 2, P, Q, device=g.device, dtype=torch.float32)
-        sv = torch.empty_like(sg)
-        for x, s, n in ((g, sg, T), (v, sv, L)):
-            _launch(
-                fftconv_col_fwd_kernel, (pairs * H, nqb), g, p_u=x, p_pre=x, p_fp=fp, p_tw=tw, p_s=s, B=B, H=H,
-                L=n, P=P, Q=Q, BQ=bq, NQB=nqb, HAS_PRE=False, PREC=prec, num_warps=nw,
-            )
-        c = torch.empty(H, 2, P, Q, device=g.device, dtype=torch.float32)
-        rr = 4 if Q <= 512 else 1
-        _launch(
-            fftconv_corr_row_kernel, (H, P // rr), g, p_sg=sg, p_sv=sv, p_f1=fq1, p_f2=fq2, p_tw=twq, p_c=c, H=H,
-            NP=pairs, P=P, N1=q1, N2=q2, R=rr, PREC=prec, num_warps=_num_warps(q1, q2),
-        )
-        dk = torch.zeros(H, K, device=g.device, dtype=torch.float32)  # lags outside the correlation stay 0
-        _launch(
-            fftconv_corr_col_kernel, (H, nqb), g, p_c=c, p_fp=fp, p_tw=tw, p_dk=dk, T=T, L=L, K=K, SHIFT=shift,
-            P=P, Q=Q, BQ=bq, NQB=nqb, PREC=prec, num_warps=nw,
-        )
-        return dk
+        fs = _FourStep.make(N, max_fused, g)
+        return _corr_four_step(fs, _col_fwd(fs, g, B, H, prec), _col_fwd(fs, v, B, H, prec), H, T, L, K, shift, prec)
     n1, n2 = _split(N)
     f1, f2, tw = _tables(n1, n2, g.device, g)
     ns = max(1, min(pairs, -(-264 // H)))
@@ -1095,3 +1130,67 @@ def fftconv_corr_fwd(
         num_warps=_num_warps(n1, n2),
     )
     return part.sum(0)
+
+
+def shares_column_pass(g: Tensor, v: Tensor, K: int) -> bool:
+    """Whether the backward's dv = conv(g, flip(k); K-1-shift) and dk = corr(g, v; shift) both take the four-step
+    kernels at one FFT size, so that fftconv_dv_dk can do g's column pass once for both (bf16/fp16, same dtypes)."""
+    if g.dtype not in (torch.float16, torch.bfloat16) or v.dtype != g.dtype:
+        return False
+    T, L = g.shape[-1], v.shape[-1]
+    N = plan(T, K, L)
+    prec = precision_for(g.dtype)
+    return N == plan(T, L, 0) and _MAX_FUSED[prec] < N <= _MAX_FUSED[prec] * _MAX_P[prec]
+
+
+def fftconv_dv_dk(
+    g: Tensor, v: Tensor, k_flipped: Tensor, shift: int, *, precision: Optional[str] = None,
+    max_fused_n: Optional[int] = None,
+) -> tuple[Tensor, Tensor]:
+    """The backward's two long products by the four-step kernels, g's column pass shared:
+    dv = fftconv(g, k_flipped, K-1-shift, out_len=L) and dk = fftconv_corr(g, v, shift, K).
+
+    Order: column passes of g and v, dk's correlation kernels (which only read them), then dv's row pass in place on
+    g's scratch and its inverse column pass. Saves one column pass (a read of g and a write of the fp32 scratch).
+
+    Args:
+        g: [B, H, T], v: [B, H, L] (one dtype: fp16/bf16, or fp32 with an explicit precision), k_flipped: [H, K]
+            (flip(k); its spectrum is the conjugate of k's kept one when note_flip declared it)
+        precision, max_fused_n: as in fftconv_fwd; N = plan(T, K, L) must equal plan(T, L, 0) and be above the fused
+            limit and within the four-step one (shares_column_pass)
+    Returns:
+        dv: [B, H, L] in g's dtype; dk: [H, K] fp32
+    """
+    B, H, T = g.shape
+    L = v.shape[-1]
+    K = k_flipped.shape[-1]
+    N = plan(T, K, L)
+    prec = precision or precision_for(g.dtype)
+    max_fused = max_fused_n or _MAX_FUSED[prec]
+    if (N != plan(T, L, 0) or not max_fused < N <= max_fused * _MAX_P[prec] or v.dtype != g.dtype
+            or g.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
+        raise ValueError(
+            f"fftconv_dv_dk: expected g and v of one fp16/bf16/fp32 dtype and one four-step FFT size for dv and dk "
+            f"({max_fused} < N <= {max_fused * _MAX_P[prec]}), got {g.dtype}/{v.dtype}, N = {N} (dv) and "
+            f"{plan(T, L, 0)} (dk); call fftconv_fwd and fftconv_corr_fwd separately"
+        )
+    g, v = g.contiguous(), v.contiguous()
+    fs = _FourStep.make(N, max_fused, g)
+    sg = _col_fwd(fs, g, B, H, prec)
+    dk = _corr_four_step(fs, sg, _col_fwd(fs, v, B, H, prec), H, T, L, K, shift, prec)
+    shift_dv = K - 1 - shift
+    kf, ks, conj_k = _spectrum_for(k_flipped, shift_dv, N, (fs.P, fs.q1, fs.q2))
+    pairs = (B + 1) // 2
+    rr = 4 if fs.Q <= 512 else 1
+    _launch(
+        fftconv_row_kernel, (pairs * H, fs.P // rr), g, p_s=sg, p_kf=kf, p_ks=ks / fs.P, p_f1=fs.fq1, p_f2=fs.fq2,
+        p_tw=fs.twq, H=H, NP=pairs, P=fs.P, N1=fs.q1, N2=fs.q2, R=rr, PREC=prec, CONJ_K=conj_k,
+        num_warps=_num_warps(fs.q1, fs.q2),
+    )
+    dv = torch.empty(B, H, L, device=g.device, dtype=g.dtype)
+    _launch(
+        fftconv_col_inv_kernel, (pairs * H, fs.nqb), g, p_s=sg, p_u=g, p_post=g, p_bias=g, p_skip=g, p_fp=fs.fp,
+        p_tw=fs.tw, p_y=dv, B=B, H=H, L=T, T=L, LO=-shift_dv, HI=T + K - 2 - shift_dv, P=fs.P, Q=fs.Q, BQ=fs.bq,
+        NQB=fs.nqb, HAS_POST=False, HAS_BIAS=False, HAS_SKIP=False, PREC=prec, num_warps=fs.nw,
+    )
+    return dv, dk
