@@ -201,7 +201,7 @@ class _FFTConv(torch.autograd.Function):
         du = dk = dbias = dskip = dpre = dpost = None
         if need[0] or need[6]:
             k_flipped = k.flip(-1)
-            if _monarch is not None and not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling() and _use_kernels(g, k):
                 _monarch.note_flip(k_flipped, k)  # du's spectrum: the conjugate of the one the forward kept
             if (
                 need[1]
