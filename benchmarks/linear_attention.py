@@ -18,8 +18,8 @@ B = 1 at 64K; bf16; causal), forward and forward+backward times of
   - hhfft-tf32x3, hhfft-fused-tf32x3: with HHFFT_LA_PREC=tf32x3 (fp32 operands as tf32x3, not the default bf16
                  hi + lo split)
   - hhfft-apart, hhfft-fused-apart: with HHFFT_LA_DKDV=apart (dk, dv by two launches)
-  - hhfft-fused-recompute: HHFFT_LA_KEEP=none (the backward recomputes phi instead of keeping the forward's);
-    hhfft-fused-compiled-states: HHFFT_LA_KEEP=phi,states (the forward's chunk states kept too)
+  - hhfft-fused-recompute: HHFFT_LA_KEEP=none (the backward recomputes phi and the chunk states instead of keeping
+    the forward's); hhfft-fused-compiled-phi: HHFFT_LA_KEEP=phi (phi kept, the states recomputed), compiled
 plus FLOPs and bytes of the chunked computation with the floors they give (the bf16 dense matmul rate and the copy
 bandwidth measured in the same run), and the peak memory of each forward+backward. Every method is checked against
 the fp32 plain-torch implementation on the same inputs before it is timed.
@@ -71,7 +71,7 @@ VARIANTS = {  # the environment of each variant of the two hhfft paths
     "hhfft-apart": ("hhfft", {"HHFFT_LA_DKDV": "apart"}),
     "hhfft-fused-apart": ("hhfft-fused", {"HHFFT_LA_DKDV": "apart"}),
     "hhfft-fused-recompute": ("hhfft-fused", {"HHFFT_LA_KEEP": "none"}),
-    "hhfft-fused-compiled-states": ("hhfft-fused-compiled", {"HHFFT_LA_KEEP": "phi,states"}),
+    "hhfft-fused-compiled-phi": ("hhfft-fused-compiled", {"HHFFT_LA_KEEP": "phi"}),
 }
 _VARIANT_VARS = sorted({var for _, env in VARIANTS.values() for var in env})
 

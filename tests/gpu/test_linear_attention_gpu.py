@@ -143,7 +143,7 @@ FUSED = [  # (B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind)
 def test_fused_feature_map(B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind, keep, monkeypatch):
     """The fused op's kernels against the module path (feature maps, then attention) in fp64, by the default route
     (HHFFT_LA_FUSED=map: feature-map kernels, then the chunk kernels; test_fused_inkernel_route runs the other), the
-    backward from what the forward kept (HHFFT_LA_KEEP: phi, the default, or phi and the chunk states)."""
+    backward from what the forward kept (HHFFT_LA_KEEP: phi, or phi and the chunk states, the default)."""
     from hhfft.nn import feature_map
 
     g = torch.Generator(device="cuda").manual_seed(L + DX)

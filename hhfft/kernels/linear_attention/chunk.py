@@ -900,8 +900,11 @@ def _kept() -> frozenset:
     """HHFFT_LA_KEEP: what the fused op's forward keeps for its backward instead of recomputing it there, a comma list
     of "phi" (the map route's phi_q, phi_k: 4 B x H x L x FH bytes in 16 bits; saves two map launches) and "states"
     (the chunk states h, z: 4 B x H x L / BT x F x (D + 1) bytes in fp32; saves the backward's state pass and its
-    carry), or "none". Default "phi"."""
-    value = os.environ.get("HHFFT_LA_KEEP", "phi")
+    carry), or "none". Default "phi,states": on the H200 (bf16, H = 16, D = 64, F = 128, 32K tokens, under
+    torch.compile) fwd+bwd took 1.72 / 1.92 / 1.92 / 3.68 ms at L = 2K / 8K / 32K / 64K, against 1.89 / 2.12 / 2.12 /
+    4.08 keeping phi only (benchmarks/RESULTS.md). The price is memory held from forward to backward: at 32K tokens
+    and 16 heads, 256 MB of phi and 268 MB of states per layer; "phi" or "none" give it back."""
+    value = os.environ.get("HHFFT_LA_KEEP", "phi,states")
     kept = frozenset() if value == "none" else frozenset(value.split(","))
     if not kept <= {"phi", "states"}:
         raise ValueError(f"HHFFT_LA_KEEP must be none or a comma list of phi and states, got {value!r}")
