@@ -1,7 +1,7 @@
 """``hhfft::fftconv``, its kernel-gradient primitive ``hhfft::fftconv_corr``, and ``hhfft::fftconv_dv_dk`` (the
 backward's two products in one call, so the four-step kernels share g's column pass; first-order backward only).
 
-Both are ``torch.library.triton_op``s (schema, fake): on CUDA they run the Monarch Triton kernels
+All three are ``torch.library.triton_op``s (schema, fake): on CUDA they run the Monarch Triton kernels
 (``hhfft/kernels/fftconv/monarch.py``) for fp16/bf16/fp32 inputs up to the kernels' largest FFT size, elsewhere (CPU,
 fp64, longer sequences) their plain-torch implementation. Differentiation goes through two
 ``torch.autograd.Function`` wrappers whose backward and jvp are written with the same two functions, so the set is
@@ -97,9 +97,9 @@ def _fftconv_corr_torch(g, v, shift, K) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------- the ops
-# Both ops are torch.library.triton_op: Inductor traces into them, so on CUDA the compiled code calls the Monarch
-# Triton kernels directly (no graph break, CUDA graphs work). The device branch is static at trace time, so on the
-# CPU the traced body holds only torch.fft ops and no Triton kernel reaches Inductor's CPU codegen.
+# The three ops are torch.library.triton_op: Inductor traces into them, so on CUDA the compiled code calls the
+# Monarch Triton kernels directly (no graph break, CUDA graphs work). The device branch is static at trace time, so
+# on the CPU the traced body holds only torch.fft ops and no Triton kernel reaches Inductor's CPU codegen.
 def _use_kernels(x: Tensor, *others: Optional[Tensor]) -> bool:
     return (
         _monarch is not None
@@ -353,15 +353,32 @@ def fftconv(
                 f"fftconv: taps must be an int in [1, K={k.shape[-1]}] (the number of kernel taps kept), got {taps!r}"
             )
         k = k[:, :taps]
-    if (
-        _monarch is not None
-        and not torch.compiler.is_compiling()
-        and torch.is_grad_enabled()
-        and (u.requires_grad or (pregate is not None and pregate.requires_grad))
-        and _use_kernels(u, k, bias, skip, pregate, postgate)
-    ):
+    marked = _keeps_spectrum(u, k, out_len, bias, skip, pregate, postgate)
+    if marked:
         _monarch.keep_spectrum(k)  # the backward's du reuses the forward's spectrum of k (conjugated)
-    return _FFTConv.apply(u, k, shift, out_len, bias, skip, pregate, postgate)
+    try:
+        return _FFTConv.apply(u, k, shift, out_len, bias, skip, pregate, postgate)
+    finally:
+        if marked:
+            _monarch.unmark(k)  # a mark the forward did not take (it built no spectrum) must not outlive the call
+
+
+def _keeps_spectrum(u, k, out_len, bias, skip, pregate, postgate) -> bool:
+    """Whether the forward's spectrum of k is worth keeping for the backward's du: eager, a du to compute (u or
+    pregate requires grad), and y and du both on the Monarch kernels at one FFT size (out_len = L usually), the only
+    case in which du can take it. Otherwise it would be held (8 H N bytes) from the forward to the backward for
+    nothing."""
+    if (
+        _monarch is None
+        or torch.compiler.is_compiling()
+        or not torch.is_grad_enabled()
+        or not (u.requires_grad or (pregate is not None and pregate.requires_grad))
+        or not _use_kernels(u, k, bias, skip, pregate, postgate)
+    ):
+        return False
+    L, K = u.shape[-1], k.shape[-1]
+    N = _monarch.plan(L, K, out_len)
+    return N == _monarch.plan(out_len, K, L) and _monarch.supported(u, N)
 
 
 def fftconv_corr(g: Tensor, v: Tensor, *, shift: int, K: int) -> Tensor:

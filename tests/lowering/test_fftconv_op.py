@@ -155,14 +155,20 @@ def test_partial_convolution_is_exact_for_the_truncated_kernel():
 
 # ------------------------------------------------------------------- the op's kernel branch (Triton interpreter)
 @pytest.fixture
-def kernels_on_cpu(monkeypatch):
-    """The op's CUDA branch on the CPU through the Triton interpreter (tests/conftest.py sets it without a GPU), with
-    the fused limit lowered to N = 512 so that larger sizes take the four-step path (y, du and dk), and "ieee" dots
-    (the interpreter has no tf32; its bf16 dots are broken, so the inputs are fp16)."""
+def kernel_branch(monkeypatch):
+    """(op module, monarch module, device) for the op's kernel branch at small sizes: under the Triton interpreter
+    (tests/conftest.py sets it without a GPU) on CPU tensors, the branch's CUDA test patched out; on a CUDA host
+    without the interpreter on the GPU. The fused limit is lowered to N = 512 so that larger sizes take the four-step
+    path (y, du and dk), and the dots are "ieee" (the interpreter has no tf32; its bf16 dots are broken, so the inputs
+    are fp16)."""
     import hhfft.lowering.fftconv as op_mod
     from hhfft.kernels.fftconv import monarch
 
-    if not torch.cuda.is_available():
+    interpreted = bool(monarch._INTERPRET) and isinstance(monarch.fftconv_fwd_kernel, monarch._INTERPRET)
+    if not interpreted and not torch.cuda.is_available():
+        pytest.skip("the Monarch kernels need CUDA or the Triton interpreter (TRITON_INTERPRET=1)")
+    device = "cpu" if interpreted else "cuda"
+    if interpreted:
         monkeypatch.setattr(
             op_mod, "_use_kernels", lambda x, *o: op_mod._monarch is not None and x.dtype != torch.float64 and all(
                 t is None or t.dtype != torch.float64 for t in o)
@@ -170,7 +176,10 @@ def kernels_on_cpu(monkeypatch):
     monkeypatch.setattr(monarch, "precision_for", lambda dtype: "ieee")
     monkeypatch.setitem(monarch._MAX_FUSED, "ieee", 512)
     monarch.SPECTRUM_COUNTS.clear()
-    return op_mod, monarch
+    yield op_mod, monarch, device
+    monarch._KEEP.clear()
+    monarch._KEPT.clear()
+    monarch._FLIPS.clear()
 
 
 def _max_err(x, ref):
@@ -191,12 +200,12 @@ KERNEL_CASES = [
 
 
 @pytest.mark.parametrize("B,H,L,K,shift,T,gates", KERNEL_CASES)
-def test_kernel_branch_forward_and_all_gradients(B, H, L, K, shift, T, gates, kernels_on_cpu, monkeypatch):
+def test_kernel_branch_forward_and_all_gradients(B, H, L, K, shift, T, gates, kernel_branch, monkeypatch):
     """y and every gradient through the op's kernel branch (fp16 inputs, fp32 k) against naive.py in fp64, by the
     STYLE rule: error <= 2x that of the same computation by the op's torch.fft branch at fp16. The backward's du
     reuses the forward's spectrum of k (conjugated) instead of building one for flip(k) when both have one FFT size;
     dk comes from the correlation kernels (fused or four-step), not torch.fft."""
-    op_mod, monarch = kernels_on_cpu
+    op_mod, monarch, dev = kernel_branch
     u, k, extra = _args(B, H, L, K, T, gates, seed=11)
     dy = torch.randn(B, H, T, **F64, generator=torch.Generator().manual_seed(12))
     names = ["u", "k", *extra]
@@ -206,9 +215,9 @@ def test_kernel_branch_forward_and_all_gradients(B, H, L, K, shift, T, gates, ke
 
     def run():
         xs = [u.half(), k.float(), *(x.half() for x in extra.values())]
-        xs = [x.requires_grad_() for x in xs]
+        xs = [x.to(dev).requires_grad_() for x in xs]
         y = fftconv(xs[0], xs[1], shift=shift, out_len=T, **dict(zip(names[2:], xs[2:])))
-        return [y.detach(), *torch.autograd.grad(y, xs, dy.half())]
+        return [x.cpu() for x in (y.detach(), *torch.autograd.grad(y, xs, dy.to(dev, torch.float16)))]
 
     launched = []
     launch = monarch._launch
@@ -232,3 +241,41 @@ def test_kernel_branch_forward_and_all_gradients(B, H, L, K, shift, T, gates, ke
     expected = {"built": 1 + gates + (not reuse), "reused": int(reuse)}
     assert counts == {n: c for n, c in expected.items() if c}, counts
     assert not monarch._KEPT and not monarch._FLIPS
+
+
+def test_no_spectrum_kept_where_the_backward_cannot_take_it(kernel_branch):
+    """A grad-enabled forward marks k only when du can reuse its spectrum (README, "One spectrum per step"): not on
+    the torch.fft path (fp32 inputs), not when du's FFT size differs (out_len > L), and the mark never outlives the
+    call. A grad-enabled evaluation loop over varied lengths keeps at most one spectrum per k."""
+    _, monarch, dev = kernel_branch
+    k = torch.randn(2, 100, device=dev)
+    for dtype, L, T in [(torch.float32, 129, 129), (torch.float16, 129, 420)]:  # torch.fft path; y's N 512, du's 1024
+        u = torch.randn(1, 2, L, device=dev, dtype=dtype, requires_grad=True)
+        fftconv(u, k, out_len=T)
+        assert not monarch._KEEP and not monarch._KEPT, (dtype, L, T)
+    assert dict(monarch.SPECTRUM_COUNTS) == {"built": 1}  # the fp16 call built its spectrum in the kernels
+    for L in (129, 200, 129, 300):  # y's and du's N: 256, 512, 256, 512 (fused)
+        fftconv(torch.randn(1, 2, L, device=dev, dtype=torch.float16, requires_grad=True), k)
+        assert len(monarch._KEPT) == 1 and not monarch._KEEP, L
+
+
+def test_make_fx_real_mode_keeps_and_serves_no_spectrum(kernel_branch):
+    """make_fx in real mode (no fake mode, is_compiling() False) over the eager autograd path: nothing is kept or
+    served, so the graph builds the spectrum for y and for du itself instead of baking in a kept one."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    _, monarch, dev = kernel_branch
+    u = torch.randn(1, 2, 129, device=dev, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(2, 100, device=dev, requires_grad=True)
+
+    def fwd(u, k):
+        return fftconv(u, k)
+
+    def fwd_bwd(u, k):
+        return torch.autograd.grad(fftconv(u, k).float().square().sum(), (u, k))
+
+    make_fx(fwd, tracing_mode="real")(u, k)
+    assert not monarch._KEEP and not monarch._KEPT
+    make_fx(fwd_bwd, tracing_mode="real")(u, k)
+    assert not monarch._KEEP and not monarch._KEPT and not monarch._FLIPS
+    assert "reused" not in monarch.SPECTRUM_COUNTS, dict(monarch.SPECTRUM_COUNTS)

@@ -791,9 +791,11 @@ def _spectrum(k: Tensor, shift: int, N: int, layout: tuple[int, int, int]) -> tu
 # stores the spectrum it builds for a marked k, the backward names its flipped kernel (note_flip), and the du call
 # takes the stored spectrum (conjugated in the kernels, CONJ_K) and drops it. Every entry holds a weak reference to
 # its tensor and k._version: it is served only for the same live tensor at the same version, and goes when the
-# tensor does. Under tracing and CUDA-graph capture nothing is stored or served (the spectrum is built in the graph).
+# tensor does. At most one entry per k (a newer one replaces it), and the wrapper clears its mark after the call.
+# Under tracing (torch.compile, make_fx in any mode) and CUDA-graph capture nothing is stored or served (the
+# spectrum is built in the graph).
 _KEEP: dict = {}  # id(k) -> (weakref(k), k._version)
-_KEPT: dict = {}  # (id(k), shift, N, layout) -> (weakref(k), k._version, kf, ks)
+_KEPT: dict = {}  # (id(k), shift, N, layout) -> (weakref(k), k._version, kf, ks); at most one key per id(k)
 _FLIPS: dict = {}  # id(flip(k)) -> (weakref(flip(k)), weakref(k), k._version)
 SPECTRUM_COUNTS: collections.Counter = collections.Counter()  # "built", "reused" (for tests)
 
@@ -807,14 +809,32 @@ def _weak(x: Tensor, table: dict, key):
     return weakref.ref(x, gone)
 
 
+try:  # torch 2.11-2.13 have it; make_fx in real mode (no fake mode, is_compiling() False) shows only through it
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode as _get_proxy_mode
+except ImportError:  # pragma: no cover - other torch versions: real-mode make_fx goes undetected
+    _get_proxy_mode = None
+
+
 def _caching(x: Tensor) -> bool:
-    return not _tracing(x) and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    return (
+        not _tracing(x)
+        and not (_get_proxy_mode is not None and _get_proxy_mode() is not None)
+        and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    )
 
 
 def keep_spectrum(k: Tensor) -> None:
     """Mark k: the next forward that builds k's spectrum keeps it for the backward's du (see note_flip)."""
     if _caching(k):
         _KEEP[id(k)] = (_weak(k, _KEEP, id(k)), k._version)
+
+
+def unmark(k: Tensor) -> None:
+    """Clear keep_spectrum's mark on k (the wrapper does after its call: a forward that built no spectrum, e.g. on
+    the torch.fft path, leaves it unused). A spectrum already kept stays for the backward."""
+    entry = _KEEP.get(id(k))
+    if entry is not None and entry[0]() is k:
+        del _KEEP[id(k)]
 
 
 def note_flip(k_flipped: Tensor, k: Tensor) -> None:
@@ -846,6 +866,8 @@ def _spectrum_for(k: Tensor, shift: int, N: int, layout: tuple[int, int, int]) -
     SPECTRUM_COUNTS["built"] += 1
     if _live(_KEEP.get(id(k)), k):
         del _KEEP[id(k)]
+        for other in [x for x in _KEPT if x[0] == id(k)]:  # one entry per k (its later call's backward drops all)
+            del _KEPT[other]
         key = (id(k), shift, N, layout)
         _KEPT[key] = (_weak(k, _KEPT, key), k._version, kf, ks)
     return kf, ks, False
