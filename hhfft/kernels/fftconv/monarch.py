@@ -1024,27 +1024,11 @@ def fftconv_fwd(
             cfg = _choose(N, prec, pairs, H, u, run)
         run(cfg)
         return y
-    P, Q, bq, nqb, nw = _four_step(N, max_fused)
-    q1, q2 = _split(Q)
-    fq1, fq2, twq = _tables(q1, q2, u.device, u)
-    fp = _tables(P, P, u.device, u)[0]
-    tw = _cached(("tw", P, Q, str(u.device)), u, lambda: _twiddles(P, Q, N, -1.0, u.device))
-    kf, ks, conj_k = _spectrum_for(k, shift, N, (P, q1, q2))
-    s = torch.empty(pairs * H, 2, P, Q, device=u.device, dtype=torch.float32)
-    _launch(
-        fftconv_col_fwd_kernel, (pairs * H, nqb), u, p_u=u, p_pre=_empty_if_none(pregate, u), p_fp=fp,
-        p_tw=tw, p_s=s, B=B, H=H, L=L, P=P, Q=Q, BQ=bq, NQB=nqb, HAS_PRE=pregate is not None, PREC=prec,
-        num_warps=nw,
-    )
-    rr = 4 if Q <= 512 else 1  # rows per program, as the fused kernel's loop (P >= 16 is a multiple of 4)
-    _launch(
-        fftconv_row_kernel, (pairs * H, P // rr), u, p_s=s, p_kf=kf, p_ks=ks / P, p_f1=fq1, p_f2=fq2, p_tw=twq,
-        H=H, NP=pairs, P=P, N1=q1, N2=q2, R=rr, PREC=prec, CONJ_K=conj_k, num_warps=_num_warps(q1, q2),
-    )
-    _launch(
-        fftconv_col_inv_kernel, (pairs * H, nqb), u, **common, p_s=s, p_fp=fp, p_tw=tw, P=P, Q=Q, BQ=bq,
-        NQB=nqb, num_warps=nw, **flags,
-    )
+    fs = _FourStep.make(N, max_fused, u)
+    kf, ks, conj_k = _spectrum_for(k, shift, N, (fs.P, fs.q1, fs.q2))
+    s = _col_fwd(fs, u, B, H, prec, pregate)
+    _row_pass(fs, s, kf, ks, conj_k, pairs, H, prec)
+    _col_inv(fs, s, **common, **flags)
     return y
 
 
@@ -1073,6 +1057,11 @@ class _FourStep(NamedTuple):
     fq2: Tensor
     twq: Tensor
 
+    @property
+    def rr(self) -> int:
+        """Rows per program of the row kernels, as the fused kernel's loop (P >= 16 is a multiple of 4)."""
+        return 4 if self.Q <= 512 else 1
+
     @staticmethod
     def make(N: int, max_fused: int, like: Tensor) -> "_FourStep":
         P, Q, bq, nqb, nw = _four_step(N, max_fused)
@@ -1084,24 +1073,45 @@ class _FourStep(NamedTuple):
         return _FourStep(P, Q, q1, q2, bq, nqb, nw, fp, tw, fq1, fq2, twq)
 
 
-def _col_fwd(fs: _FourStep, x: Tensor, B: int, H: int, prec: str) -> Tensor:
-    """The forward column pass of x [B, H, n] (contiguous, no gates) into a new fp32 scratch [(B+1)//2 H, 2, P, Q]."""
+def _col_fwd(fs: _FourStep, x: Tensor, B: int, H: int, prec: str, pregate: Optional[Tensor] = None) -> Tensor:
+    """The forward column pass of x [B, H, n] (contiguous; times pregate [B, H, n] if given) into a new fp32 scratch
+    [(B+1)//2 H, 2, P, Q]."""
     s = torch.empty((B + 1) // 2 * H, 2, fs.P, fs.Q, device=x.device, dtype=torch.float32)
     _launch(
-        fftconv_col_fwd_kernel, (s.shape[0], fs.nqb), x, p_u=x, p_pre=x, p_fp=fs.fp, p_tw=fs.tw, p_s=s, B=B, H=H,
-        L=x.shape[-1], P=fs.P, Q=fs.Q, BQ=fs.bq, NQB=fs.nqb, HAS_PRE=False, PREC=prec, num_warps=fs.nw,
+        fftconv_col_fwd_kernel, (s.shape[0], fs.nqb), x, p_u=x, p_pre=_empty_if_none(pregate, x), p_fp=fs.fp,
+        p_tw=fs.tw, p_s=s, B=B, H=H, L=x.shape[-1], P=fs.P, Q=fs.Q, BQ=fs.bq, NQB=fs.nqb,
+        HAS_PRE=pregate is not None, PREC=prec, num_warps=fs.nw,
     )
     return s
+
+
+def _row_pass(fs: _FourStep, s: Tensor, kf: Tensor, ks: Tensor, conj_k: bool, pairs: int, H: int, prec: str) -> None:
+    """FFT_Q, product with the spectrum (kf, ks from _spectrum_for; conjugated if conj_k) and inverse on every row of
+    the scratch s [pairs H, 2, P, Q], in place."""
+    _launch(
+        fftconv_row_kernel, (pairs * H, fs.P // fs.rr), s, p_s=s, p_kf=kf, p_ks=ks / fs.P, p_f1=fs.fq1, p_f2=fs.fq2,
+        p_tw=fs.twq, H=H, NP=pairs, P=fs.P, N1=fs.q1, N2=fs.q2, R=fs.rr, PREC=prec, CONJ_K=conj_k,
+        num_warps=_num_warps(fs.q1, fs.q2),
+    )
+
+
+def _col_inv(fs: _FourStep, s: Tensor, **epilogue) -> None:
+    """The inverse column pass of the scratch s and the epilogue (fftconv_col_inv_kernel's p_u, p_post, p_bias,
+    p_skip, p_y, B, H, L, T, LO, HI, HAS_POST, HAS_BIAS, HAS_SKIP, PREC) into p_y."""
+    _launch(
+        fftconv_col_inv_kernel, (s.shape[0], fs.nqb), s, p_s=s, p_fp=fs.fp, p_tw=fs.tw, P=fs.P, Q=fs.Q, BQ=fs.bq,
+        NQB=fs.nqb, num_warps=fs.nw, **epilogue,
+    )
 
 
 def _corr_four_step(fs: _FourStep, sg: Tensor, sv: Tensor, H: int, T: int, L: int, K: int, shift: int,
                     prec: str) -> Tensor:
     """dk [H, K] fp32 from the column passes of g [B, H, T] and v [B, H, L] (read only)."""
     c = torch.empty(H, 2, fs.P, fs.Q, device=sg.device, dtype=torch.float32)
-    rr = 4 if fs.Q <= 512 else 1
     _launch(
-        fftconv_corr_row_kernel, (H, fs.P // rr), sg, p_sg=sg, p_sv=sv, p_f1=fs.fq1, p_f2=fs.fq2, p_tw=fs.twq, p_c=c,
-        H=H, NP=sg.shape[0] // H, P=fs.P, N1=fs.q1, N2=fs.q2, R=rr, PREC=prec, num_warps=_num_warps(fs.q1, fs.q2),
+        fftconv_corr_row_kernel, (H, fs.P // fs.rr), sg, p_sg=sg, p_sv=sv, p_f1=fs.fq1, p_f2=fs.fq2, p_tw=fs.twq,
+        p_c=c, H=H, NP=sg.shape[0] // H, P=fs.P, N1=fs.q1, N2=fs.q2, R=fs.rr, PREC=prec,
+        num_warps=_num_warps(fs.q1, fs.q2),
     )
     dk = torch.zeros(H, K, device=sg.device, dtype=torch.float32)  # lags outside the correlation stay 0
     _launch(
@@ -1202,17 +1212,10 @@ def fftconv_dv_dk(
     dk = _corr_four_step(fs, sg, _col_fwd(fs, v, B, H, prec), H, T, L, K, shift, prec)
     shift_dv = K - 1 - shift
     kf, ks, conj_k = _spectrum_for(k_flipped, shift_dv, N, (fs.P, fs.q1, fs.q2))
-    pairs = (B + 1) // 2
-    rr = 4 if fs.Q <= 512 else 1
-    _launch(
-        fftconv_row_kernel, (pairs * H, fs.P // rr), g, p_s=sg, p_kf=kf, p_ks=ks / fs.P, p_f1=fs.fq1, p_f2=fs.fq2,
-        p_tw=fs.twq, H=H, NP=pairs, P=fs.P, N1=fs.q1, N2=fs.q2, R=rr, PREC=prec, CONJ_K=conj_k,
-        num_warps=_num_warps(fs.q1, fs.q2),
-    )
+    _row_pass(fs, sg, kf, ks, conj_k, (B + 1) // 2, H, prec)
     dv = torch.empty(B, H, L, device=g.device, dtype=g.dtype)
-    _launch(
-        fftconv_col_inv_kernel, (pairs * H, fs.nqb), g, p_s=sg, p_u=g, p_post=g, p_bias=g, p_skip=g, p_fp=fs.fp,
-        p_tw=fs.tw, p_y=dv, B=B, H=H, L=T, T=L, LO=-shift_dv, HI=T + K - 2 - shift_dv, P=fs.P, Q=fs.Q, BQ=fs.bq,
-        NQB=fs.nqb, HAS_POST=False, HAS_BIAS=False, HAS_SKIP=False, PREC=prec, num_warps=fs.nw,
+    _col_inv(
+        fs, sg, p_u=g, p_post=g, p_bias=g, p_skip=g, p_y=dv, B=B, H=H, L=T, T=L, LO=-shift_dv,
+        HI=T + K - 2 - shift_dv, HAS_POST=False, HAS_BIAS=False, HAS_SKIP=False, PREC=prec,
     )
     return dv, dk
