@@ -6,6 +6,8 @@ inputs of that dtype). Uninitialised memory is NaN-filled (deterministic mode), 
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.fx
@@ -214,7 +216,9 @@ def test_four_step_backward_reuses_the_spectrum_and_runs_dk_in_the_kernels(L, na
 def test_compile_fx_four_step_backward_calls_the_kernels(K):
     """The hhfft backend's path (compile_fx) at four-step sizes: the spectrum kernel, the four-step forward (y, du)
     and the four-step correlation kernels (dk) are in the compiled code, du and dk by separate ops (their FFT sizes
-    differ) or by fftconv_dv_dk (one size); nothing is kept across calls."""
+    differ) or by fftconv_dv_dk (one size), told apart by the column passes launched: u's (y), v's for the postgate
+    gradient's y, g's for du and g's and v's for dk, where fftconv_dv_dk does g's once (4 instead of 5); nothing is
+    kept across calls."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.utils import run_and_get_code
 
@@ -241,6 +245,10 @@ def test_compile_fx_four_step_backward_calls_the_kernels(K):
     )
     for name in kernels:
         assert name in code, name
+    shared = monarch.shares_column_pass(u.detach(), u.detach(), K)
+    assert shared == (K == 5000)
+    col_fwd = re.findall(r"\bfftconv_col_fwd_kernel\w*\.run\(", code)  # one line per launch: name_<i>.run(...)
+    assert len(col_fwd) == (4 if shared else 5), len(col_fwd)
     assert not monarch._KEPT
     ref_loss = f(u, k, pre, post)
     ref_grads = torch.autograd.grad(ref_loss, (u, k, pre, post))
