@@ -139,11 +139,11 @@ FUSED = [  # (B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind)
 @pytest.mark.parametrize("B,Hq,Hkv,L,DX,FH,D,masked,dtype,causal,kind", [
     pytest.param(*c, marks=[pytest.mark.xdist_group("long")] if c[3] > 4096 else [], id=f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-L{c[3]}-DX{c[4]}-FH{c[5]}-D{c[6]}{'-mask' if c[7] else ''}-"
                        f"{str(c[8])[6:]}-{'causal' if c[9] else 'full'}-{c[10]}") for c in FUSED])
-@pytest.mark.parametrize("keep", ["phi", "phi,states"])
+@pytest.mark.parametrize("keep", ["none", "phi", "phi,states"])
 def test_fused_feature_map(B, Hq, Hkv, L, DX, FH, D, masked, dtype, causal, kind, keep, monkeypatch):
     """The fused op's kernels against the module path (feature maps, then attention) in fp64, by the default route
     (HHFFT_LA_FUSED=map: feature-map kernels, then the chunk kernels; test_fused_inkernel_route runs the other), the
-    backward from what the forward kept (HHFFT_LA_KEEP: phi, or phi and the chunk states, the default)."""
+    backward from what the forward kept (HHFFT_LA_KEEP: nothing, phi, or phi and the chunk states, the default)."""
     from hhfft.nn import feature_map
 
     g = torch.Generator(device="cuda").manual_seed(L + DX)
@@ -180,11 +180,20 @@ def test_fused_inkernel_route(case, monkeypatch):
     test_fused_feature_map(*case, "phi,states", monkeypatch)  # inkernel keeps no phi: the states
 
 
-def test_hedgehog_op_takes_the_map_route(monkeypatch):
+@pytest.mark.parametrize("compiled,states,causal", [(False, "", True), (True, "", True), (True, "1", True),
+                                                    (True, "1", False)],
+                         ids=["eager", "compiled", "compiled-segments", "compiled-segments-full"])
+def test_hedgehog_op_takes_the_map_route(compiled, states, causal, monkeypatch):
     """hedgehog_linear_attention on CUDA (bf16, GQA, masked): by default the feature-map kernels then the unfused
-    kernels, forward and backward (phi kept from the forward); o and every gradient within the STYLE bound of the module path (maps, then
-    linear_attention: the same bf16 phi) against fp64."""
+    kernels, forward and backward (phi and the chunk states kept from the forward); o and every gradient within the
+    STYLE bound of the module path (maps, then linear_attention: the same bf16 phi) against fp64. Compiled: the
+    backend's path, where the kept tensors travel from the forward graph to the backward graph (HHFFT_LA_STATES=1:
+    with segments, so the carry-in travels too)."""
     from hhfft.lowering.linear_attention import hedgehog_linear_attention
+
+    if states:
+        monkeypatch.setenv("HHFFT_LA_STATES", states)
+    torch._dynamo.reset()  # the environment is read when tracing
 
     calls = []
     for name in ("hedgehog_feature_map_fwd", "hedgehog_feature_map_bwd"):
@@ -199,16 +208,18 @@ def test_hedgehog_op_takes_the_map_route(monkeypatch):
     mask = torch.rand(B, L, device="cuda", generator=g) > 0.25
     do = r(B, Hq, L, D)
 
-    def run(dtype, fused):
+    def run(dtype, fused, compile_=False):
         xs = [t.to(dtype).clone().requires_grad_() if i < 3 else t.to(torch.float64 if dtype == torch.float64
               else torch.float32).clone().requires_grad_() for i, t in enumerate(x)]
-        o = hedgehog_linear_attention(*xs, kind="softmax_split", causal=True, key_mask=mask, fused=fused)
+        f = lambda *a: hedgehog_linear_attention(*a, kind="softmax_split", causal=causal, key_mask=mask,  # noqa: E731
+                                                 fused=fused)
+        o = (torch.compile(f) if compile_ else f)(*xs)
         o.backward(do.to(o.dtype))
         return [o.detach()] + [t.grad for t in xs]
 
-    got = run(torch.bfloat16, None)
-    # the backward takes phi from the forward (HHFFT_LA_KEEP's default): no map forward of its own
-    assert calls == ["hedgehog_feature_map_fwd"] * 2 + ["hedgehog_feature_map_bwd"] * 2, calls
+    got = run(torch.bfloat16, None, compiled)
+    if not compiled:  # the backward takes phi from the forward (HHFFT_LA_KEEP's default): no map forward of its own
+        assert calls == ["hedgehog_feature_map_fwd"] * 2 + ["hedgehog_feature_map_bwd"] * 2, calls
     monkeypatch.setenv("HHFFT_LINEAR_ATTENTION_TRITON", "0")  # the baseline is PyTorch's own computation
     ref = run(torch.float64, False)
     base = run(torch.bfloat16, False)

@@ -445,11 +445,21 @@ def test_fused_backward_from_kept_tensors(route, keep, causal, states, monkeypat
     monkeypatch.setenv("HHFFT_LA_KEEP", keep)
     o, den, saved = chunk.hedgehog_attention_fwd(*x, "softmax_split", causal, mask, keep=True)
     like = chunk.saved_like(*x, "softmax_split", causal, mask)
-    assert [t.shape for t in saved] == [t.shape for t in like]
+    assert [(t.shape, t.dtype) for t in saved] == [(t.shape, t.dtype) for t in like]
     assert saved[0].dim() == (4 if route == "map" and "phi" in keep else 0)
     assert saved[2].dim() == (5 if "states" in keep else 0)
-    assert (saved[4].dim() == 5) == ("states" in keep and states == "1")  # segments: a carry-in (or parts) apart
+    assert (saved[4].dim() == 5) == ("states" in keep and causal and states == "1")  # segments: the carry-in apart
+    passes = []
+    fn = chunk._states_fwd
+    monkeypatch.setattr(chunk, "_states_fwd", lambda *a: passes.append(1) or fn(*a))
     got = chunk.hedgehog_attention_bwd(*x, o, den, do, dden, "softmax_split", causal, mask, saved)
+    assert len(passes) == (0 if "states" in keep else 1)  # the kept states are used, not recomputed
+    monkeypatch.setenv("HHFFT_LA_STATES", "sequential" if states == "1" else "1")  # planned otherwise: recomputed
+    if causal:
+        again = chunk.hedgehog_attention_bwd(*x, o, den, do, dden, "softmax_split", causal, mask, saved)
+        assert len(passes) == (1 if "states" in keep else 2)
+        torch.testing.assert_close(again, got, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("HHFFT_LA_STATES", states)
     monkeypatch.setenv("HHFFT_LA_KEEP", "none")
     o2, den2 = chunk.hedgehog_attention_fwd(*x, "softmax_split", causal, mask)
     want = chunk.hedgehog_attention_bwd(*x, o2, den2, do, dden, "softmax_split", causal, mask)

@@ -545,7 +545,7 @@ def hedgehog_feature_map_fwd_kernel(
 
 
 # 8 warps first (the config without autotuning): compiled for sm_90 at 4 warps it spills ~400 bytes per thread
-@triton.autotune(configs=_configs(warps=(8, 4), stages=(1, 2, 3)), key=["DX", "FH", "BDX", "BFH", "KIND"])
+@triton.autotune(configs=_configs(warps=(8, 4), stages=(1, 2)), key=["DX", "FH", "BDX", "BFH", "KIND"])
 @triton.jit
 def hedgehog_feature_map_bwd_kernel(
     x, w, b, mask, dphi, dx, dw, db,
@@ -726,23 +726,49 @@ class _Plan:
         return dict(BT=BT, BK=self.BKS if state else self.BK, BV=self.BVS if state else self.BV, BDX=self.BDX,
                     BFH=self.BFH, CAUSAL=self.causal, FUSED=self.fused, KIND=self.kind, SEG=self.seg)
 
-    def states(self, ref, launch, reverse):
-        """Run a state kernel: ``launch(grid, h, z, ht, zt)``. Returns (h, z, hc, zc) for the chunk kernels: causal,
-        h, z [B, Hkv, NT, F(, D)] within each segment and the segments' carry-in hc, zc [B, Hkv, NG, F(, D)] (the
-        sum of the totals ht, zt of the segments before, or after when ``reverse``); non-causal, the totals."""
+    def state_shapes(self):
+        """Shapes of the states the chunk kernels read: ((h, z), (hc, zc) or None). Causal: h, z [B, Hkv, NT, F(, D)]
+        within each segment, and with segments (``seg``) the carry-in hc, zc [B, Hkv, NG, F(, D)]; non-causal: the
+        totals h, z [B, Hkv, 1, F(, D)]."""
         B, H, F, D, NG = self.B, self.Hkv, self.F, self.D, self.NG
         NS = self.NT if self.causal else 1
-        h, z = _new(ref, B, H, NS, F, D, dtype=torch.float32), _new(ref, B, H, NS, F, dtype=torch.float32)
-        ht, zt = (_new(ref, B, H, NG, F, D, dtype=torch.float32), _new(ref, B, H, NG, F, dtype=torch.float32)) if NG > 1 else (h, z)
+        return ((B, H, NS, F, D), (B, H, NS, F)), (((B, H, NG, F, D), (B, H, NG, F)) if self.seg else None)
+
+    def states(self, ref, launch, reverse):
+        """Run a state kernel: ``launch(grid, h, z, ht, zt)``. Returns (h, z, hc, zc) for the chunk kernels, shaped as
+        ``state_shapes`` says: causal, h, z within each segment and the segments' carry-in hc, zc (the sum of the
+        totals ht, zt of the segments before, or after when ``reverse``; hc, zc = h, z with one segment); non-causal,
+        the totals (hc, zc = h, z)."""
+        B, H, F, D, NG = self.B, self.Hkv, self.F, self.D, self.NG
+        new = lambda *shape: _new(ref, *shape, dtype=torch.float32)  # noqa: E731
+        if self.causal:
+            (sh, sz), _ = self.state_shapes()
+            h, z = new(*sh), new(*sz)
+            ht, zt = (new(B, H, NG, F, D), new(B, H, NG, F)) if self.seg else (h, z)  # the segments' totals
+        else:
+            ht, zt = new(B, H, NG, F, D), new(B, H, NG, F)  # each segment's total
+            h, z = ht, zt  # not written: the non-causal kernel stores the totals only
         launch((self.n_tiles, B * H, NG), h, z, ht, zt)
         if not self.causal:
-            return (ht.sum(2, keepdim=True), zt.sum(2, keepdim=True), h, z) if NG > 1 else (h, z, h, z)
+            h, z = (ht.sum(2, keepdim=True), zt.sum(2, keepdim=True)) if NG > 1 else (ht, zt)
+            return h, z, h, z
         if not self.seg:
             return h, z, h, z  # one segment: no carry (the kernels do not read hc, zc)
         BE = min(1024, triton.next_power_of_2(F * D))  # the totals become each segment's carry-in, in place
         _launcher(linear_attention_carry_kernel)[(triton.cdiv(F * D, BE) + triton.cdiv(F, BE), B * H)](
             ht, zt, NG, F, D, BE=BE, REVERSE=reverse)
         return h, z, ht, zt
+
+    def matches(self, states) -> bool:
+        """Whether kept states (h, z, hc, zc) are laid out as this plan's kernels read them: the shapes, and a carry
+        apart exactly when this plan has segments. A forward planned otherwise (HHFFT_LA_STATES changed before its
+        backward) fails this unless both plans cut the same number of segments of different lengths, which shapes
+        cannot tell: do not change HHFFT_LA_STATES between a forward and its backward."""
+        h, z, hc, zc = states
+        (sh, sz), carry = self.state_shapes()
+        if (tuple(h.shape), tuple(z.shape)) != (sh, sz) or (hc is h) != (carry is None):
+            return False
+        return carry is None or (tuple(hc.shape), tuple(zc.shape)) == carry
 
 
 def _states_fwd(p, q, k, v):
@@ -780,7 +806,9 @@ def _bwd(q, k, v, o, den, do, dden, causal, key_mask, fmap, states=None):
         dwk, dbk = _new(q, p.NT, p.B, p.Hkv, p.DX, p.FH, dtype=torch.float32), _new(q, p.NT, p.B, p.Hkv, p.FH, dtype=torch.float32)
     else:
         dwq = dbq = dwk = dbk = s
-    h, z, hc, zc = _states_fwd(p, q, k, v) if states is None else states
+    if states is None or not p.matches(states):
+        states = _states_fwd(p, q, k, v)
+    h, z, hc, zc = states
     _launcher(linear_attention_bwd_dq_kernel)[(p.NT, p.B * p.Hq)](
         q, k, v, p.mask, h, z, hc, zc, o, den, do, dden, dq, s, *p.w, dwq, dbq,
         p.L, p.NT, p.NC, p.F, p.D, p.Hq, p.G, p.DX, p.FH,
@@ -898,12 +926,12 @@ def linear_attention_bwd(
 
 def _kept() -> frozenset:
     """HHFFT_LA_KEEP: what the fused op's forward keeps for its backward instead of recomputing it there, a comma list
-    of "phi" (the map route's phi_q, phi_k: 4 B x H x L x FH bytes in 16 bits; saves two map launches) and "states"
-    (the chunk states h, z: 4 B x H x L / BT x F x (D + 1) bytes in fp32; saves the backward's state pass and its
-    carry), or "none". Default "phi,states": on the H200 (bf16, H = 16, D = 64, F = 128, 32K tokens, under
-    torch.compile) fwd+bwd took 1.72 / 1.92 / 1.92 / 3.68 ms at L = 2K / 8K / 32K / 64K, against 1.89 / 2.12 / 2.12 /
-    4.08 keeping phi only (benchmarks/RESULTS.md). The price is memory held from forward to backward: at 32K tokens
-    and 16 heads, 256 MB of phi and 268 MB of states per layer; "phi" or "none" give it back."""
+    of "phi" (the map route's phi_q, phi_k: 2 B (Hq + Hkv) L F bytes in 16 bits, F = 2 FH; saves two map launches) and
+    "states" (the chunk states h, z: 4 B Hkv (L / BT) F (D + 1) bytes in fp32, plus the segments' carry-in; saves the
+    backward's state pass and its carry), or "none". Default "phi,states": on the H200 (bf16, Hq = Hkv = 16, D = 64,
+    F = 128, 32K tokens, under torch.compile) fwd+bwd took 1.72 / 1.92 / 1.92 / 3.68 ms at L = 2K / 8K / 32K / 64K,
+    against 1.89 / 2.12 / 2.12 / 4.08 keeping phi only (benchmarks/RESULTS.md). The price is memory held from forward
+    to backward, per layer: 256 MiB of phi and 260 MiB of states at that size; "phi" or "none" give it back."""
     value = os.environ.get("HHFFT_LA_KEEP", "phi,states")
     kept = frozenset() if value == "none" else frozenset(value.split(","))
     if not kept <= {"phi", "states"}:
@@ -963,13 +991,9 @@ def saved_like(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask=None):
         p = _Plan(xq, xk, v, causal, key_mask, (wq, bq, wk, bk, kind))
     if "states" not in kept:
         return phis + empties(xq, 4)
-    new = lambda *shape: xq.new_empty(*shape, dtype=torch.float32)  # noqa: E731
-    NS = p.NT if p.causal else 1
-    h, z = new(p.B, p.Hkv, NS, p.F, p.D), new(p.B, p.Hkv, NS, p.F)
-    if p.NG == 1:  # _Plan.states returns (h, z, h, z)
-        return phis + (h, z) + empties(xq, 2)
-    n = p.NG if p.causal else 1  # causal: the segments' carry-in; non-causal: h, z are the totals, hc, zc the parts
-    return phis + (h, z, new(p.B, p.Hkv, n, p.F, p.D), new(p.B, p.Hkv, n, p.F))
+    new = lambda shape: xq.new_empty(*shape, dtype=torch.float32)  # noqa: E731
+    (sh, sz), carry = p.state_shapes()
+    return phis + (new(sh), new(sz)) + ((new(carry[0]), new(carry[1])) if carry else empties(xq, 2))
 
 
 def hedgehog_attention_bwd(
@@ -982,7 +1006,8 @@ def hedgehog_attention_bwd(
     saved = saved if saved is not None else empties(xq, 6)
     states = _unpack(saved[2:]) if saved[2].dim() else None
     if _fused_route() == "map":
-        if saved[0].dim():
+        F = 2 * wq.shape[-1]
+        if saved[0].dim() and saved[0].shape == (*xq.shape[:3], F) and saved[1].shape == (*xk.shape[:3], F):
             pq, pk = saved[0], saved[1]
         else:
             pq, pk = hedgehog_feature_map_fwd(xq, wq, bq, kind), hedgehog_feature_map_fwd(xk, wk, bk, kind, key_mask)
