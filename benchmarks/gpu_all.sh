@@ -35,7 +35,7 @@ gpus=${LANE_GPUS:-$(nvidia-smi -L | wc -l)}
 PYTEST="HHFFT_TRITON_AUTOTUNE=0 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu"
 LANES=(
   "240|$PYTEST -n 12 --dist loadgroup tests/gpu/test_linear_attention_gpu.py;;120|$PYTEST -n 8 tests/gpu/test_decode_gpu.py;;120|$PYTEST tests/gpu/test_adahessian_cuda.py tests/gpu/test_adahessian_memory_gpu.py"
-  "480|python3 benchmarks/linear_attention.py --out $work/la_bench --method-timeout 120 $LA_BENCH_ARGS"
+  "480|python3 benchmarks/linear_attention.py --out $work/la_bench --method-timeout 150 --graphs $LA_BENCH_ARGS"
   "200|python3 -m hhfft.cli demo --device cuda --length 16384 --batch 1 --amp bf16;;260|python3 benchmarks/adahessian.py --out $work/adahessian"
   "150|$PYTEST -n 3 tests/gpu/test_converted_models_gpu.py;;300|$PYTEST -n 8 tests/gpu/test_fftconv_gpu.py"
   "300|python3 benchmarks/profile_kernels.py --out $work/profile $PROFILE_ARGS"

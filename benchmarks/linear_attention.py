@@ -1,7 +1,8 @@
 """Benchmark hhfft::linear_attention (chunked Triton kernels) against fla's chunk_linear_attn and causal SDPA.
 
 What it shows, per sequence length L (H=16 heads, head dim D=64, Hedgehog features F=128 = 2 x 64, B*L = 32K tokens,
-B = 1 at 64K; bf16; causal), forward and forward+backward times of
+B = 1 at 64K; bf16; causal), forward and forward+backward times of (by default fla, hhfft-fused-compiled,
+hhfft-fused, hhfft and sdpa; the others with --methods)
   - hhfft:       hhfft.lowering.linear_attention.linear_attention on phi_q, phi_k [B, H, L, F], v [B, H, L, D]
   - hhfft-fused: hhfft.lowering.linear_attention.hedgehog_linear_attention on q, k [B, H, L, 64] and the maps' W, b
                  (softmax_split; backward also gives dW, db), by its default route (HHFFT_LA_FUSED=map: one
@@ -58,6 +59,9 @@ H, D, FH = 16, 64, 64
 FEAT = 2 * FH
 C = 64
 LENGTHS = [2048, 8192, 32768, 65536]
+# the issue's table (the fused op as the backend runs it and as an eager call, the unfused kernels, the two peers);
+# the variants are opt-in with --methods
+DEFAULT_METHODS = ["fla", "hhfft-fused-compiled", "hhfft-fused", "hhfft", "sdpa"]
 METHODS = ["hhfft-fused", "hhfft", "fla", "sdpa", "hhfft-fused-compiled", "hhfft-fused-inkernel", "hhfft-tf32x3",
            "hhfft-fused-tf32x3", "hhfft-apart", "hhfft-fused-apart", "hhfft-par", "hhfft-seq", "hhfft-fused-seq"]
 VARIANTS = {  # the environment of each variant of the two hhfft paths
@@ -263,7 +267,8 @@ def table(rows: list[dict], fl: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
-    p.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS + sorted(set(VARIANTS) - set(METHODS)))
+    p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS,
+                   choices=METHODS + sorted(set(VARIANTS) - set(METHODS)))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--method-timeout", type=int, default=0, help="seconds per method and length (0: no limit)")
     p.add_argument("--out", default=None, help="folder for results.json and table.md")
