@@ -149,16 +149,18 @@ def _fftconv_leaf(u, k, pre, post):
 torch.fx.wrap("_fftconv_leaf")
 
 
-def test_compile_fx_backward_calls_the_kernels():
-    """What the hhfft backend does (FX graph with the fftconv wrapper -> compile_fx): the compiled forward and
-    backward both call the Triton kernels (du through the same conv kernel, dk through the correlation kernel)."""
+def _compile_fx_step(B, H, L, K, check):
+    """What the hhfft backend does (FX graph with the fftconv wrapper -> compile_fx), forward and backward of a loss
+    on bf16 u, pregate, postgate and an fp32 kernel of K taps; ``check(code)`` sees the generated code right after
+    the compiled step, then the compiled loss and gradients are checked against eager (Inductor keeps the bf16
+    elementwise work around the op in fp32, so they differ by bf16 rounding; the numerics themselves are checked by
+    test_fftconv_all_sizes)."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.utils import run_and_get_code
 
     def f(u, k, pre, post):
         return _fftconv_leaf(u, k, pre, post).float().square().sum()
 
-    B, H, L, K = 4, 16, 777, 300
     u, pre, post = (torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     k = torch.randn(H, K, device="cuda", requires_grad=True)
     compiled = compile_fx(torch.fx.symbolic_trace(f), [u, k, pre, post])
@@ -169,15 +171,21 @@ def test_compile_fx_backward_calls_the_kernels():
         return loss, torch.autograd.grad(loss, (u, k, pre, post))
 
     (loss, grads), codes = run_and_get_code(step)
-    code = "\n".join(codes)
-    assert "fftconv_fwd_" in code and "fftconv_corr_kernel" in code
+    check("\n".join(codes))
     ref_loss = f(u, k, pre, post)
     ref_grads = torch.autograd.grad(ref_loss, (u, k, pre, post))
-    # Inductor keeps the bf16 elementwise work around the op in fp32, so compiled and eager differ by bf16 rounding;
-    # the numerics themselves are checked by test_fftconv_all_sizes
     for name, a, b in [("loss", loss, ref_loss)] + list(zip(["u", "k", "pre", "post"], grads, ref_grads)):
         rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
         assert rel <= 2 ** -7, f"{name}: compiled vs eager relative error {rel:.2e}"
+
+
+def test_compile_fx_backward_calls_the_kernels():
+    """The compiled forward and backward both call the Triton kernels (du through the same conv kernel, dk through
+    the correlation kernel)."""
+    def check(code):
+        assert "fftconv_fwd_" in code and "fftconv_corr_kernel" in code
+
+    _compile_fx_step(4, 16, 777, 300, check)
 
 
 @pytest.mark.parametrize("L", [5000, 20000], ids=["N16384-P16-Q1024", "N65536-P16-Q4096"])
@@ -219,39 +227,19 @@ def test_compile_fx_four_step_backward_calls_the_kernels(K):
     differ) or by fftconv_dv_dk (one size), told apart by the column passes launched: u's (y), v's for the postgate
     gradient's y, g's for du and g's and v's for dk, where fftconv_dv_dk does g's once (4 instead of 5); nothing is
     kept across calls."""
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.utils import run_and_get_code
-
     from hhfft.kernels.fftconv import monarch
 
-    def f(u, k, pre, post):
-        return _fftconv_leaf(u, k, pre, post).float().square().sum()
-
     B, H, L = 3, 4, 5000  # dk: N = plan(L, L, 0) = 16384; y, du: plan(L, K, L) = 8192 (K = 3000) or 16384
-    u, pre, post = (torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    k = torch.randn(H, K, device="cuda", requires_grad=True)
-    compiled = compile_fx(torch.fx.symbolic_trace(f), [u, k, pre, post])
-
-    def step():
-        loss = compiled(u, k, pre, post)
-        loss = loss[0] if isinstance(loss, (tuple, list)) else loss
-        return loss, torch.autograd.grad(loss, (u, k, pre, post))
-
-    (loss, grads), codes = run_and_get_code(step)
-    code = "\n".join(codes)
-    kernels = (
-        "fftconv_spectrum_kernel", "fftconv_col_fwd_kernel", "fftconv_col_inv_kernel", "fftconv_corr_row_kernel",
-        "fftconv_corr_col_kernel",
-    )
-    for name in kernels:
-        assert name in code, name
-    shared = monarch.shares_column_pass(u.detach(), u.detach(), K)
+    shared = monarch.shares_column_pass(torch.empty(B, H, L, device="cuda", dtype=torch.bfloat16),
+                                        torch.empty(B, H, L, device="cuda", dtype=torch.bfloat16), K)
     assert shared == (K == 5000)
-    col_fwd = re.findall(r"\bfftconv_col_fwd_kernel\w*\.run\(", code)  # one line per launch: name_<i>.run(...)
-    assert len(col_fwd) == (4 if shared else 5), len(col_fwd)
-    assert not monarch._KEPT
-    ref_loss = f(u, k, pre, post)
-    ref_grads = torch.autograd.grad(ref_loss, (u, k, pre, post))
-    for name, a, b in [("loss", loss, ref_loss)] + list(zip(["u", "k", "pre", "post"], grads, ref_grads)):
-        rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
-        assert rel <= 2 ** -7, f"{name}: compiled vs eager relative error {rel:.2e}"
+
+    def check(code):
+        for name in ("fftconv_spectrum_kernel", "fftconv_col_fwd_kernel", "fftconv_col_inv_kernel",
+                     "fftconv_corr_row_kernel", "fftconv_corr_col_kernel"):
+            assert name in code, name
+        col_fwd = re.findall(r"\bfftconv_col_fwd_kernel\w*\.run\(", code)  # one line per launch: name_<i>.run(...)
+        assert len(col_fwd) == (4 if shared else 5), len(col_fwd)
+        assert not monarch._KEPT
+
+    _compile_fx_step(B, H, L, K, check)
