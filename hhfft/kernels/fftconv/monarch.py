@@ -271,6 +271,15 @@ def _monarch_inv(cr, ci, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s, GAUSS: tl.const
 
 
 @triton.jit
+def _fft_scaled(xr, xi, f1r, f1i, twr, twi, f2r, f2i, PREC: tl.constexpr):
+    """FFT of a row scaled into [-1, 1] first (4-dot products): (planes of fft(x / s), s), s the power of two
+    _pow2_scale gives; the correlation kernels multiply the scales back."""
+    s = _pow2_scale(xr, xi)
+    fr, fi = _monarch_fwd(xr / s, xi / s, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+    return fr, fi, s
+
+
+@triton.jit
 def _conv_row(
     xr, xi, kr, ki, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s,
     N1: tl.constexpr, N2: tl.constexpr, GAUSS: tl.constexpr, PREC: tl.constexpr,
@@ -648,12 +657,10 @@ def fftconv_corr_kernel(
         m_1 = i_b1 < B
         b_gr = tl.load(p_g + (i_b0 * H + i_h) * T + o_n, mask=m_g, other=0.0).to(tl.float32)
         b_gi = tl.load(p_g + (i_b1 * H + i_h) * T + o_n, mask=m_g & m_1, other=0.0).to(tl.float32)
-        b_sg = _pow2_scale(b_gr, b_gi)
-        b_gr, b_gi = _monarch_fwd(b_gr / b_sg, b_gi / b_sg, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+        b_gr, b_gi, b_sg = _fft_scaled(b_gr, b_gi, f1r, f1i, twr, twi, f2r, f2i, PREC)
         b_vr = tl.load(p_v + (i_b0 * H + i_h) * L + o_n, mask=m_v, other=0.0).to(tl.float32)
         b_vi = tl.load(p_v + (i_b1 * H + i_h) * L + o_n, mask=m_v & m_1, other=0.0).to(tl.float32)
-        b_sv = _pow2_scale(b_vr, b_vi)
-        b_vr, b_vi = _monarch_fwd(b_vr / b_sv, b_vi / b_sv, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+        b_vr, b_vi, b_sv = _fft_scaled(b_vr, b_vi, f1r, f1i, twr, twi, f2r, f2i, PREC)
         b_w = b_sg * b_sv
         b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
         b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
@@ -689,12 +696,10 @@ def fftconv_corr_row_kernel(
             o_row = (i_p * H + i_h) * 2 * P * Q + i_kp * Q + o_n
             b_gr = tl.load(p_sg + o_row)
             b_gi = tl.load(p_sg + o_row + P * Q)
-            b_sg = _pow2_scale(b_gr, b_gi)
-            b_gr, b_gi = _monarch_fwd(b_gr / b_sg, b_gi / b_sg, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+            b_gr, b_gi, b_sg = _fft_scaled(b_gr, b_gi, f1r, f1i, twr, twi, f2r, f2i, PREC)
             b_vr = tl.load(p_sv + o_row)
             b_vi = tl.load(p_sv + o_row + P * Q)
-            b_sv = _pow2_scale(b_vr, b_vi)
-            b_vr, b_vi = _monarch_fwd(b_vr / b_sv, b_vi / b_sv, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+            b_vr, b_vi, b_sv = _fft_scaled(b_vr, b_vi, f1r, f1i, twr, twi, f2r, f2i, PREC)
             b_w = b_sg * b_sv
             b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
             b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
