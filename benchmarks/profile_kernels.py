@@ -10,6 +10,8 @@ benchmarks' figures measure the host). Cases (the benchmarks' shapes):
   fla-<L>        fla's chunk_linear_attn on the same phi, forward+backward (when fla is importable)
   fft-<L>        hhfft fftconv forward+backward at B*H*L = 2^27 bf16 elements (benchmarks/fftconv.py's shapes)
   fftref-<L>     the torch rfft reference, forward+backward, same shapes
+  demo-<backend>-<L>  the demo's training step (HyenaLM, batch 1, bf16 autocast, AdamW) compiled with that backend
+  hvp-<width>    AdaHessian's iteration by hutchinson (jvp of grad, Inductor) + the fused step on adahessian.py's MLP
 
     PYTHONPATH=. python3 benchmarks/profile_kernels.py --cases la-fused-32768 fft-16384 --out $OUT
 """
@@ -86,6 +88,48 @@ def fft_case(kind: str, L: int):
     return step, f"B={B} H={H} L={L} N={monarch.plan(L, L, L)} bf16 u, fp32 k, forward+backward"
 
 
+def demo_case(backend: str, L: int):
+    from hhfft.demo import batch, text_bytes
+    from hhfft.models import HyenaConfig, HyenaLM
+
+    torch.manual_seed(0)
+    model = HyenaLM(HyenaConfig(max_len=max(2048, L))).cuda()
+    tokens = batch(text_bytes(), 1, L, torch.Generator().manual_seed(0)).cuda()
+    fn = torch.compile(model.loss, backend=backend)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(tokens)
+        loss.backward()
+        opt.step()
+
+    return step, f"demo HyenaLM, batch 1 x {L}, bf16 autocast, backend={backend}, forward+backward+AdamW"
+
+
+def hvp_case(width: int):
+    import adahessian as ah_bench
+
+    from hhfft.optim import AdaHessian, hutchinson
+
+    model = ah_bench.mlp(24, width, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, y = (torch.randn(1024, width, device="cuda", generator=g) for _ in range(2))
+    opt = AdaHessian(model.parameters(), lr=0.15, fused=True)
+    named = dict(model.named_parameters())
+    torch.set_float32_matmul_precision("high")  # as adahessian.py: TF32 matmuls
+
+    def loss_fn(ps):
+        return ah_bench.sq_err(torch.func.functional_call(model, ps, (x,)), y)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        opt.step(hessian=hutchinson(loss_fn, named, generator=opt.generator, backend="inductor"))
+
+    return step, f"AdaHessian iteration, hutchinson (jvp of grad, Inductor) + fused step, 24 x Linear({width}), batch 1024"
+
+
 def host_ms(step, n: int = 20) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -127,7 +171,12 @@ def main(argv=None) -> None:
     for case in args.cases:
         kind, L = case.rsplit("-", 1)
         try:
-            step, what = (la_case if kind.startswith(("la", "fla")) else fft_case)(kind, int(L))
+            if kind.startswith("demo-"):
+                step, what = demo_case(kind.split("-", 1)[1], int(L))
+            elif kind == "hvp":
+                step, what = hvp_case(int(L))
+            else:
+                step, what = (la_case if kind.startswith(("la", "fla")) else fft_case)(kind, int(L))
             rows = profile(step)
             host = host_ms(step)
         except Exception as e:  # one failing case must not lose the others
