@@ -76,10 +76,16 @@ def nan_guarded_buffers(monkeypatch, module, guard: int) -> Iterator[None]:
     """Body of a fixture: ``module._new`` (the one allocator of every buffer its kernels write) is replaced by one that
     returns NaN-filled views into larger NaN allocations, ``guard`` elements on each side. An unwritten element stays
     NaN (so it fails the comparison); after the test, every guard region must still be NaN, or a kernel stored outside
-    its buffer. Use as ``yield from nan_guarded_buffers(monkeypatch, chunk, 256)``."""
+    its buffer. Use as ``yield from nan_guarded_buffers(monkeypatch, chunk, 256)``.
+
+    Under torch.compile the kernels' bodies are traced (``ref`` is a fake or functional tensor): there the buffer is a
+    plain NaN-filled tensor, since a kernel writing into a view of a traced allocation is not what the op does (it
+    allocates each buffer on its own) and the guard regions could not be read after the trace anyway."""
     allocated = []
 
     def new(ref, *shape, dtype=None):
+        if type(ref) is not torch.Tensor:
+            return torch.full(shape, float("nan"), dtype=dtype or ref.dtype, device=ref.device)
         n = 1
         for s in shape:
             n *= s

@@ -222,11 +222,11 @@ def test_four_step_backward_reuses_the_spectrum_and_runs_dk_in_the_kernels(L, na
 
 @pytest.mark.parametrize("K", [3000, 5000], ids=["K3000-du-N8192-dk-N16384-apart", "K5000-N16384-fftconv_dv_dk"])
 def test_compile_fx_four_step_backward_calls_the_kernels(K):
-    """The hhfft backend's path (compile_fx) at four-step sizes: the spectrum kernel, the four-step forward (y, du)
-    and the four-step correlation kernels (dk) are in the compiled code, du and dk by separate ops (their FFT sizes
-    differ) or by fftconv_dv_dk (one size), told apart by the column passes launched: u's (y), v's for the postgate
-    gradient's y, g's for du and g's and v's for dk, where fftconv_dv_dk does g's once (4 instead of 5); nothing is
-    kept across calls."""
+    """The hhfft backend's path (compile_fx) at four-step sizes: the compiled backward (the code run_and_get_code sees:
+    compile_fx compiles the forward before the step) holds the spectrum kernel, the four-step kernels for du and the
+    four-step correlation kernels for dk, du and dk by separate ops (their FFT sizes differ) or by fftconv_dv_dk (one
+    size), told apart by the column passes launched: g's for du and g's and v's for dk, where fftconv_dv_dk does g's
+    once (2 instead of 3; the postgate's gradient reads the y that the forward saved); nothing is kept across calls."""
     from hhfft.kernels.fftconv import monarch
 
     B, H, L = 3, 4, 5000  # dk: N = plan(L, L, 0) = 16384; y, du: plan(L, K, L) = 8192 (K = 3000) or 16384
@@ -239,7 +239,7 @@ def test_compile_fx_four_step_backward_calls_the_kernels(K):
                      "fftconv_corr_row_kernel", "fftconv_corr_col_kernel"):
             assert name in code, name
         col_fwd = re.findall(r"\bfftconv_col_fwd_kernel\w*\.run\(", code)  # one line per launch: name_<i>.run(...)
-        assert len(col_fwd) == (4 if shared else 5), len(col_fwd)
+        assert len(col_fwd) == (2 if shared else 3), len(col_fwd)
         assert not monarch._KEPT
 
     _compile_fx_step(B, H, L, K, check)
