@@ -60,6 +60,21 @@ def test_unknown_option_lists_the_valid_ones():
     assert "min_kernal_size" in msg and "min_kernel_size" in msg and "compiler" in msg
 
 
+def test_inductor_modes_pass_through_and_unknown_modes_are_refused():
+    """``mode=`` reaches Inductor as its own backend's config (reduce-overhead: CUDA graphs, which Inductor leaves off
+    for CPU graphs), and a misspelt mode is refused with the modes Inductor knows."""
+    from hhfft.lowering.backend import _config_patches
+
+    assert _config_patches("reduce-overhead") == {"triton.cudagraphs": True} and _config_patches(None) == {}
+    conv = torch.nn.Conv1d(4, 4, 65, padding=32, groups=4)
+    x = torch.randn(2, 4, 100)
+    torch.testing.assert_close(torch.compile(conv, backend="hhfft", mode="reduce-overhead")(x), conv(x),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(Exception) as e:
+        torch.compile(conv, backend="hhfft", mode="reduce_overhead")(x)
+    assert "reduce_overhead" in str(e.value) and "reduce-overhead" in str(e.value)
+
+
 @pytest.mark.parametrize(
     "options, words",
     [({"attention": "fast"}, "attention"), ({"longconv": "yes"}, "True or False"), ({"min_kernel_size": 0}, "positive")],

@@ -1,6 +1,7 @@
 """The ``"hhfft"`` torch.compile backend: hhfft's passes on the Dynamo graph, then Inductor.
 
     torch.compile(model, backend="hhfft", options={"min_kernel_size": 32, "attention": "keep"})
+    torch.compile(model, backend="hhfft", mode="reduce-overhead")     # and CUDA graphs, as Inductor's modes
 
 Registered under the ``torch_dynamo_backends`` entry point (found without importing hhfft) and, for checkouts used
 without an install, when ``hhfft`` is imported. Inductor runs through ``compile_fx`` with per-compile
@@ -101,20 +102,33 @@ def last_report() -> Report:
     return merged
 
 
-def _config_patches(opts: Options, example_inputs: list) -> dict:
-    """Inductor config for this compile only."""
-    return {}
+def _config_patches(mode: Optional[str]) -> dict:
+    """Inductor config for this compile only: what ``torch.compile(mode=...)`` sets for Inductor (reduce-overhead:
+    CUDA graphs; max-autotune: autotuned templates and CUDA graphs)."""
+    if mode is None:
+        return {}
+    from torch._inductor import list_mode_options
+
+    try:
+        return dict(list_mode_options(mode))
+    except RuntimeError as e:  # Inductor's message lists the modes it knows
+        raise ValueError(f"hhfft: unknown mode {mode!r}: {e}") from None
 
 
 def hhfft_backend(
     gm: fx.GraphModule,
     example_inputs: list,
     options: Optional[dict] = None,
+    mode: Optional[str] = None,
     *,
     report_sink: Optional[Callable[[Report], None]] = None,
 ):
-    """torch.compile backend: passes, then Inductor (or the rewritten graph as is, with compiler="eager")."""
+    """torch.compile backend: passes, then Inductor (or the rewritten graph as is, with compiler="eager").
+
+    ``torch.compile(model, backend="hhfft", mode="reduce-overhead")`` replays the compiled graphs from CUDA graphs, as
+    with Inductor's own backend (``mode`` is Inductor's: "default", "reduce-overhead", "max-autotune", ...)."""
     opts = Options.parse(options)
+    patches = _config_patches(mode)
     report = run_passes(gm, opts)
     _recent.append(report)
     if report_sink is not None:
@@ -123,7 +137,7 @@ def hhfft_backend(
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=_config_patches(opts, example_inputs))
+    return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def capture(model: Callable, run: Callable[[Callable], Any], opts: Options) -> Report:
