@@ -6,6 +6,7 @@ during the iteration, model and optimizer state included, minus what earlier row
 and logged before each row):
   - adam:          torch.optim.Adam(fused=True): zero_grad, forward, backward, step
   - adam step:     its fused step alone
+  - adam, CUDA graphs: the model under torch.compile(mode="reduce-overhead"), for information
   - po adahessian: pytorch_optimizer 4.1 AdaHessian: forward, backward(create_graph=True), step (its own HVP)
   - hhfft:         hhfft.optim.AdaHessian (fused step), same usage
   - hhfft step:    the compiled multi-tensor update alone (the lists the optimizer passes it)
@@ -259,6 +260,19 @@ def main() -> int:
     adam_iter()
     record("adam (fused) iteration", bench(adam_iter), peak_mb(adam_iter, device))
     record("adam (fused) step", bench(adam.step))
+    if device.type == "cuda":  # for information: Adam's model compiled and replayed from CUDA graphs as well
+        graphed_model = torch.compile(model, mode="reduce-overhead")
+
+        def adam_graphed():
+            torch.compiler.cudagraph_mark_step_begin()
+            adam.zero_grad(set_to_none=True)
+            sq_err(graphed_model(x), y).backward()
+            adam.step()
+
+        for _ in range(3):
+            adam_graphed()
+        record("adam (fused), model with CUDA graphs", bench(adam_graphed))
+        del graphed_model
     del model, adam
     release()
 
