@@ -1057,7 +1057,9 @@ def run(gm: fx.GraphModule, opts: Any, report: Any) -> None:
             _site_record(report, site, "skipped", str(e), dtype, shapes)
             bump("attention_skipped")
             continue
-        _site_record(report, site, "rewritten", "", dtype, shapes)
+        # a mask buffer too large to check stays a general attn_mask: say so (otherwise a rewritten site has no reason)
+        notes = [] if site.causal else an.notes(*(x for p in m.pieces for x in p if isinstance(x, fx.Node)))
+        _site_record(report, site, "rewritten", "; ".join(notes), dtype, shapes)
         bump("attention_rewritten")
 
 

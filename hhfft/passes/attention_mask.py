@@ -195,6 +195,63 @@ _CASTS = {"to", "type", "float", "half", "bfloat16", "double", "type_as", "bool"
 _IDENT = {"contiguous", "clone"}
 
 
+# ------------------------------------------------------------------------------------------------- constant buffers
+# A constant mask buffer is proved a tril/triu pattern from its value: on its own device, in row blocks of about
+# _BUFFER_BLOCK elements (the temporaries: a pattern block and one block in the buffer's dtype, 4M elements each),
+# and not attempted above BUFFER_PROOF_LIMIT elements (32768 x 32768). It runs once per compiled graph: a 16384 x
+# 16384 buffer takes about 0.5 s (bool) / 1 s (fp32) on two CPU cores.
+BUFFER_PROOF_LIMIT = 1 << 30
+_BUFFER_BLOCK = 1 << 22
+
+
+def _triangle(t: torch.Tensor) -> Optional[tuple]:
+    """``(kind, k, top, other)`` when the 2-d tensor ``t`` holds ``top = t[0, 0]`` exactly where ``c - r <= k``
+    (kind "tril") or ``c - r >= k`` ("triu") and the single value ``other`` everywhere else (None when the pattern
+    covers all of t); None for any other content. Reads t block by block, compares it with the pattern built from
+    index comparisons, and never copies t."""
+    rows, cols = t.shape
+    top = t[0, 0]
+    if bool(torch.isnan(top)):
+        return None
+    n0 = int((t[0] == top).sum())  # row 0 of tril(k) keeps columns 0..k; of triu(k <= 0), all of them
+    step = max(1, _BUFFER_BLOCK // cols)
+    idt = torch.int32 if rows + cols < 2**31 else torch.int64  # r + k < rows + cols; int32 compares faster
+    c_idx = torch.arange(cols, device=t.device, dtype=idt)
+    # a bool buffer is compared with the pattern itself (top True) or with its complement (top False)
+    flip = t.dtype == torch.bool and not bool(top)
+    for kind, k in (("tril", n0 - 1), ("triu", cols - n0)):
+        other = None
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            blk = t[r0:r1]
+            bound = torch.arange(r0, r1, device=t.device, dtype=idt)[:, None] + k
+            # [r1 - r0, cols]: where t should be top (not top when flip)
+            if kind == "tril":
+                pat = c_idx > bound if flip else c_idx <= bound
+            else:
+                pat = c_idx < bound if flip else c_idx >= bound
+            if other is None:
+                # one position outside the pattern in these rows (tril: most in the first row, triu: in the last)
+                pos = (r0, max(r0 + k + 1, 0)) if kind == "tril" else (r1 - 1, 0)
+                if (pos[1] < cols) if kind == "tril" else (pos[0] + k > 0):
+                    other = blk[pos[0] - r0, pos[1]]
+                    if bool(other == top) or bool(torch.isnan(other)):
+                        break
+            if t.dtype == torch.bool:
+                same = torch.equal(blk, pat)
+            elif other is None:
+                same = torch.equal(blk == top, pat)
+            else:  # the other value is uniform: t == where(pattern, top, other), element by element
+                same = torch.equal(blk, torch.where(pat, top, other))
+            if not same:
+                break
+        else:
+            if other is None:  # a uniform buffer
+                return None
+            return kind, k, top.item(), other.item()
+    return None
+
+
 # -------------------------------------------------------------------------------------------------------- interpreter
 class MaskAnalyzer:
     """Abstract interpretation of mask subgraphs; one per pass run (results are memoised, so the cost is linear).
@@ -206,6 +263,7 @@ class MaskAnalyzer:
 
     def __init__(self) -> None:
         self._memo: dict = {}
+        self._notes: dict = {}  # node -> why a buffer it reads was not proved (set on the buffer, inherited by users)
         self._n = 0
 
     def _fresh(self) -> int:
@@ -277,6 +335,9 @@ class MaskAnalyzer:
         except (_Opaque, TypeError, ValueError, IndexError, AttributeError, KeyError):
             r = self._data(n)
         self._memo[n] = r
+        inherited = self.notes(n, *n.all_input_nodes)
+        if inherited:
+            self._notes[n] = tuple(inherited)
         return r
 
     def _data(self, n: fx.Node) -> _T:
@@ -395,36 +456,47 @@ class MaskAnalyzer:
         """A constant buffer holding a tril/triu pattern is proved from its value; anything else is data."""
         ga = n.meta.get("grapharg")
         ex = getattr(ga, "example", None)
-        if (
+        if not (
             isinstance(ex, torch.Tensor)
             and not isinstance(ex, torch.nn.Parameter)
             and "_buffers_" in n.name
             and ex.dim() >= 2
             and all(s == 1 for s in ex.shape[:-2])
-            and ex.numel() <= 1 << 24
+            and ex.numel() > 0
         ):
-            t = ex.detach().reshape(ex.shape[-2], ex.shape[-1]).cpu()
-            rows, cols = t.shape
-            top = t[0, 0]
-            eq = t == top
-            other_vals = t[~eq].unique()
-            if other_vals.numel() <= 1:
-                other = other_vals.item() if other_vals.numel() == 1 else None
-                ones = torch.ones(rows, cols, dtype=torch.bool)
-                for kind in ("tril", "triu"):
-                    k = int(eq[0].sum().item()) - 1 if kind == "tril" else int(cols - eq[0].sum().item())
-                    pattern = torch.tril(ones, k) if kind == "tril" else torch.triu(ones, k)
-                    if torch.equal(eq, pattern):
-                        r, c = self._fresh(), self._fresh()
-                        aff = _Aff(((r, -1), (c, 1)), -k)
-                        pred = _Cmp(aff) if kind == "tril" else _Cmp(aff.scale(-1))
-                        dims = (None,) * (ex.dim() - 2) + (r, c)
-                        if ex.dtype == torch.bool and bool(top):
-                            return _T(dims, pred)
-                        if other is None:  # a uniform buffer
-                            break
-                        return _T(dims, _Sel(pred, top.item(), other))
-        return self._data(n)
+            return self._data(n)
+        rows, cols = ex.shape[-2], ex.shape[-1]
+        name = getattr(getattr(ga, "source", None), "name", None)  # a property on torch 2.13, a method before
+        name = (name() if callable(name) else name) or n.name
+        if ex.numel() > BUFFER_PROOF_LIMIT:
+            self._notes[n] = ((f"buffer {name} ({rows}x{cols}) is above the {BUFFER_PROOF_LIMIT}-element limit of the "
+                               "causal-buffer proof (attention_mask.BUFFER_PROOF_LIMIT): kept as a general mask"),)
+            return self._data(n)
+        try:
+            with torch.no_grad():
+                tri = _triangle(ex.detach().reshape(rows, cols))
+        except RuntimeError as e:  # out of memory on the buffer's device, or a tensor without data
+            self._notes[n] = ((f"buffer {name} ({rows}x{cols}) could not be checked for a tril/triu pattern "
+                               f"({type(e).__name__}): kept as a general mask"),)
+            return self._data(n)
+        if tri is None:
+            return self._data(n)
+        kind, k, top, other = tri
+        r, c = self._fresh(), self._fresh()
+        aff = _Aff(((r, -1), (c, 1)), -k)
+        pred = _Cmp(aff) if kind == "tril" else _Cmp(aff.scale(-1))
+        dims = (None,) * (ex.dim() - 2) + (r, c)
+        if ex.dtype == torch.bool and top is True:
+            return _T(dims, pred)
+        return _T(dims, _Sel(pred, top, other))
+
+    def notes(self, *nodes: Any) -> list:
+        """Why buffers that the values of ``nodes`` read were not checked (too large, or the check failed), deduplicated."""
+        out: dict = {}
+        for x in nodes:
+            if isinstance(x, fx.Node):
+                out.update(dict.fromkeys(self._notes.get(x, ())))
+        return list(out)
 
     def _getitem(self, n: fx.Node) -> _T:
         x = self.of(n.args[0])

@@ -1,0 +1,173 @@
+"""passes.attention: large constant mask buffers (the demo's ``CausalSelfAttention`` keeps a max_len x max_len tril).
+
+The proof reads the buffer's value in row blocks (``attention_mask._triangle``), so buffers above the old 1 << 24
+limit are proved causal; one wrong element anywhere in them (inside the slice the model reads, or far outside it)
+leaves a general attn_mask, and the output still equals eager's. A buffer above ``BUFFER_PROOF_LIMIT`` is not
+checked, and the site's reason says so. Models run through the eager test backend (no Inductor).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from test_attention_spellings import check_model, compile_eager
+
+from hhfft.passes import attention_mask
+
+
+class BufferAttention(nn.Module):
+    """One attention block masked by a sliced constant buffer, spelled as ``hhfft.models.hyena.CausalSelfAttention``:
+    ``masked_fill(~mask[:L, :L], -inf)`` for a bool buffer, ``+ mask[:L, :L]`` for a float (0 / -inf) one."""
+
+    def __init__(self, mask: torch.Tensor, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.wqkv = nn.Parameter(torch.randn(dim, 3 * dim) / math.sqrt(dim))
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, w = x.shape
+        q, k, v = (x @ self.wqkv).view(b, length, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if self.mask.dtype == torch.bool:
+            att = att.masked_fill(~self.mask[:length, :length], float("-inf"))
+        else:
+            att = att + self.mask[:length, :length]
+        y = att.softmax(dim=-1) @ v
+        return x + y.transpose(1, 2).reshape(b, length, w)
+
+
+def _inputs(length: int = 13, dim: int = 16) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, length, dim, generator=g, requires_grad=True),)
+
+
+def _one_site(model: nn.Module) -> object:
+    torch.manual_seed(0)
+    sites = check_model(model, _inputs())
+    assert len(sites) == 1 and sites[0].decision == "rewritten", [(s.decision, s.reason) for s in sites]
+    return sites[0]
+
+
+def _assert_causal(site) -> None:
+    rec = site.record
+    assert rec.mask_kind == "causal" and rec.causal, (rec.mask_kind, site.reason)
+    assert rec.sdpa.kwargs["is_causal"] is True and rec.sdpa.kwargs["attn_mask"] is None
+    assert site.reason == ""
+
+
+def _assert_general(site) -> None:
+    rec = site.record
+    assert rec.mask_kind == "additive" and not rec.causal, rec.mask_kind
+    assert rec.sdpa.kwargs["is_causal"] is False and rec.sdpa.kwargs["attn_mask"] is not None
+
+
+N_BOOL = 8192  # 8192^2 = 1 << 26 elements (64 MB), above the old 1 << 24 limit; 16 row blocks of 512
+N_FLOAT = 4096  # 4096^2 fp32 (64 MB); 4 row blocks of 1024
+
+
+def test_large_bool_tril_buffer_is_causal():
+    assert N_BOOL * N_BOOL > attention_mask._BUFFER_BLOCK
+    mask = torch.tril(torch.ones(N_BOOL, N_BOOL, dtype=torch.bool))
+    _assert_causal(_one_site(BufferAttention(mask)))
+
+
+@pytest.mark.parametrize(
+    "pos",
+    [(3, 1), (N_BOOL // 2, N_BOOL // 2 + 904), (N_BOOL - 1, N_BOOL - 1), (N_BOOL - 1, 0)],
+    ids=["inside-slice-3-1", "upper-middle-4096-5000", "last-diagonal-8191", "last-row-first-col"],
+)
+def test_large_bool_buffer_with_one_flipped_element_is_general(pos):
+    mask = torch.tril(torch.ones(N_BOOL, N_BOOL, dtype=torch.bool))
+    mask[pos] = ~mask[pos]
+    # the output equals eager's (check_model): inside the slice the model reads, a wrong proof would show there
+    _assert_general(_one_site(BufferAttention(mask)))
+
+
+def test_large_float_buffer_is_causal():
+    mask = torch.triu(torch.full((N_FLOAT, N_FLOAT), float("-inf")), 1)
+    _assert_causal(_one_site(BufferAttention(mask)))
+
+
+@pytest.mark.parametrize(
+    "pos, value",
+    [((0, 5), -1e9), ((N_FLOAT - 2, N_FLOAT - 1), -1e9), ((N_FLOAT - 1, 7), float("-inf"))],
+    ids=["other-not-uniform-in-slice", "other-not-uniform-last-block", "top-changed-last-row"],
+)
+def test_large_float_buffer_with_one_changed_element_is_general(pos, value):
+    mask = torch.triu(torch.full((N_FLOAT, N_FLOAT), float("-inf")), 1)
+    mask[pos] = value
+    _assert_general(_one_site(BufferAttention(mask)))
+
+
+def test_buffer_above_the_limit_is_not_checked_and_the_reason_says_so(monkeypatch):
+    n = 64
+    monkeypatch.setattr(attention_mask, "BUFFER_PROOF_LIMIT", n * n - 1)
+    site = _one_site(BufferAttention(torch.tril(torch.ones(n, n, dtype=torch.bool))))
+    _assert_general(site)
+    assert "BUFFER_PROOF_LIMIT" in site.reason and "64x64" in site.reason, site.reason
+    # the same text in hhfft.explain's table
+    compiled, reports = compile_eager(BufferAttention(torch.tril(torch.ones(n, n, dtype=torch.bool))))
+    compiled(*_inputs())
+    assert "BUFFER_PROOF_LIMIT" in str(reports[0]), str(reports[0])
+
+
+def test_buffer_at_the_limit_is_checked(monkeypatch):
+    n = 64
+    monkeypatch.setattr(attention_mask, "BUFFER_PROOF_LIMIT", n * n)
+    _assert_causal(_one_site(BufferAttention(torch.tril(torch.ones(n, n, dtype=torch.bool)))))
+
+
+def _dense(t: torch.Tensor):
+    """The definition, on the whole tensor at once (the proof before it went block-wise): t equals top = t[0, 0]
+    exactly on tril(k) or triu(k), with k read off row 0, and one other value elsewhere."""
+    rows, cols = t.shape
+    top = t[0, 0]
+    eq = t == top
+    others = t[~eq].unique()
+    if others.numel() != 1 or bool(torch.isnan(top)) or bool(torch.isnan(others[0])):
+        return None
+    d = torch.arange(cols)[None, :] - torch.arange(rows)[:, None]  # c - r
+    for kind in ("tril", "triu"):
+        k = int(eq[0].sum()) - 1 if kind == "tril" else cols - int(eq[0].sum())
+        if torch.equal(eq, d <= k if kind == "tril" else d >= k):
+            return kind, k, top.item(), others.item()
+    return None
+
+
+@pytest.mark.parametrize("kind", ["tril", "triu"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32], ids=["bool", "fp32"])
+@pytest.mark.parametrize("shape", [(7, 7), (5, 11), (11, 5)], ids=["7x7", "5x11", "11x5"])
+def test_triangle_agrees_with_the_dense_definition(kind, dtype, shape, monkeypatch):
+    """Every diagonal k of tril/triu, the pattern or its complement as the top value, and one changed element at the
+    corners, on both sides of the diagonal k and at random places: the block-wise proof (2 rows a block here)
+    agrees with the dense definition."""
+    monkeypatch.setattr(attention_mask, "_BUFFER_BLOCK", 2 * shape[1])
+    rows, cols = shape
+    r = torch.arange(rows)[:, None]
+    c = torch.arange(cols)[None, :]
+    g = torch.Generator().manual_seed(0)
+    proved = 0
+    for k in range(-rows - 1, cols + 2):
+        pat = (c - r <= k) if kind == "tril" else (c - r >= k)
+        for top_in in (True, False):
+            keep = pat if top_in else ~pat
+            t = keep if dtype == torch.bool else torch.where(keep, 0.0, float("-inf"))
+            got = attention_mask._triangle(t)
+            assert got == _dense(t), (kind, k, top_in, got)
+            proved += got is not None
+            i = rows // 2
+            places = [(0, 0), (0, cols - 1), (rows - 1, 0), (rows - 1, cols - 1), (i, i + k), (i, i + k + 1),
+                      (i, i + k - 1)]
+            places += [(int(torch.randint(rows, (1,), generator=g)), int(torch.randint(cols, (1,), generator=g)))
+                       for _ in range(2)]
+            for a, b in places:
+                if not (0 <= a < rows and 0 <= b < cols):
+                    continue
+                for v in ((not bool(t[a, b]),) if dtype == torch.bool else (-1e9, float("nan"))):
+                    bad = t.clone()
+                    bad[a, b] = v
+                    assert attention_mask._triangle(bad) == _dense(bad), (kind, k, top_in, (a, b), v)
+    assert proved >= min(rows, cols)  # the sweep met proper triangles
