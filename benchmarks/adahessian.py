@@ -407,24 +407,6 @@ def main() -> int:
 
         if device.type == "cuda":  # the same call replayed from a CUDA graph: the host's launches leave the loop
             graphs = {"triton.cudagraphs": True}
-            opt = AdaHessian(model.parameters(), lr=0.15, fused=True)
-
-            def hh_graphed():
-                opt.zero_grad(set_to_none=True)
-                opt.step(hessian=hutchinson(loss_fn, named, generator=opt.generator, options=graphs))
-
-            # the peak: warm-up and recording are where the graph's memory is allocated (replays allocate nothing)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            reserved = torch.cuda.memory_reserved()
-            for _ in range(3):
-                hh_graphed()
-            torch.cuda.synchronize()
-            mb = (torch.cuda.max_memory_allocated() - _BASE["bytes"]) / 2**20
-            log(f"(CUDA graphs: reserved memory grew by {(torch.cuda.memory_reserved() - reserved) / 2**20:.0f} MiB "
-                "over warm-up and recording)")
-            record("hhfft jvp∘grad, CUDA graphs", bench(hh_graphed), mb)
-            del opt
             first = {}
             for name, opts in [("plain", None), ("graphed", graphs)]:
                 r = hutchinson(loss_fn, named, generator=torch.Generator(device=device).manual_seed(1),
@@ -436,6 +418,22 @@ def main() -> int:
             log(f"check hutchinson under CUDA graphs vs without (same parameters and probes, TF32): max rel diff "
                 f"{worst:.2e}")
             del first, r
+            release(counted=model)
+            opt = AdaHessian(model.parameters(), lr=0.15, fused=True)
+
+            def hh_graphed():
+                opt.zero_grad(set_to_none=True)
+                opt.step(hessian=hutchinson(loss_fn, named, generator=opt.generator, options=graphs))
+
+            # the peak: warm-up and recording are where the graph's memory is allocated (replays allocate nothing)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(3):
+                hh_graphed()
+            torch.cuda.synchronize()
+            record("hhfft jvp∘grad, CUDA graphs", bench(hh_graphed),
+                   (torch.cuda.max_memory_allocated() - _BASE["bytes"]) / 2**20)
+            del opt
             release(counted=model)
         opt = AdaHessian(model.parameters(), lr=0.15, fused=True, update_each=2)
         compiled_model = torch.compile(model)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -39,8 +38,10 @@ def rademacher(tensors: Sequence[Tensor], generator: Optional[torch.Generator] =
     if not tensors:
         return []
     device = generator.device if generator is not None else tensors[0].device
-    flat = torch.empty(sum(t.numel() for t in tensors), device=device, dtype=torch.float32)
-    _draw_into(flat, generator)
+    total = sum(t.numel() for t in tensors)
+    flat = torch.randint(0, 2, (total,), generator=generator, device=device, dtype=torch.float32)
+    # 2 * flat - 1 in one pass over memory instead of two: lerp with weight -1 towards 1 is 1 - 2 * (1 - flat), exact
+    flat.lerp_(torch.ones((), device=device), -1.0)
     out, offset = [], 0
     for t in tensors:
         z = flat[offset : offset + t.numel()].view(t.shape)
@@ -142,17 +143,11 @@ def hutchinson(
         if backend is None
         else _compiled_forward_over_reverse(backend, None if options is None else tuple(sorted(options.items())))
     )
-    graphed = backend is not None and _cudagraphs(options) and all(p.is_cuda and p.device == leaves[0].device
-                                                                    for p in leaves)
-    static = _StaticInputs.of(leaves) if graphed else None
-    detached = pytree.tree_unflatten(static.params if static else [p.detach() for p in leaves], spec)
+    detached = pytree.tree_unflatten([p.detach() for p in leaves], spec)
     loss = grads = None
     total: Optional[List[Tensor]] = None
     for s in range(n_samples):
-        if probes is not None:
-            z = pytree.tree_flatten(probes[s])[0]
-        else:
-            z = static.draw(generator) if static else rademacher(leaves, generator)
+        z = pytree.tree_flatten(probes[s])[0] if probes is not None else rademacher(leaves, generator)
         loss_s, g, d = fn(loss_fn, detached, pytree.tree_unflatten(list(z), spec))
         del z  # the probes are not needed any more: free them before the next draw
         _count_hvp()
@@ -179,50 +174,6 @@ def hutchinson(
         hessian=pytree.tree_unflatten(hess, spec),
         params=leaves,
     )
-
-
-class _StaticInputs:
-    """What a CUDA-graphed call reads from fixed addresses, so that replaying it copies nothing in: the parameters
-    (detached views, same storage as the parameters, which the optimizer updates in place) and one probe buffer that
-    every draw overwrites. Both marked with ``torch._dynamo.mark_static_address``; otherwise CUDA graphs copy every
-    input into the graph's own buffers before each replay (here two parameter-sized copies per call). One entry per
-    parameter list, dropped when a parameter is freed."""
-
-    _cache: Dict[tuple, "_StaticInputs"] = {}
-
-    def __init__(self, leaves: List[Tensor]) -> None:
-        self.refs = [weakref.ref(p) for p in leaves]
-        self.ptrs = [p.data_ptr() for p in leaves]
-        self.params = [p.detach() for p in leaves]
-        self.dtypes = [p.dtype for p in leaves]
-        self.flat = torch.empty(sum(p.numel() for p in leaves), device=leaves[0].device, dtype=torch.float32)
-        self.views = [v.view(p.shape) for v, p in zip(self.flat.split([p.numel() for p in leaves]), leaves)]
-        for t in self.params + [v for v, d in zip(self.views, self.dtypes) if d == torch.float32]:
-            torch._dynamo.mark_static_address(t, guard=False)
-
-    @classmethod
-    def of(cls, leaves: List[Tensor]) -> "_StaticInputs":
-        key = tuple(id(p) for p in leaves)
-        hit = cls._cache.get(key)
-        if hit is None or any(r() is not p or p.data_ptr() != q for r, p, q in zip(hit.refs, leaves, hit.ptrs)):
-            for k in [k for k, v in cls._cache.items() if any(r() is None for r in v.refs)]:
-                del cls._cache[k]
-            hit = cls._cache[key] = cls(leaves)
-        return hit
-
-    def draw(self, generator: Optional[torch.Generator]) -> List[Tensor]:
-        """``rademacher(leaves, generator)``: the same values (one draw of sum(numel) on the generator's device), written
-        into the fixed buffer when the generator is on the parameters' device."""
-        if generator is not None and generator.device != self.flat.device:
-            return rademacher(self.params, generator)
-        _draw_into(self.flat, generator)
-        return [v if d == torch.float32 else v.to(d) for v, d in zip(self.views, self.dtypes)]
-
-
-def _draw_into(flat: Tensor, generator: Optional[torch.Generator]) -> None:
-    torch.randint(0, 2, flat.shape, generator=generator, out=flat)
-    # 2 * flat - 1 in one pass over memory instead of two: lerp with weight -1 towards 1 is 1 - 2 * (1 - flat), exact
-    flat.lerp_(torch.ones((), device=flat.device), -1.0)
 
 
 def _cudagraphs(options: Optional[dict]) -> bool:

@@ -17,11 +17,11 @@ def test_update_within_baseline_of_naive_on_cuda(dtype):
     check_update_against_naive("cuda", dtype)
 
 
-def test_hutchinson_under_cuda_graphs_reads_parameters_and_probes_in_place():
-    """hutchinson(options={"triton.cudagraphs": True}): the parameters and the probe buffer are static inputs of the
-    graph (no copy per replay), so a replay after an in-place parameter update must see the new values. Over three
-    updates, loss, gradient and D (same seeded probes) against fp64 by the STYLE rule, the eager fp32 call being
-    PyTorch's own error; no recompilation, and the calls were replayed from a CUDA graph."""
+def test_hutchinson_under_cuda_graphs_sees_parameter_updates():
+    """hutchinson(options={"triton.cudagraphs": True}), the path for a host too slow to launch the HVP's kernels:
+    a replay after an in-place parameter update must see the new values. Over three updates, loss, gradient and D
+    (same seeded probes) against fp64 by the STYLE rule, the eager fp32 call being PyTorch's own error; no
+    recompilation, and no call fell back from CUDA graphs."""
     import torch.nn as nn
 
     from hhfft.optim import hutchinson, rademacher
@@ -43,7 +43,7 @@ def test_hutchinson_under_cuda_graphs_reads_parameters_and_probes_in_place():
     for step in range(3):
         with torch.no_grad():
             for p, p64 in zip(model.parameters(), model64.parameters()):
-                p.mul_(0.8).add_(0.05)  # in place: the graph's static inputs
+                p.mul_(0.8).add_(0.05)  # in place, as an optimizer updates them
                 p64.copy_(p)
         gen = lambda: torch.Generator(device="cuda").manual_seed(step)  # noqa: E731
         graphed = hutchinson(loss_fn(model, x, y), params, generator=gen(), options={"triton.cudagraphs": True},
