@@ -36,7 +36,7 @@ PYTEST="HHFFT_TRITON_AUTOTUNE=0 python3 -m pytest -v --tb=short -p no:cacheprovi
 LANES=(
   "240|$PYTEST -n 12 --dist loadgroup tests/gpu/test_linear_attention_gpu.py;;120|$PYTEST -n 8 tests/gpu/test_decode_gpu.py;;120|$PYTEST tests/gpu/test_adahessian_cuda.py tests/gpu/test_adahessian_memory_gpu.py"
   "480|python3 benchmarks/linear_attention.py --out $work/la_bench --method-timeout 150 --graphs $LA_BENCH_ARGS"
-  "200|python3 -m hhfft.cli demo --device cuda --length 16384 --batch 1 --amp bf16;;260|python3 benchmarks/adahessian.py --out $work/adahessian"
+  "270|python3 -m hhfft.cli demo --device cuda --length 16384 --batch 1 --amp bf16 --steps 10 --modes default reduce-overhead;;290|python3 benchmarks/adahessian.py --out $work/adahessian --budget-s 400"
   "150|$PYTEST -n 3 tests/gpu/test_converted_models_gpu.py;;300|$PYTEST -n 8 tests/gpu/test_fftconv_gpu.py"
   "300|python3 benchmarks/profile_kernels.py --out $work/profile $PROFILE_ARGS"
   "300|python3 benchmarks/fftconv.py --out $work/fftconv"
