@@ -120,7 +120,10 @@ def hutchinson(
         n_samples: number of probes averaged
         probes: explicit probes instead of drawing them: ``n_samples`` pytrees shaped like ``params``
         backend: torch.compile backend, or None to run eagerly
-        options: the backend's options (``torch.compile(..., options=...)``)
+        options: the backend's options (``torch.compile(..., options=...)``); with Inductor,
+            ``{"triton.cudagraphs": True}`` replays the call from a CUDA graph, for hosts slower at launching its
+            kernels than the GPU is at running them (the returned tensors live in the graph's memory pool until the
+            next call; ``.grad`` gets a copy)
         set_grad: accumulate the gradient into each parameter's ``.grad`` (like ``backward()``); where ``.grad``
             was None it becomes the returned gradient tensor itself (no copy), as with ``backward()``
     Returns:
