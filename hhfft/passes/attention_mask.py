@@ -486,8 +486,8 @@ class MaskAnalyzer:
         aff = _Aff(((r, -1), (c, 1)), -k)
         pred = _Cmp(aff) if kind == "tril" else _Cmp(aff.scale(-1))
         dims = (None,) * (ex.dim() - 2) + (r, c)
-        if ex.dtype == torch.bool and top is True:
-            return _T(dims, pred)
+        if ex.dtype == torch.bool:  # True on the pattern, or (top False) on its complement
+            return _T(dims, pred if top else _neg(pred))
         return _T(dims, _Sel(pred, top, other))
 
     def notes(self, *nodes: Any) -> list:

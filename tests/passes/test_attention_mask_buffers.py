@@ -19,11 +19,14 @@ from hhfft.passes import attention_mask
 
 class BufferAttention(nn.Module):
     """One attention block masked by a sliced constant buffer, spelled as ``hhfft.models.hyena.CausalSelfAttention``:
-    ``masked_fill(~mask[:L, :L], -inf)`` for a bool buffer, ``+ mask[:L, :L]`` for a float (0 / -inf) one."""
+    ``masked_fill(~mask[:L, :L], -inf)`` for a bool buffer, ``+ mask[:L, :L]`` for a float (0 / -inf) one; with
+    ``blocked``, the bool buffer marks the masked keys instead (``masked_fill(mask[:L, :L], -inf)``, the
+    ``torch.triu(ones, 1)`` spelling)."""
 
-    def __init__(self, mask: torch.Tensor, dim: int = 16, heads: int = 2) -> None:
+    def __init__(self, mask: torch.Tensor, dim: int = 16, heads: int = 2, blocked: bool = False) -> None:
         super().__init__()
         self.heads = heads
+        self.blocked = blocked
         self.wqkv = nn.Parameter(torch.randn(dim, 3 * dim) / math.sqrt(dim))
         self.register_buffer("mask", mask, persistent=False)
 
@@ -32,7 +35,8 @@ class BufferAttention(nn.Module):
         q, k, v = (x @ self.wqkv).view(b, length, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
         if self.mask.dtype == torch.bool:
-            att = att.masked_fill(~self.mask[:length, :length], float("-inf"))
+            m = self.mask[:length, :length]
+            att = att.masked_fill(m if self.blocked else ~m, float("-inf"))
         else:
             att = att + self.mask[:length, :length]
         y = att.softmax(dim=-1) @ v
@@ -84,6 +88,25 @@ def test_large_bool_buffer_with_one_flipped_element_is_general(pos):
     mask[pos] = ~mask[pos]
     # the output equals eager's (check_model): inside the slice the model reads, a wrong proof would show there
     _assert_general(_one_site(BufferAttention(mask)))
+
+
+def test_bool_buffer_of_blocked_keys_is_causal():
+    """A bool buffer whose True entries are the masked keys (``triu(ones, 1)``, top-left value False) is the
+    complement of the causal pattern: proved causal as well."""
+    mask = torch.triu(torch.ones(N_BOOL, N_BOOL, dtype=torch.bool), 1)
+    _assert_causal(_one_site(BufferAttention(mask, blocked=True)))
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [torch.tril(torch.ones(64, 64, dtype=torch.bool), -1),  # blocks j < i: allowed j >= i, not causal
+     torch.triu(torch.ones(64, 64, dtype=torch.bool), 2),  # allows j <= i + 1
+     torch.triu(torch.ones(64, 64, dtype=torch.bool), 1).index_put_((torch.tensor(5), torch.tensor(2)),
+                                                                    torch.tensor(True))],
+    ids=["anti-causal", "diagonal-plus-1", "one-flipped-in-slice"],
+)
+def test_bool_buffer_of_blocked_keys_not_causal_is_general(mask):
+    _assert_general(_one_site(BufferAttention(mask, blocked=True)))
 
 
 def test_large_float_buffer_is_causal():
