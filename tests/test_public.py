@@ -65,7 +65,8 @@ def test_inductor_modes_pass_through_and_unknown_modes_are_refused():
     for CPU graphs), and a misspelt mode is refused with the modes Inductor knows."""
     from hhfft.lowering.backend import _config_patches
 
-    assert _config_patches("reduce-overhead") == {"triton.cudagraphs": True} and _config_patches(None) == {}
+    assert _config_patches("reduce-overhead") == {"triton.cudagraphs": True}
+    assert _config_patches(None) == _config_patches("") == _config_patches("default") == {}
     conv = torch.nn.Conv1d(4, 4, 65, padding=32, groups=4)
     x = torch.randn(2, 4, 100)
     torch.testing.assert_close(torch.compile(conv, backend="hhfft", mode="reduce-overhead")(x), conv(x),

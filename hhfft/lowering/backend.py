@@ -105,7 +105,7 @@ def last_report() -> Report:
 def _config_patches(mode: Optional[str]) -> dict:
     """Inductor config for this compile only: what ``torch.compile(mode=...)`` sets for Inductor (reduce-overhead:
     CUDA graphs; max-autotune: autotuned templates and CUDA graphs)."""
-    if mode is None:
+    if not mode:  # Inductor's list_mode_options("") would return its whole table of modes
         return {}
     from torch._inductor import list_mode_options
 
@@ -126,7 +126,8 @@ def hhfft_backend(
     """torch.compile backend: passes, then Inductor (or the rewritten graph as is, with compiler="eager").
 
     ``torch.compile(model, backend="hhfft", mode="reduce-overhead")`` replays the compiled graphs from CUDA graphs, as
-    with Inductor's own backend (``mode`` is Inductor's: "default", "reduce-overhead", "max-autotune", ...)."""
+    with Inductor's own backend (``mode`` is Inductor's: "default", "reduce-overhead", "max-autotune", ...).
+    torch.compile refuses ``mode`` and ``options`` together, so a mode runs with the default Options."""
     opts = Options.parse(options)
     patches = _config_patches(mode)
     report = run_passes(gm, opts)
