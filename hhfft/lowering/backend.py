@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import typing
 from dataclasses import dataclass
@@ -135,10 +136,41 @@ def hhfft_backend(
     if report_sink is not None:
         report_sink(report)
     if opts.compiler == "eager":
-        return gm.forward
+        return _check_buffers(gm, gm.forward)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    return _check_buffers(gm, compile_fx(gm, example_inputs, config_patches=patches))
+
+
+def _check_buffers(gm: fx.GraphModule, fn: Callable) -> Callable:
+    """``fn``, checking first on every call the mask buffers that a rewrite proved from their value (an attention whose
+    tril buffer became ``is_causal=True``): Dynamo does not guard on a buffer's value. A buffer changed in place
+    (its version counter moved) or replaced (another address) is proved again, once per change; if it no longer holds
+    the pattern, the call raises rather than compute with the mask the graph was compiled for."""
+    proofs = gm.meta.get("hhfft_buffer_proofs")
+    if not proofs:
+        return fn
+    slot = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    seen = {slot[name]: (pr.version, pr.data_ptr) for name, pr in proofs.items()}
+    by_slot = {slot[name]: pr for name, pr in proofs.items()}
+
+    @functools.wraps(fn)  # Dynamo calls fn(*args); its attributes (compile_fx's serialize, ...) stay visible
+    def call(*args: Any, **kwargs: Any) -> Any:
+        for i, (version, ptr) in seen.items():
+            t = args[i]
+            if t._version == version and t.data_ptr() == ptr:
+                continue
+            pr = by_slot[i]
+            if not pr.holds(t):
+                kind, k = pr.tri[:2]
+                raise RuntimeError(
+                    f"hhfft: buffer {pr.name} changed after compile and no longer holds the {kind}(k={k}) pattern "
+                    "that the compiled attention assumed (it was rewritten to is_causal=True); compile again after "
+                    "changing mask buffers (torch._dynamo.reset(), or a new torch.compile)")
+            seen[i] = (t._version, t.data_ptr())
+        return fn(*args, **kwargs)
+
+    return call
 
 
 def capture(model: Callable, run: Callable[[Callable], Any], opts: Options) -> Report:

@@ -1057,8 +1057,11 @@ def run(gm: fx.GraphModule, opts: Any, report: Any) -> None:
             _site_record(report, site, "skipped", str(e), dtype, shapes)
             bump("attention_skipped")
             continue
+        mask_nodes = [x for p in m.pieces for x in p if isinstance(x, fx.Node)]
+        if site.causal:  # the mask is gone from the graph: the buffers it read are checked per call by the backend
+            gm.meta.setdefault("hhfft_buffer_proofs", {}).update(an.proofs(*mask_nodes))
         # a mask buffer too large to check stays a general attn_mask: say so (otherwise a rewritten site has no reason)
-        notes = [] if site.causal else an.notes(*(x for p in m.pieces for x in p if isinstance(x, fx.Node)))
+        notes = [] if site.causal else an.notes(*mask_nodes)
         _site_record(report, site, "rewritten", "; ".join(notes), dtype, shapes)
         bump("attention_rewritten")
 

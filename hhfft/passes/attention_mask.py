@@ -252,6 +252,25 @@ def _triangle(t: torch.Tensor) -> Optional[tuple]:
     return None
 
 
+@dataclass(frozen=True)
+class BufferProof:
+    """A constant buffer proved to hold ``tri = (kind, k, top, other)`` (see ``_triangle``) when the graph was compiled,
+    with the buffer's version counter and address then: Dynamo does not guard on a buffer's value, so the backend
+    checks these on every call (``hhfft.lowering.backend``)."""
+
+    name: str
+    rows: int
+    cols: int
+    tri: tuple
+    version: int
+    data_ptr: int
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` (the buffer as passed to the compiled graph now) still holds the proved pattern."""
+        with torch.no_grad():
+            return _triangle(t.detach().reshape(self.rows, self.cols)) == self.tri
+
+
 # -------------------------------------------------------------------------------------------------------- interpreter
 class MaskAnalyzer:
     """Abstract interpretation of mask subgraphs; one per pass run (results are memoised, so the cost is linear).
@@ -264,6 +283,8 @@ class MaskAnalyzer:
     def __init__(self) -> None:
         self._memo: dict = {}
         self._notes: dict = {}  # node -> why a buffer it reads was not proved (set on the buffer, inherited by users)
+        # node -> {placeholder name: BufferProof} of the buffers proved from their value that it reads (as _notes)
+        self._proofs: dict = {}
         self._n = 0
 
     def _fresh(self) -> int:
@@ -338,6 +359,9 @@ class MaskAnalyzer:
         inherited = self.notes(n, *n.all_input_nodes)
         if inherited:
             self._notes[n] = tuple(inherited)
+        reads = self.proofs(n, *n.all_input_nodes)
+        if reads:
+            self._proofs[n] = reads
         return r
 
     def _data(self, n: fx.Node) -> _T:
@@ -481,6 +505,7 @@ class MaskAnalyzer:
             return self._data(n)
         if tri is None:
             return self._data(n)
+        self._proofs[n] = {n.name: BufferProof(name, rows, cols, tri, ex._version, ex.data_ptr())}
         kind, k, top, other = tri
         r, c = self._fresh(), self._fresh()
         aff = _Aff(((r, -1), (c, 1)), -k)
@@ -489,6 +514,15 @@ class MaskAnalyzer:
         if ex.dtype == torch.bool:  # True on the pattern, or (top False) on its complement
             return _T(dims, pred if top else _neg(pred))
         return _T(dims, _Sel(pred, top, other))
+
+    def proofs(self, *nodes: Any) -> dict:
+        """The buffers proved from their value that the analysed values of ``nodes`` read: placeholder name ->
+        BufferProof."""
+        out: dict = {}
+        for x in nodes:
+            if isinstance(x, fx.Node):
+                out.update(self._proofs.get(x, {}))
+        return out
 
     def notes(self, *nodes: Any) -> list:
         """Why buffers that the values of ``nodes`` read were not checked (too large, or the check failed), deduplicated."""

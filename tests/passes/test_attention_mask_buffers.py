@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from test_attention_spellings import check_model, compile_eager
+from test_attention_spellings import attention_sites, check_model, compile_eager
 
 from hhfft.passes import attention_mask
 
@@ -194,3 +194,53 @@ def test_triangle_agrees_with_the_dense_definition(kind, dtype, shape, monkeypat
                     bad[a, b] = v
                     assert attention_mask._triangle(bad) == _dense(bad), (kind, k, top_in, (a, b), v)
     assert proved >= min(rows, cols)  # the sweep met proper triangles
+
+
+def _small_causal(n: int = 40) -> BufferAttention:
+    torch.manual_seed(0)
+    return BufferAttention(torch.tril(torch.ones(n, n, dtype=torch.bool)))
+
+
+def test_proved_buffer_changed_after_compile_is_checked_on_every_call():
+    """Dynamo does not guard on a buffer's value, so a changed buffer reaches the graph compiled with is_causal=True:
+    the backend proves it again after each change (its version counter or address moved), runs on while it holds the
+    same pattern, and raises once it does not (before, the call silently used the old mask)."""
+    model = _small_causal()
+    compiled, reports = compile_eager(model)
+    (x,) = _inputs()
+    first = compiled(x)
+    assert [s.record.mask_kind for s in attention_sites(reports)] == ["causal"]
+    model.mask.copy_(model.mask.clone())  # in place, same values
+    assert torch.equal(compiled(x), first)
+    model.mask = model.mask.clone()  # replaced, same values
+    assert torch.equal(compiled(x), first)
+    assert len(reports) == 1  # the same compiled graph all along
+    model.mask[3, 7] = True  # in place: no longer causal
+    with pytest.raises(RuntimeError, match=r"buffer .*mask.* changed after compile .*tril\(k=0\)"):
+        compiled(x)
+    model.mask = torch.tril(torch.ones(40, 40, dtype=torch.bool), 1)  # replaced by another pattern
+    with pytest.raises(RuntimeError, match="changed after compile"):
+        compiled(x)
+
+
+def test_buffer_kept_as_a_general_mask_is_read_at_run_time(monkeypatch):
+    """A buffer that was not proved stays in the graph: a change after compile is seen, with no check needed."""
+    monkeypatch.setattr(attention_mask, "BUFFER_PROOF_LIMIT", 40 * 40 - 1)
+    model = _small_causal()
+    compiled, reports = compile_eager(model)
+    (x,) = _inputs()
+    compiled(x)
+    model.mask.copy_(torch.tril(torch.ones(40, 40, dtype=torch.bool), 1))
+    torch.testing.assert_close(compiled(x), model(x))
+    assert len(reports) == 1
+
+
+def test_buffer_check_through_inductor():
+    """The same check around compile_fx's compiled function (training step included)."""
+    model = _small_causal()
+    compiled = torch.compile(model, backend="hhfft")
+    (x,) = _inputs()
+    compiled(x).sum().backward()
+    model.mask.fill_(True)
+    with pytest.raises(RuntimeError, match="changed after compile"):
+        compiled(x)
