@@ -158,16 +158,16 @@ def _check_buffers(gm: fx.GraphModule, fn: Callable) -> Callable:
     def call(*args: Any, **kwargs: Any) -> Any:
         for i, (version, ptr) in seen.items():
             t = args[i]
-            if t._version == version and t.data_ptr() == ptr:
-                continue
             pr = by_slot[i]
+            if pr.version_of(t) == version and t.data_ptr() == ptr:
+                continue
             if not pr.holds(t):
                 kind, k = pr.tri[:2]
                 raise RuntimeError(
                     f"hhfft: buffer {pr.name} changed after compile and no longer holds the {kind}(k={k}) pattern "
                     "that the compiled attention assumed (it was rewritten to is_causal=True); compile again after "
                     "changing mask buffers (torch._dynamo.reset(), or a new torch.compile)")
-            seen[i] = (t._version, t.data_ptr())
+            seen[i] = (pr.version_of(t), t.data_ptr())
         return fn(*args, **kwargs)
 
     return call

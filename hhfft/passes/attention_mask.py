@@ -262,8 +262,13 @@ class BufferProof:
     rows: int
     cols: int
     tri: tuple
-    version: int
+    version: Optional[int]
     data_ptr: int
+
+    @staticmethod
+    def version_of(t: torch.Tensor) -> Optional[int]:
+        """``t._version``; None for an inference tensor, which has no version counter (only its address is checked)."""
+        return None if t.is_inference() else t._version
 
     def holds(self, t: torch.Tensor) -> bool:
         """Whether ``t`` (the buffer as passed to the compiled graph now) still holds the proved pattern."""
@@ -499,13 +504,14 @@ class MaskAnalyzer:
         try:
             with torch.no_grad():
                 tri = _triangle(ex.detach().reshape(rows, cols))
+            proof = tri and BufferProof(name, rows, cols, tri, BufferProof.version_of(ex), ex.data_ptr())
         except RuntimeError as e:  # out of memory on the buffer's device, or a tensor without data
             self._notes[n] = ((f"buffer {name} ({rows}x{cols}) could not be checked for a tril/triu pattern "
                                f"({type(e).__name__}): kept as a general mask"),)
             return self._data(n)
         if tri is None:
             return self._data(n)
-        self._proofs[n] = {n.name: BufferProof(name, rows, cols, tri, ex._version, ex.data_ptr())}
+        self._proofs[n] = {n.name: proof}
         kind, k, top, other = tri
         r, c = self._fresh(), self._fresh()
         aff = _Aff(((r, -1), (c, 1)), -k)

@@ -244,3 +244,21 @@ def test_buffer_check_through_inductor():
     model.mask.fill_(True)
     with pytest.raises(RuntimeError, match="changed after compile"):
         compiled(x)
+
+
+def test_inference_tensor_buffer_is_proved_and_checked_by_address():
+    """A buffer made under inference_mode has no version counter: it is proved all the same, and a replaced one is
+    checked (by its address)."""
+    with torch.inference_mode():
+        mask = torch.tril(torch.ones(40, 40, dtype=torch.bool))
+    torch.manual_seed(0)
+    model = BufferAttention(mask)
+    compiled, reports = compile_eager(model)
+    (x,) = _inputs()
+    with torch.no_grad():
+        compiled(x)
+        assert [(s.record.mask_kind, s.reason) for s in attention_sites(reports)] == [("causal", "")]
+        with torch.inference_mode():
+            model.mask = torch.tril(torch.ones(40, 40, dtype=torch.bool), 1)
+        with pytest.raises(RuntimeError, match="changed after compile"):
+            compiled(x)
