@@ -118,14 +118,18 @@ def hvp_case(width: int):
     x, y = (torch.randn(1024, width, device="cuda", generator=g) for _ in range(2))
     opt = AdaHessian(model.parameters(), lr=0.15, fused=True)
     named = dict(model.named_parameters())
-    torch.set_float32_matmul_precision("high")  # as adahessian.py: TF32 matmuls
 
     def loss_fn(ps):
         return ah_bench.sq_err(torch.func.functional_call(model, ps, (x,)), y)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        opt.step(hessian=hutchinson(loss_fn, named, generator=opt.generator, backend="inductor"))
+    def step():  # TF32 matmuls as in adahessian.py, for this case only (the setting is read when mm runs)
+        prev = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            opt.zero_grad(set_to_none=True)
+            opt.step(hessian=hutchinson(loss_fn, named, generator=opt.generator, backend="inductor"))
+        finally:
+            torch.set_float32_matmul_precision(prev)
 
     return step, f"AdaHessian iteration, hutchinson (jvp of grad, Inductor) + fused step, 24 x Linear({width}), batch 1024"
 

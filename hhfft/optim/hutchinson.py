@@ -39,7 +39,7 @@ def rademacher(tensors: Sequence[Tensor], generator: Optional[torch.Generator] =
         return []
     device = generator.device if generator is not None else tensors[0].device
     total = sum(t.numel() for t in tensors)
-    # the bits as bytes, then +1/-1 in one pass: 5 bytes of traffic per entry instead of 12 (a float32 draw, then
+    # the bits as bytes, then +1/-1 in one pass: 6 bytes of traffic per entry instead of 12 (a float32 draw, then
     # 2 * flat - 1 in place); the AdaHessian iteration draws one probe per parameter every step
     bits = torch.randint(0, 2, (total,), generator=generator, device=device, dtype=torch.uint8)
     one = torch.ones((), device=device)
