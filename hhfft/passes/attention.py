@@ -57,8 +57,9 @@ class AttentionSite:
     (B, L, H, D)), "merged" ((B*H, L, D) bmm/matmul), "mha". mask_kind: "none", "causal", "key_padding",
     "causal+key_padding" or "additive". scale: the softmax scale (a number; for symbolic scales the list of
     ("mul" | "div", node) factors, which the rewrite folds into q).
-    q/k/v: the nodes SDPA receives ((B, H, L, D); k/v with kv_heads heads when gqa); sdpa: the SDPA node (after the
-    rewrite, or the model's own); key_padding: [(node, keep_when_true)] broadcastable to (B, 1, 1, S).
+    q/k/v: the site's q, k, v in (B, H, L, D) (k/v with kv_heads heads when gqa); attn_mask: its mask; SDPA receives
+    them, except that a rewritten site with a mask passes q and the mask through ``_guard_blank_rows``; sdpa: the
+    SDPA node (after the rewrite, or the model's own); key_padding: [(node, keep_when_true)] broadcastable to (B, 1, 1, S).
     """
 
     module_path: str
@@ -736,6 +737,9 @@ def _rewrite_with(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAn
                 attn_mask = b(torch.unsqueeze, attn_mask, 0)
             else:
                 raise _Fail("the mask is applied in a different batch frame than the product")
+        site_q, site_mask = q, attn_mask
+        if attn_mask is not None:
+            q, attn_mask = _guard_blank_rows(b, q, attn_mask, cdt)
         kwargs: dict = {"attn_mask": attn_mask, "dropout_p": m.dropout, "is_causal": is_causal, "scale": scale_arg}
         if enable_gqa:
             kwargs["enable_gqa"] = True
@@ -758,10 +762,25 @@ def _rewrite_with(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAn
             raise _Fail("internal: rewritten shape differs")
     m.pv.replace_all_uses_with(out)
     _fill(site, sdpa, allowed, is_causal, scale_arg if not sym else m.scale)
+    site.q, site.attn_mask = site_q, site_mask
     for n in reversed(m.chain):
         if not n.users:
             g.erase_node(n)
     _erase_dead(g, [m.q, m.k, m.v] + [p[1] for p in m.pieces if p[0] not in {"scale", "const"}])
+
+
+def _guard_blank_rows(b: "_Builder", q: fx.Node, mask: fx.Node, dtype: torch.dtype) -> tuple:
+    """Rows whose keys are all masked, made exact: (q, mask) -> (q with those rows zeroed, mask with their maximum
+    subtracted). On such a row every mask entry absorbs the score, so eager computes softmax(mask row), and a
+    masked_fill/where stops the scores' gradient. SDPA's fused kernels recompute the weights in the backward from
+    the row's log-sum-exp, which loses log(S) next to a fill of -1e30 or finfo.min (CPU flash: the value gradient was
+    S times eager's); with the maximum subtracted the row is softmax(mask - max) = the same weights, well
+    conditioned, and q = 0 makes its scores exactly 0. The one difference left: where the blank row came from an
+    additive mask, eager also passes a gradient to the absorbed scores (to q and k) that the rewrite does not (the
+    output does not depend on them). A -inf row stays NaN, as in eager."""
+    top = b(torch.amax, mask, -1, keepdim=True)
+    blank = b(operator.le, top, torch.finfo(torch.float16).min if dtype == torch.float16 else -1e30)
+    return b(torch.where, blank, 0.0, q), b(torch.where, blank, b(operator.sub, mask, top), mask)
 
 
 def _perm_of(n: fx.Node) -> Optional[tuple]:
@@ -1005,8 +1024,8 @@ def run(gm: fx.GraphModule, opts: Any, report: Any) -> None:
                 site = _record_sdpa(n, an)
             except Exception as e:  # noqa: BLE001 - recording must never break a compile
                 site.reason = f"{type(e).__name__}: {e}"
-            _site_record(report, site, "kept", "already F.scaled_dot_product_attention", _dtype(n.args[0]),
-                         describe_shape(*(val(x) for x in n.args[:3])))
+            reason = _with_notes("already F.scaled_dot_product_attention", site, an, [site.attn_mask])
+            _site_record(report, site, "kept", reason, _dtype(n.args[0]), describe_shape(*(val(x) for x in n.args[:3])))
             bump("attention_sdpa_found")
             continue
         if name == "mha":
@@ -1048,7 +1067,8 @@ def run(gm: fx.GraphModule, opts: Any, report: Any) -> None:
                 _classify_only(m, site, an)
             except Exception as e:  # noqa: BLE001
                 site.reason = str(e)
-            _site_record(report, site, "kept", "attention='keep'", dtype, shapes)
+            mask_nodes = [x for p in m.pieces for x in p if isinstance(x, fx.Node)]
+            _site_record(report, site, "kept", _with_notes("attention='keep'", site, an, mask_nodes), dtype, shapes)
             bump("attention_kept")
             continue
         try:
@@ -1060,10 +1080,15 @@ def run(gm: fx.GraphModule, opts: Any, report: Any) -> None:
         mask_nodes = [x for p in m.pieces for x in p if isinstance(x, fx.Node)]
         if site.causal:  # the mask is gone from the graph: the buffers it read are checked per call by the backend
             gm.meta.setdefault("hhfft_buffer_proofs", {}).update(an.proofs(*mask_nodes))
-        # a mask buffer too large to check stays a general attn_mask: say so (otherwise a rewritten site has no reason)
-        notes = [] if site.causal else an.notes(*mask_nodes)
-        _site_record(report, site, "rewritten", "; ".join(notes), dtype, shapes)
+        _site_record(report, site, "rewritten", _with_notes("", site, an, mask_nodes), dtype, shapes)
         bump("attention_rewritten")
+
+
+def _with_notes(reason: str, site: AttentionSite, an: MaskAnalyzer, mask_nodes: list) -> str:
+    """``reason`` and, unless the mask was proved causal, why mask buffers it reads were not proved (a buffer too
+    large to check stays a general mask: otherwise the report would not say why)."""
+    notes = [] if site.causal else an.notes(*[x for x in mask_nodes if isinstance(x, fx.Node)])
+    return "; ".join([r for r in [reason, *notes] if r])
 
 
 def _classify_only(m: _Match, site: AttentionSite, an: MaskAnalyzer) -> None:

@@ -126,6 +126,7 @@ def run(gm: fx.GraphModule, opts: Any, report: Any, mode: str = "linear") -> Non
             continue
         n = site.sdpa
         p = _sdpa_parts(n)
+        p["q"], p["mask"] = site.q, site.attn_mask  # the site's own, not the blank-row guard's (passes/attention.py)
         if mode == "linear" and decode.rewrite(g, site, p, (wq, bq, wk, bk, kind), path,
                                                lambda d, r: _record(report, site, path, d, r)):
             continue  # it reads a HedgehogCache layer: constant-state decoding (passes/decode.py)

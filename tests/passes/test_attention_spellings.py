@@ -288,7 +288,7 @@ def check_specs(specs, *, length: int = 7, dtype=torch.float32, seed: int = 0, l
         assert rec.head_dim == spec.head_dim
         if spec.scale != "none":
             assert rec.scale == pytest.approx(1 / math.sqrt(spec.head_dim)), (spec, rec.scale)
-        assert rec.sdpa is not None and rec.q is rec.sdpa.args[0]
+        assert rec.sdpa is not None and (rec.q is rec.sdpa.args[0]) == (rec.attn_mask is None)
     return sites
 
 
@@ -453,6 +453,58 @@ def test_near_miss_is_not_rewritten(kind):
     assert torch._dynamo.utils.counters["hhfft"]["attention_rewritten"] == 0
     assert len(sites) == 1 and sites[0].decision == "skipped"
     assert NEAR_MISSES[kind] in sites[0].reason, sites[0].reason
+
+
+@pytest.mark.parametrize("mask", ["fill_min", "where_min", "keypad", "causal_arange"])
+def test_rows_with_every_key_masked_by_a_finite_fill(mask):
+    """On a row whose keys are all masked, a finite fill (finfo.min) makes eager's softmax uniform and masked_fill
+    stops the gradient to the scores. Without the blank-row guard the rewrite's SDPA passed that gradient on, and
+    its fused backward (log-sum-exp next to finfo.min) gave S times the value gradient. These inputs blank row 2 of
+    the data mask and every key of batch element 1."""
+    x, amask, kpad = make_inputs(length=6)
+    amask[:, :, 2, :] = -5.0
+    kpad[1] = False
+    torch.manual_seed(0)
+    (site,) = check_model(Stack([Spec(mask=mask)]), (x, amask, kpad))
+    assert site.decision == "rewritten", site.reason
+
+
+class AddThenFill(nn.Module):
+    def forward(self, q, k, v, bias, blocked):
+        s = (q @ k.transpose(-2, -1) * 0.5 + bias).masked_fill(blocked, torch.finfo(q.dtype).min)
+        return s.softmax(-1) @ v
+
+
+def test_blank_row_of_an_additive_mask():
+    """A row blanked by an additive finfo.min mask (HF's spelling): output and value gradient equal eager's; q and k
+    get no gradient from that row, where eager passes one through the addition that absorbs the scores (the output
+    does not depend on them). Every other row's gradients equal eager's."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    low = torch.finfo(torch.float64).min
+    bias = torch.randn(1, 1, 5, 5, dtype=torch.float64)
+    bias[..., 1, :] = low  # row 1: every key masked by the addition
+    blocked = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
+    blocked[..., 3, 1:] = True  # row 3: a fill, one key left
+    m = AddThenFill()
+    compiled, reports = compile_eager(m)
+    out, ref = compiled(q, k, v, bias, blocked), m(q, k, v, bias, blocked)
+    (site,) = attention_sites(reports)
+    assert site.decision == "rewritten", site.reason
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    got, want = torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)
+    torch.testing.assert_close(got[2], want[2])
+    keep = torch.ones(5, dtype=torch.bool)
+    keep[1] = False
+    torch.testing.assert_close(got[0][..., keep, :], want[0][..., keep, :])
+    assert got[0][..., 1, :].abs().max() == 0 and want[0][..., 1, :].abs().max() > 0
+    # k's gradient differs by exactly row 1's contribution through the addition: eager minus the same model with
+    # row 1's scores detached
+    sd = (q @ k.transpose(-2, -1) * 0.5)
+    sd = torch.cat([sd[..., :1, :], sd[..., 1:2, :].detach(), sd[..., 2:, :]], -2)
+    ref_detached = ((sd + bias).masked_fill(blocked, low).softmax(-1) @ v)
+    torch.testing.assert_close(got[1], torch.autograd.grad(ref_detached, k, g)[0])
 
 
 # -------------------------------------------------------------------------------------- nn.MultiheadAttention & co.
