@@ -213,13 +213,15 @@ def _triangle(t: torch.Tensor) -> Optional[tuple]:
     top = t[0, 0]
     if bool(torch.isnan(top)):
         return None
-    n0 = int((t[0] == top).sum())  # row 0 of tril(k) keeps columns 0..k; of triu(k <= 0), all of them
+    # row 0 of tril(k) keeps columns 0..k, of triu(k > 0) columns k.., of triu(k <= 0) all of them: then k is read
+    # off column 0, which triu(k) keeps in rows 0..-k, or off the last row (tril: columns 0..rows-1+k)
+    n0, nl, nc = int((t[0] == top).sum()), int((t[-1] == top).sum()), int((t[:, 0] == top).sum())
     step = max(1, _BUFFER_BLOCK // cols)
     idt = torch.int32 if rows + cols < 2**31 else torch.int64  # r + k < rows + cols; int32 compares faster
     c_idx = torch.arange(cols, device=t.device, dtype=idt)
     # a bool buffer is compared with the pattern itself (top True) or with its complement (top False)
     flip = t.dtype == torch.bool and not bool(top)
-    for kind, k in (("tril", n0 - 1), ("triu", cols - n0)):
+    for kind, k in dict.fromkeys((("tril", n0 - 1), ("triu", cols - n0), ("triu", 1 - nc), ("tril", nl - rows))):
         other = None
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
@@ -588,6 +590,10 @@ class MaskAnalyzer:
                 start = 0 if i.start is None else i.start
                 if isinstance(start, fx.Node):
                     start = val(start)
+                xv = val(n.args[0])
+                size = as_int(xv.shape[src]) if isinstance(xv, torch.Tensor) and src < xv.dim() else None
+                if isinstance(start, int) and start < 0 and size is not None:  # x[-L:]: from size - L (or 0)
+                    start = max(0, size + start)
                 if not isinstance(start, (int, torch.SymInt)) or (as_int(start) is not None and as_int(start) < 0):
                     raise _Opaque("slice start")
                 if d is not None:

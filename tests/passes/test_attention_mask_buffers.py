@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from test_attention_spellings import attention_sites, check_model, compile_eager
 
 from hhfft.passes import attention_mask
@@ -23,10 +24,12 @@ class BufferAttention(nn.Module):
     ``blocked``, the bool buffer marks the masked keys instead (``masked_fill(mask[:L, :L], -inf)``, the
     ``torch.triu(ones, 1)`` spelling)."""
 
-    def __init__(self, mask: torch.Tensor, dim: int = 16, heads: int = 2, blocked: bool = False) -> None:
+    def __init__(self, mask: torch.Tensor, dim: int = 16, heads: int = 2, blocked: bool = False,
+                 rows: int = 0, tail: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.blocked = blocked
+        self.rows, self.tail = rows, tail  # the window: mask[rows:rows + L, :L], or with tail mask[-L:, -L:]
         self.wqkv = nn.Parameter(torch.randn(dim, 3 * dim) / math.sqrt(dim))
         self.register_buffer("mask", mask, persistent=False)
 
@@ -34,11 +37,11 @@ class BufferAttention(nn.Module):
         b, length, w = x.shape
         q, k, v = (x @ self.wqkv).view(b, length, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        m = self.mask[-length:, -length:] if self.tail else self.mask[self.rows:self.rows + length, :length]
         if self.mask.dtype == torch.bool:
-            m = self.mask[:length, :length]
             att = att.masked_fill(m if self.blocked else ~m, float("-inf"))
         else:
-            att = att + self.mask[:length, :length]
+            att = att + m
         y = att.softmax(dim=-1) @ v
         return x + y.transpose(1, 2).reshape(b, length, w)
 
@@ -125,6 +128,22 @@ def test_large_float_buffer_with_one_changed_element_is_general(pos, value):
     _assert_general(_one_site(BufferAttention(mask)))
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_buffer_sliced_from_its_end_is_causal(dtype):
+    """``mask[-L:, -L:]`` of a square tril buffer: both windows start at S - L, so the window is causal too."""
+    tril = torch.tril(torch.ones(40, 40, dtype=torch.bool))
+    mask = tril if dtype == torch.bool else torch.zeros(40, 40).masked_fill(~tril, float("-inf"))
+    _assert_causal(_one_site(BufferAttention(mask, tail=True)))
+
+
+def test_triu_buffer_with_negative_diagonal():
+    """A blocked-keys buffer ``triu(ones, -2)`` read from row 3 on, ``mask[3:3 + L, :L]``, blocks c - r >= 1: causal
+    (the proof reads k off column 0 when row 0 is all blocked). From row 4 on it blocks c - r >= 2: a general mask."""
+    blocked = torch.triu(torch.ones(40, 40, dtype=torch.bool), -2)
+    _assert_causal(_one_site(BufferAttention(blocked, blocked=True, rows=3)))
+    _assert_general(_one_site(BufferAttention(blocked, blocked=True, rows=4)))
+
+
 def test_buffer_above_the_limit_is_not_checked_and_the_reason_says_so(monkeypatch):
     n = 64
     monkeypatch.setattr(attention_mask, "BUFFER_PROOF_LIMIT", n * n - 1)
@@ -137,27 +156,57 @@ def test_buffer_above_the_limit_is_not_checked_and_the_reason_says_so(monkeypatc
     assert "BUFFER_PROOF_LIMIT" in str(reports[0]), str(reports[0])
 
 
+class SdpaBufferAttention(nn.Module):
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask[:n, :n])
+
+
+def test_kept_sites_say_why_a_buffer_above_the_limit_was_not_proved(monkeypatch):
+    """The reason is given wherever a site is recorded: attention='keep' and a model's own SDPA call too."""
+    n = 64
+    monkeypatch.setattr(attention_mask, "BUFFER_PROOF_LIMIT", n * n - 1)
+    tril = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    compiled, reports = compile_eager(BufferAttention(tril), attention="keep")
+    compiled(*_inputs())
+    compiled, more = compile_eager(SdpaBufferAttention(tril))
+    compiled(*(torch.randn(1, 2, 9, 8) for _ in range(3)))
+    for r, why in ((reports, "attention='keep'"), (more, "already F.scaled_dot_product_attention")):
+        (site,) = [s for rep in r for s in rep if s.kind == "attention"]
+        assert site.decision == "kept" and why in site.reason and "BUFFER_PROOF_LIMIT" in site.reason, site.reason
+
+
 def test_buffer_at_the_limit_is_checked(monkeypatch):
     n = 64
     monkeypatch.setattr(attention_mask, "BUFFER_PROOF_LIMIT", n * n)
     _assert_causal(_one_site(BufferAttention(torch.tril(torch.ones(n, n, dtype=torch.bool)))))
 
 
-def _dense(t: torch.Tensor):
-    """The definition, on the whole tensor at once (the proof before it went block-wise): t equals top = t[0, 0]
-    exactly on tril(k) or triu(k), with k read off row 0, and one other value elsewhere."""
+def _dense(t: torch.Tensor) -> bool:
+    """The definition, on the whole tensor at once: t equals top = t[0, 0] exactly on tril(k) or triu(k) for some k,
+    and one other (not NaN) value elsewhere."""
     rows, cols = t.shape
     top = t[0, 0]
     eq = t == top
     others = t[~eq].unique()
     if others.numel() != 1 or bool(torch.isnan(top)) or bool(torch.isnan(others[0])):
-        return None
+        return False
     d = torch.arange(cols)[None, :] - torch.arange(rows)[:, None]  # c - r
-    for kind in ("tril", "triu"):
-        k = int(eq[0].sum()) - 1 if kind == "tril" else cols - int(eq[0].sum())
-        if torch.equal(eq, d <= k if kind == "tril" else d >= k):
-            return kind, k, top.item(), others.item()
-    return None
+    return any(torch.equal(eq, d <= k) or torch.equal(eq, d >= k) for k in range(-rows - 1, cols + 2))
+
+
+def _agrees(t: torch.Tensor) -> bool:
+    """The block-wise proof finds a pattern exactly when the definition does, and the pattern it names is t."""
+    got = attention_mask._triangle(t)
+    if got is None:
+        return not _dense(t)
+    kind, k, top, other = got
+    pattern = getattr(torch, kind)(torch.ones(t.shape, dtype=torch.bool), k)
+    return torch.equal(torch.where(pattern, torch.tensor(top, dtype=t.dtype), torch.tensor(other, dtype=t.dtype)), t)
 
 
 @pytest.mark.parametrize("kind", ["tril", "triu"])
@@ -178,9 +227,8 @@ def test_triangle_agrees_with_the_dense_definition(kind, dtype, shape, monkeypat
         for top_in in (True, False):
             keep = pat if top_in else ~pat
             t = keep if dtype == torch.bool else torch.where(keep, 0.0, float("-inf"))
-            got = attention_mask._triangle(t)
-            assert got == _dense(t), (kind, k, top_in, got)
-            proved += got is not None
+            assert _agrees(t), (kind, k, top_in, attention_mask._triangle(t))
+            proved += attention_mask._triangle(t) is not None
             i = rows // 2
             places = [(0, 0), (0, cols - 1), (rows - 1, 0), (rows - 1, cols - 1), (i, i + k), (i, i + k + 1),
                       (i, i + k - 1)]
@@ -192,7 +240,7 @@ def test_triangle_agrees_with_the_dense_definition(kind, dtype, shape, monkeypat
                 for v in ((not bool(t[a, b]),) if dtype == torch.bool else (-1e9, float("nan"))):
                     bad = t.clone()
                     bad[a, b] = v
-                    assert attention_mask._triangle(bad) == _dense(bad), (kind, k, top_in, (a, b), v)
+                    assert _agrees(bad), (kind, k, top_in, (a, b), v)
     assert proved >= min(rows, cols)  # the sweep met proper triangles
 
 
