@@ -76,6 +76,27 @@ def test_inductor_modes_pass_through_and_unknown_modes_are_refused():
     assert "reduce_overhead" in str(e.value) and "reduce-overhead" in str(e.value)
 
 
+def test_mode_given_with_other_options(monkeypatch):
+    """torch.compile refuses mode= with options=: ``options["mode"]`` gives both, and reaches compile_fx as the
+    same config patches; a misspelt or non-string mode is refused."""
+    import torch._inductor.compile_fx as cf
+
+    seen = []
+    real = cf.compile_fx
+    monkeypatch.setattr(cf, "compile_fx", lambda gm, ex, **kw: seen.append(kw) or real(gm, ex, **kw))
+    conv = torch.nn.Conv1d(4, 4, 33, padding=16, groups=4)
+    x = torch.randn(2, 4, 100)
+    opts = {"mode": "reduce-overhead", "min_kernel_size": 32}
+    torch.testing.assert_close(torch.compile(conv, backend="hhfft", options=opts)(x), conv(x), rtol=1e-4, atol=1e-5)
+    assert seen and seen[0]["config_patches"] == {"triton.cudagraphs": True}
+    site = hhfft.last_report().sites[-1]  # min_kernel_size 32 took effect (the default, 64, keeps K = 33)
+    assert site.kind == "longconv" and site.decision == "rewritten", site
+    with pytest.raises(Exception, match="unknown mode .reduce_overhead.* reduce-overhead"):
+        torch.compile(conv, backend="hhfft", options={"mode": "reduce_overhead"})(x)
+    with pytest.raises(Exception, match="option .mode. must be a string"):
+        torch.compile(conv, backend="hhfft", options={"mode": 1})(x)
+
+
 @pytest.mark.parametrize(
     "options, words",
     [({"attention": "fast"}, "attention"), ({"longconv": "yes"}, "True or False"), ({"min_kernel_size": 0}, "positive")],

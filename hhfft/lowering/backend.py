@@ -2,6 +2,7 @@
 
     torch.compile(model, backend="hhfft", options={"min_kernel_size": 32, "attention": "keep"})
     torch.compile(model, backend="hhfft", mode="reduce-overhead")     # and CUDA graphs, as Inductor's modes
+    torch.compile(model, backend="hhfft", options={"attention": "keep", "mode": "reduce-overhead"})  # both
 
 Registered under the ``torch_dynamo_backends`` entry point (found without importing hhfft) and, for checkouts used
 without an install, when ``hhfft`` is imported. Inductor runs through ``compile_fx`` with per-compile
@@ -40,6 +41,8 @@ class Options:
         ``hhfft::linear_attention``.
     compiler: "inductor" (default) compiles the rewritten graph with Inductor; "eager" runs it as it is (the passes
         without Inductor: fast to compile, used by the property tests).
+    mode: Inductor's mode ("default", "reduce-overhead", "max-autotune", ...), as ``torch.compile(mode=...)``, which
+        torch.compile refuses together with ``options``: this is how to give both.
     """
 
     min_kernel_size: int = 64
@@ -47,6 +50,7 @@ class Options:
     attention: Literal["canonical", "keep"] = "canonical"
     linearize: bool = True
     compiler: Literal["inductor", "eager"] = "inductor"
+    mode: Optional[str] = None
 
     @classmethod
     def parse(cls, options: Optional[dict] = None) -> "Options":
@@ -69,6 +73,8 @@ class Options:
                 raise TypeError(f"hhfft: option {key!r} must be True or False, got {value!r}")
             elif hint is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"hhfft: option {key!r} must be a positive int, got {value!r}")
+            elif hint == Optional[str] and value is not None and not isinstance(value, str):
+                raise TypeError(f"hhfft: option {key!r} must be a string, got {value!r}")
         return cls(**options)
 
 
@@ -128,9 +134,9 @@ def hhfft_backend(
 
     ``torch.compile(model, backend="hhfft", mode="reduce-overhead")`` replays the compiled graphs from CUDA graphs, as
     with Inductor's own backend (``mode`` is Inductor's: "default", "reduce-overhead", "max-autotune", ...).
-    torch.compile refuses ``mode`` and ``options`` together, so a mode runs with the default Options."""
+    torch.compile refuses ``mode`` and ``options`` together: with options, give the mode as ``options["mode"]``."""
     opts = Options.parse(options)
-    patches = _config_patches(mode)
+    patches = _config_patches(mode or opts.mode)
     report = run_passes(gm, opts)
     _recent.append(report)
     if report_sink is not None:
