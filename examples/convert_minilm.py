@@ -127,6 +127,17 @@ def compare(ref: torch.Tensor, got: torch.Tensor) -> tuple:
     return cos, (top_ref == top_got).float().mean().item()
 
 
+def relational_kl(ref: torch.Tensor, got: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over the batch's sentences of KL(p_ref || p_got), p = softmax over the other sentences of cos / T: how
+    differently the two models rank each sentence's neighbours (a small T weighs the nearest ones)."""
+    n = ref.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool, device=ref.device)
+    s_ref = (ref @ ref.T)[off].view(n, n - 1) / temperature
+    s_got = (got @ got.T)[off].view(n, n - 1) / temperature
+    return torch.nn.functional.kl_div(s_got.log_softmax(-1), s_ref.log_softmax(-1), log_target=True,
+                                      reduction="batchmean")
+
+
 def agreement_ceiling(ref: torch.Tensor, cosines=(0.97, 0.98, 0.99, 0.995, 0.999), draws: int = 20) -> dict:
     """How much top-1 agreement survives errors without structure: every embedding moved in a random direction to
     cosine c with its original; mean agreement over ``draws`` for each c. Also the top-1/top-2 gaps of the queries."""
@@ -232,8 +243,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="comma-separated site indices to convert (others stay softmax)")
     p.add_argument("--tune-steps", type=int, default=0, help="second stage: maps tuned on --tune-loss (0: none)")
     p.add_argument("--tune-lr", type=float, default=2e-3)
-    p.add_argument("--tune-loss", choices=("embedding", "tokens"), default="embedding",
-                   help="1 - cosine to the original's sentence embeddings, or to its hidden state at every token")
+    p.add_argument("--tune-loss", choices=("embedding", "tokens", "relational"), default="embedding",
+                   help="1 - cosine to the original's sentence embeddings, or to its hidden state at every token; "
+                        "relational: the embedding loss plus the KL divergence between the original's and the "
+                        "converted model's in-batch neighbour distributions softmax(cos / T) (the ranking that "
+                        "retrieval agreement measures)")
+    p.add_argument("--tune-temperature", type=float, default=0.05, help="T of --tune-loss relational")
+    p.add_argument("--save-maps", default=None, metavar="DIR", help="save the distilled maps (hhfft.save_converted)")
+    p.add_argument("--load-maps", default=None, metavar="DIR",
+                   help="start from maps saved by --save-maps instead of distilling (--steps is ignored)")
     p.add_argument("--seed", type=int, default=0, help="order of the calibration batches")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast for the forwards")
@@ -319,13 +337,25 @@ def run(ctx: Context, args, stream=sys.stdout) -> dict:
     batches = [_to(encode(ctx.tok, shuffled[i:i + args.batch], args.length), args.device)
                for i in range(0, len(shuffled), args.batch)]
     t0 = time.perf_counter()
-    with ctx.autocast():
-        res = distill(model, batches, steps=args.steps, lr=args.lr, output_mse=args.output_mse,
-                      lr_schedule=args.schedule, warmup=args.warmup, eval_batches=batches[-2:], log_every=100,
-                      stream=stream, picture=args.picture)
+    if args.load_maps:
+        from hhfft.convert import load_converted
+
+        load_converted(model, args.load_maps)
+        args.steps = 0
+        res = distill(model, batches[-2:], steps=0, eval_batches=batches[-2:], stream=None)  # the losses only
+        print(f"maps loaded from {args.load_maps}", file=stream)
+    else:
+        with ctx.autocast():
+            res = distill(model, batches, steps=args.steps, lr=args.lr, output_mse=args.output_mse,
+                          lr_schedule=args.schedule, warmup=args.warmup, eval_batches=batches[-2:], log_every=100,
+                          stream=stream, picture=args.picture)
     _sync(args.device)
     t_distill = time.perf_counter() - t0
     print(res, file=stream)
+    if args.save_maps:
+        from hhfft.convert import save_converted
+
+        save_converted(model, args.save_maps)
     cos1, agree1 = compare(ctx.ref, ctx.embed(model))
     print(f"after distillation: cosine {cos1:.4f}, top-1 agreement {agree1:.3f}", file=stream, flush=True)
     row = {"command": None, "kind": args.kind, "feature_dim": args.feature_dim, "layers": args.layers,
@@ -343,8 +373,12 @@ def run(ctx: Context, args, stream=sys.stdout) -> dict:
             with ctx.autocast():
                 got = m(**b).last_hidden_state
             mask = b["attention_mask"]
-            if args.tune_loss == "embedding":
-                return 1 - (pool(ref, mask) * pool(got, mask)).sum(-1).mean()
+            if args.tune_loss in ("embedding", "relational"):
+                e_ref, e_got = pool(ref, mask), pool(got, mask)
+                loss = 1 - (e_ref * e_got).sum(-1).mean()
+                if args.tune_loss == "relational":
+                    loss = loss + relational_kl(e_ref, e_got, args.tune_temperature)
+                return loss
             cos = torch.nn.functional.cosine_similarity(ref.float(), got.float(), dim=-1)
             return ((1 - cos) * mask).sum() / mask.sum()
 
