@@ -47,6 +47,24 @@ def average_curvature(d: Tensor, block_length: Optional[int], dtype: torch.dtype
     return a
 
 
+def _check_hyperparameters(group: Mapping[str, Any]) -> None:
+    """The constructor's checks, for every group (``add_param_group`` included)."""
+    lr, eps, betas = group["lr"], group["eps"], group["betas"]
+    wd, k, b = group["weight_decay"], group["hessian_power"], group["block_length"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor)) or not 0.0 <= float(lr):
+        raise ValueError(f"Invalid learning rate: {lr!r} (expected a float >= 0)")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps} (expected >= 0)")
+    if len(betas) != 2 or not all(0.0 <= x < 1.0 for x in betas):
+        raise ValueError(f"Invalid betas: {betas} (expected two floats in [0, 1))")
+    if not 0.0 <= wd:
+        raise ValueError(f"Invalid weight_decay value: {wd} (expected >= 0)")
+    if not 0.0 <= k <= 1.0:
+        raise ValueError(f"Invalid Hessian power value: {k} (expected a float in [0, 1])")
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+        raise ValueError(f"Invalid block_length: {b!r} (expected None or an int >= 1)")
+
+
 @dataclasses.dataclass
 class _Bucket:
     """Parameters updated by one call of the update: one group, device and state dtype."""
@@ -130,22 +148,12 @@ class AdaHessian(torch.optim.Optimizer):
         generator: Optional[torch.Generator] = None,
         fused: bool = True,
     ) -> None:
-        if isinstance(lr, Tensor) or not 0.0 <= lr:
+        if isinstance(lr, Tensor):
             raise ValueError(f"Invalid learning rate: {lr!r} (expected a float >= 0)")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps} (expected >= 0)")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"Invalid betas: {betas} (expected two floats in [0, 1))")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay} (expected >= 0)")
-        if not 0.0 <= hessian_power <= 1.0:
-            raise ValueError(f"Invalid Hessian power value: {hessian_power} (expected a float in [0, 1])")
         if not isinstance(update_each, int) or update_each < 1:
             raise ValueError(f"Invalid update_each: {update_each!r} (expected an int >= 1)")
         if not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"Invalid n_samples: {n_samples!r} (expected an int >= 1)")
-        if block_length is not None and (not isinstance(block_length, int) or block_length < 1):
-            raise ValueError(f"Invalid block_length: {block_length!r} (expected None or an int >= 1)")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if not isinstance(fused, bool):
@@ -161,22 +169,29 @@ class AdaHessian(torch.optim.Optimizer):
         self._hessian_step = 0  # steps taken; the curvature is computed when this is a multiple of update_each
         self._lr_tensors: Dict[Tuple[torch.device, torch.dtype], List[Any]] = {}  # key -> [0-d tensor, its value]
         self._layout: Optional[_Layout] = None  # the buckets of the last step, reused while the same params step
+        self._grown = False  # a group was added after construction: the next step needs the curvature
         super().__init__(params, defaults)
+        self._grown = False
 
     # ------------------------------------------------------------------------------------------- param groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        self._layout = None
-        group = self.param_groups[-1]
+        """As torch.optim's, with every hyperparameter of the group checked before the group is added."""
+        group = dict(self.defaults, **{k: v for k, v in param_group.items() if k != "params"})
+        _check_hyperparameters(group)
+        params = param_group["params"]
+        if isinstance(params, set):  # unordered: torch.optim's own check raises
+            return super().add_param_group(param_group)
+        params = [params] if isinstance(params, Tensor) else list(params)  # a generator is read once, here
         b = group["block_length"]
-        if b is None:
-            return
-        for p in group["params"]:
-            if p.dim() == 2 and p.numel() % b != 0:
+        for p in params:
+            if b is not None and p.dim() == 2 and p.numel() % b != 0:
                 raise ValueError(
                     f"block_length={b} does not divide the {p.numel()} entries of a parameter of shape "
                     f"{tuple(p.shape)}; choose a divisor of every 2-D parameter's size, or block_length=None"
                 )
+        super().add_param_group(dict(param_group, params=params))
+        self._layout = None
+        self._grown = True
 
     # --------------------------------------------------------------------------------------------- generator
     @property
@@ -197,12 +212,15 @@ class AdaHessian(torch.optim.Optimizer):
     def hessian_due(self) -> bool:
         """Whether the next ``step()`` computes the curvature (so the gradient must carry a graph).
 
-        Also true when a parameter has been added since the last curvature step (it has no stored curvature yet).
+        Also true when a group has been added since the last curvature step, or a parameter that stepped before has
+        no stored curvature. A parameter that gets its first gradient between curvature steps cannot be foreseen:
+        that ``step()`` raises, asking for the graph.
         """
-        if self._hessian_step % self.update_each == 0:
+        if self._hessian_step % self.update_each == 0 or self._grown:
             return True
-        return any("hessian_diag" not in self.state.get(p, {}) for g in self.param_groups for p in g["params"]
-                   if p.requires_grad)
+        # a parameter that has stepped but holds no curvature (it had no gradient on the last curvature step); one
+        # that never had a gradient does not count (an unused head would make every step due)
+        return any("exp_avg" in st and "hessian_diag" not in st for st in self.state.values())
 
     # ----------------------------------------------------------------------------------------------- curvature
     def _hutchinson(self, params: List[Tensor], grads: List[Tensor]) -> List[Tensor]:
@@ -212,7 +230,9 @@ class AdaHessian(torch.optim.Optimizer):
             raise ValueError(
                 "AdaHessian.step() needs the curvature on this step but the gradients carry no graph: call "
                 "loss.backward(create_graph=True) (or pass a closure that does), or compute it with "
-                "hhfft.optim.hutchinson(...) and call step(hessian=result)"
+                "hhfft.optim.hutchinson(...) and call step(hessian=result). With update_each > 1, use "
+                "backward(create_graph=opt.hessian_due); a step between curvature steps also needs the graph when "
+                "a parameter gets its first gradient there (it has no curvature yet)"
             )
         if self.n_samples == 1:
             # One probe: only |D| = |z * Hz| = |Hz| is ever used (z = +-1), so keep Hz and skip a pass over memory.
@@ -319,6 +339,8 @@ class AdaHessian(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if _distributed():
+            self._fill_missing_grads()
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return loss
@@ -351,6 +373,11 @@ class AdaHessian(torch.optim.Optimizer):
                         layout.states[i]["hessian_diag"] = d
             else:
                 dbars = [layout.states[i]["hessian_diag"] for i in b.index]
+            if raw is not None and hessian is not None and self.update_each > 1:
+                # kept for later steps: not the caller's tensor (a CUDA-graph output is overwritten by the next replay)
+                for i, d in zip(b.index, dbars):
+                    if d is raw[i]:
+                        layout.states[i]["hessian_diag"] = d.clone()
             beta1, beta2 = group["betas"]
             update(
                 b.params, [grads[i] for i in b.index], dbars, b.exp_avgs, b.exp_sqs, b.steps,
@@ -358,6 +385,8 @@ class AdaHessian(torch.optim.Optimizer):
                 beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
             )
+        if raw is not None:
+            self._grown = False
         self._hessian_step += 1
         if self.update_each > 1 and self._hessian_step % self.update_each == 0:
             # The next step computes a new curvature: drop the stored one now, so that it is not held while the
@@ -365,6 +394,20 @@ class AdaHessian(torch.optim.Optimizer):
             for state in self.state.values():
                 state.pop("hessian_diag", None)
         return loss
+
+    def _fill_missing_grads(self) -> None:
+        """Under torch.distributed every rank must all-reduce the same parameters in the same order: a parameter that
+        has a gradient on some rank gets zeros where it has none (as DDP with find_unused_parameters); one without a
+        gradient on any rank is skipped everywhere (one all-reduce of a flag per parameter)."""
+        candidates = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if not candidates:
+            return
+        has = torch.tensor([p.grad is not None for p in candidates], dtype=torch.int32,
+                           device=next((p.grad.device for p in candidates if p.grad is not None), candidates[0].device))
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        for p, h in zip(candidates, has.tolist()):
+            if h and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     # ---------------------------------------------------------------------------------------------- state dict
     def state_dict(self) -> Dict[str, Any]:

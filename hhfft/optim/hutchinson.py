@@ -91,8 +91,9 @@ class HutchinsonResult:
 
     @property
     def hessian_by_param(self) -> Dict[Tensor, Tensor]:
-        """``{parameter: D}``, the form :meth:`AdaHessian.step` takes as ``hessian=``."""
-        return dict(zip(self.params, pytree.tree_leaves(self.hessian)))
+        """``{parameter: D}`` for the parameters that require a gradient, the form :meth:`AdaHessian.step` takes as
+        ``hessian=``."""
+        return {p: d for p, d in zip(self.params, pytree.tree_leaves(self.hessian)) if p.requires_grad}
 
 
 def hutchinson(
@@ -115,7 +116,8 @@ def hutchinson(
 
     Args:
         loss_fn: ``loss_fn(params) -> 0-d loss``; ``params`` arrives with the structure given here
-        params: a dict ``{name: tensor}`` or a sequence of tensors (e.g. ``dict(model.named_parameters())``)
+        params: a dict ``{name: tensor}`` or a sequence of tensors (e.g. ``dict(model.named_parameters())``); those
+            with ``requires_grad=False`` are constants, as for ``backward()``: no probe (their D is 0), no ``.grad``
         generator: source of the Rademacher probes (pass ``opt.generator`` to share the optimizer's stream)
         n_samples: number of probes averaged
         probes: explicit probes instead of drawing them: ``n_samples`` pytrees shaped like ``params``
@@ -144,16 +146,26 @@ def hutchinson(
     if probes is not None:
         probes = list(probes)
         n_samples = len(probes)
-    fn = (
-        _forward_over_reverse
-        if backend is None
-        else _compiled_forward_over_reverse(backend, None if options is None else tuple(sorted(options.items())))
-    )
+        if not probes:
+            raise ValueError("hutchinson: probes is empty; give at least one probe (a pytree shaped like params)")
+    trainable = [p.requires_grad for p in leaves]
+    if not any(trainable):
+        raise ValueError("hutchinson: no parameter requires a gradient (every one has requires_grad=False)")
+    if options is not None:
+        try:
+            key = tuple(sorted(options.items()))
+            hash(key)
+        except TypeError:
+            raise TypeError(f"hutchinson: options must be a dict of hashable values (numbers, strings, tuples), "
+                            f"got {options!r}") from None
+    fn = _forward_over_reverse if backend is None else _compiled_forward_over_reverse(backend, None if options is None
+                                                                                      else key)
     detached = pytree.tree_unflatten([p.detach() for p in leaves], spec)
     loss = grads = None
     total: Optional[List[Tensor]] = None
     for s in range(n_samples):
-        z = pytree.tree_flatten(probes[s])[0] if probes is not None else rademacher(leaves, generator)
+        z = pytree.tree_flatten(probes[s])[0] if probes is not None else _probes(leaves, trainable, generator)
+        z = [x if t else torch.zeros_like(x) for x, t in zip(z, trainable)]
         loss_s, g, d = fn(loss_fn, detached, pytree.tree_unflatten(list(z), spec))
         del z  # the probes are not needed any more: free them before the next draw
         _count_hvp()
@@ -170,6 +182,8 @@ def hutchinson(
         # CUDA-graph outputs live in the graph's pool and are overwritten by its next replay: always copied
         steal = backend is None or not _cudagraphs(options)
         for p, g in zip(leaves, grads):
+            if not p.requires_grad:
+                continue
             if p.grad is None:
                 p.grad = g if steal and _own_buffer(g, p) else g.clone()
             else:
@@ -180,6 +194,13 @@ def hutchinson(
         hessian=pytree.tree_unflatten(hess, spec),
         params=leaves,
     )
+
+
+def _probes(leaves: List[Tensor], trainable: List[bool], generator: Optional[torch.Generator]) -> List[Tensor]:
+    """Rademacher probes for the parameters that require a gradient (the stream ``backward()``'s path draws), zeros
+    for the others."""
+    drawn = iter(rademacher([p for p, t in zip(leaves, trainable) if t], generator))
+    return [next(drawn) if t else torch.zeros_like(p) for p, t in zip(leaves, trainable)]
 
 
 def _cudagraphs(options: Optional[dict]) -> bool:

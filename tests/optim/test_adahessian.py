@@ -247,6 +247,65 @@ def test_stored_curvature_is_dropped_before_the_next_curvature_step():
         assert opt.hessian_due == ((t + 1) % 3 == 0), f"after step {t}"
 
 
+def test_hessian_due_ignores_a_parameter_that_never_gets_a_gradient():
+    """An unused head kept hessian_due True on every step, so backward(create_graph=opt.hessian_due) built the
+    double-backward graph every time and update_each saved nothing. A group added mid-cycle makes it due."""
+    model, head = make_model(), nn.Linear(4, 1).double()
+    opt = AdaHessian(list(model.parameters()) + list(head.parameters()), update_each=3, fused=False)
+    due = []
+    for t in range(6):
+        due.append(opt.hessian_due)
+        train(model, opt, DATA, 1, start=t)
+    assert due == [t % 3 == 0 for t in range(6)]
+    assert torch._dynamo.utils.counters["hhfft"]["adahessian_hvp"] == 2
+    train(model, opt, DATA, 1, start=6)  # step 6: due; 7 is not
+    assert not opt.hessian_due
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))]})
+    assert opt.hessian_due
+
+
+@pytest.mark.parametrize("group, match", [
+    (dict(block_length=4), "does not divide"), (dict(block_length=0), "block_length"),
+    (dict(hessian_power=3.0), "Hessian power"), (dict(lr=-1.0), "learning rate"),
+    (dict(betas=(1.5, 0.9)), "betas"), (dict(eps=-1.0), "epsilon"),
+])
+def test_add_param_group_checks_before_adding(group, match):
+    """A rejected group used to stay in param_groups (the next step failed in a reshape), and per-group values were
+    not checked at all."""
+    opt = AdaHessian(make_model().parameters(), fused=False)
+    n = len(opt.param_groups)
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, 5))], **group})
+    assert len(opt.param_groups) == n
+
+
+def test_fused_step_past_the_recompile_limit_runs_the_eager_update():
+    """A weight-decay schedule recompiles the fused step once per value; past Dynamo's limit it raised from step()
+    (fullgraph). Now those steps run the eager update: the trajectory equals fused=False's."""
+    models = [make_model(), make_model()]
+    opts = [AdaHessian(m.parameters(), fused=f, generator=torch.Generator().manual_seed(2))
+            for m, f in zip(models, (True, False))]
+    with pytest.warns(UserWarning, match="recompile limit"):
+        for t in range(12):
+            for model, opt in zip(models, opts):
+                opt.param_groups[0]["weight_decay"] = 0.01 * t
+                train(model, opt, DATA, 1, start=t)
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_given_curvature_is_copied_when_kept_for_later_steps():
+    """With update_each > 1, D given to step(hessian=...) is kept for the next steps: a copy, since the caller's
+    tensor may be reused (a CUDA-graph output is overwritten by the graph's next replay)."""
+    w = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    opt = AdaHessian([w], update_each=2, fused=False)
+    d = torch.rand(5, dtype=torch.float64)
+    (w ** 2).sum().backward()
+    opt.step(hessian={w: d})
+    kept = opt.state[w]["hessian_diag"]
+    assert kept.data_ptr() != d.data_ptr() and torch.equal(kept, d)
+
+
 def test_reused_layout_equals_a_fresh_one_every_step():
     # step() keeps its buckets while the same parameters step; rebuilding them every step must give the same bits,
     # also when the stepping set changes (a parameter without .grad), the learning rate changes, a group is added

@@ -139,6 +139,41 @@ def test_functional_path_equals_create_graph_path():
         torch.testing.assert_close(res.grads[n], p.grad.detach(), rtol=1e-10, atol=1e-12)
 
 
+def test_frozen_parameters_are_constants_as_for_backward():
+    """dict(model.named_parameters()) with a frozen layer: the functional path steps exactly as backward() does (the
+    frozen layer draws no probe, gets no .grad and does not move); it moved under weight decay before."""
+    def setup():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        m[0].requires_grad_(False)
+        return m, AdaHessian(m.parameters(), lr=0.1, weight_decay=0.1, fused=False,
+                             generator=torch.Generator().manual_seed(0))
+
+    x = torch.randn(16, 4, dtype=torch.float64)
+    ref, opt = setup()
+    ref(x).pow(2).mean().backward(create_graph=True)
+    opt.step()
+    model, opt = setup()
+    frozen = model[0].weight.clone()
+    res = hutchinson(lambda ps: torch.func.functional_call(model, ps, (x,)).pow(2).mean(),
+                     dict(model.named_parameters()), generator=opt.generator, backend=None)
+    opt.step(hessian=res)
+    assert model[0].weight.grad is None and torch.equal(model[0].weight, frozen)
+    assert model[0].weight not in res.hessian_by_param
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"probes": []}, ValueError, "at least one probe"),
+    ({"options": {"a": [1]}, "backend": "inductor"}, TypeError, "hashable"),
+], ids=["no-probes", "unhashable-options"])
+def test_bad_arguments_say_what_to_give(kwargs, error, match):
+    w = torch.randn(3, requires_grad=True)
+    with pytest.raises(error, match=match):
+        hutchinson(lambda ps: (ps["w"] ** 4).sum(), {"w": w}, **{"backend": None, **kwargs})
+
+
 @pytest.mark.parametrize("backend", [None, "inductor"], ids=["eager", "inductor"])
 def test_set_grad_takes_a_fresh_gradient_without_copying(backend):
     w, b = torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)

@@ -160,7 +160,27 @@ def adahessian_update_fused(
     _check_lists(params, grads, hessian, exp_avgs, exp_hessian_diag_sqs, steps)
     if not params:
         return
-    _compiled_update()(
-        params, grads, hessian, exp_avgs, exp_hessian_diag_sqs, steps, lr,
-        float(beta1), float(beta2), float(eps), float(weight_decay), float(hessian_power),
-    )
+    args = (params, grads, hessian, exp_avgs, exp_hessian_diag_sqs, steps, lr)
+    floats = (float(beta1), float(beta2), float(eps), float(weight_decay), float(hessian_power))
+    try:
+        _compiled_update()(*args, *floats)
+    except _RECOMPILE_LIMIT as e:  # raised before the graph runs: nothing was updated yet
+        _warn_recompile_limit(e)
+        adahessian_update(*args, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                          hessian_power=hessian_power)
+
+
+# Each new list of parameter shapes and each new value of a float hyperparameter compiles the step again; past
+# Dynamo's recompile limit a fullgraph function raises. Those steps run the eager update instead (same maths).
+_RECOMPILE_LIMIT = tuple(getattr(torch._dynamo.exc, n) for n in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+                         if hasattr(torch._dynamo.exc, n))
+
+
+def _warn_recompile_limit(e: Exception) -> None:  # Python's default filter shows it once per call site
+    import warnings
+
+    warnings.warn(
+        "AdaHessian: the fused step reached torch.compile's recompile limit (each new set of stepping parameter "
+        "shapes and each new value of betas, eps, weight_decay or hessian_power is another compile), so steps "
+        "of new variants run the eager update, which computes the same; keep those hyperparameters fixed (lr may "
+        f"change freely), or pass fused=False. ({type(e).__name__})", stacklevel=3)
