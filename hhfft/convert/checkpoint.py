@@ -37,11 +37,20 @@ def _atomic_write(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file 0600: give it the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _owner_ints(owner: nn.Module) -> dict:
+    """The owner's own int attributes (head counts and sizes: ``num_heads``, ``head_dim``, ...): a model with other
+    heads can have parameters of the same shapes."""
+    return {k: v for k, v in vars(owner).items() if not k.startswith("_") and type(v) is int}
 
 
 def _owner_signature(owner: nn.Module) -> dict:
@@ -70,7 +79,7 @@ def save_converted(model: nn.Module, directory: str) -> dict:
         base = type(owner)._hhfft_base
         entries.append({"module_path": path, "index": index, "name": name,
                         "owner_class": f"{base.__module__}.{base.__qualname__}", **hh.describe(),
-                        "tensors": shapes, "owner_state": _owner_signature(owner)})
+                        "tensors": shapes, "owner_state": _owner_signature(owner), "owner_ints": _owner_ints(owner)})
     blob = save(tensors)
     config = getattr(model, "_hhfft_config", None)
     manifest = {"format": FORMAT, "hhfft_version": _version(), "torch_version": torch.__version__,
@@ -121,6 +130,10 @@ def load_converted(model: nn.Module, directory: str) -> list:
                 raise _mismatch(site, f"the module has no {k!r}")
             if sig[k] != shape:
                 raise _mismatch(site, f"{k!r} has shape {sig[k]} in the model, {shape} in the checkpoint")
+        ints = _owner_ints(owner)
+        for k, v in site.get("owner_ints", {}).items():  # checkpoints written before they were recorded: skipped
+            if k in ints and ints[k] != v:
+                raise _mismatch(site, f"the module's {k} is {ints[k]}, the checkpoint's {v}")
         for k in site["tensors"]:
             if k not in tensors or list(tensors[k].shape) != site["tensors"][k]:
                 raise ValueError(f"load_converted: {manifest['weights']} lacks {k!r} or has the wrong shape")

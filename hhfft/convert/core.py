@@ -16,6 +16,7 @@ from hhfft.convert.modules import (
     install_root,
     select_sites,
     site_name,
+    uninstall,
 )
 from hhfft.passes._fx import as_int
 from hhfft.passes.report import Report, Site
@@ -153,7 +154,19 @@ def convert(model: nn.Module, example_inputs: Any, config: Optional[HedgehogConf
     model._hhfft_config = config
     if installed:
         install_root(model)
-        _verify(model, example_inputs, installed)
+        try:
+            _verify(model, example_inputs, installed)
+        except Exception as e:
+            uninstall(model)
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise RuntimeError(
+                "hhfft.convert: the converted model failed on the example inputs, so the conversion was undone (no "
+                "Hedgehog site is left on the model). A converted model runs its whole forward as one graph "
+                "(torch.compile fullgraph, hhfft's passes, no Inductor): a graph break anywhere in it "
+                "(data-dependent Python control flow such as `if x.max().item() > c`, a print, an unsupported call) "
+                "makes it fail. Remove the graph break, or convert the submodule that holds the attention. The "
+                f"failure (in full above): {type(e).__name__}: {first}"
+            ) from e
     return out
 
 

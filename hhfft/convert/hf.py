@@ -30,7 +30,7 @@ def load_tokenizer(path: str) -> Optional[Any]:
 def load_hf_model(path: str, length: int = 128, batch: int = 2, attn_implementation: Optional[str] = None) -> tuple:
     """(model, example inputs) for a HF model directory: ``AutoModel.from_pretrained`` in eval mode, and a dict of
     ``input_ids`` [batch, length] and ``attention_mask`` (the last sequence padded by a quarter, so key padding is
-    exercised). Token ids come from the tokenizer's vocabulary size (random, seeded)."""
+    exercised); ``length`` at most the model's position count. Token ids come from the tokenizer's vocabulary size (random, seeded)."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"load_hf_model: {path!r} has no config.json; give a Hugging Face model directory")
     _offline()
@@ -39,6 +39,9 @@ def load_hf_model(path: str, length: int = 128, batch: int = 2, attn_implementat
     cfg = AutoConfig.from_pretrained(path)
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     model = AutoModel.from_pretrained(path, **kw).eval()
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if isinstance(positions, int) and positions > 0:
+        length = min(length, positions)  # a model with fewer positions cannot take the requested length
     g = torch.Generator().manual_seed(0)
     low = 1000 if cfg.vocab_size > 2000 else 0
     ids = torch.randint(low, cfg.vocab_size, (batch, length), generator=g)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -178,17 +179,20 @@ _REPORTS: contextvars.ContextVar = contextvars.ContextVar("hhfft_hedgehog_report
 
 
 def _backend_linear(gm, example_inputs):
-    from hhfft.lowering.backend import Options, run_passes
+    from hhfft.lowering.backend import Options, _check_buffers, run_passes
 
     report = run_passes(gm, Options(longconv=False, linearize=True, compiler="eager"))
     sink = _REPORTS.get()
     if sink is not None:
         sink.append(report)
-    return gm.forward
+    for site in report.select("hedgehog", "skipped"):  # softmax on these inputs: say so, once per site and reason
+        warnings.warn(f"hhfft: converted attention {site.module_path or '<root>'} computes softmax attention on "
+                      f"these inputs: {site.reason}", stacklevel=2)
+    return _check_buffers(gm, gm.forward)  # mask buffers proved from their value are checked on every call
 
 
 def _backend_tap(gm, example_inputs):
-    from hhfft.lowering.backend import Options, run_passes
+    from hhfft.lowering.backend import Options, _check_buffers, run_passes
     from hhfft.passes import linearize
 
     opts = Options(longconv=False, linearize=False, compiler="eager")
@@ -196,7 +200,7 @@ def _backend_tap(gm, example_inputs):
     linearize.run(gm, opts, report, mode="tap")
     gm.graph.lint()
     gm.recompile()
-    return gm.forward
+    return _check_buffers(gm, gm.forward)
 
 
 def _body_linear(owner, base_forward, args, kwargs):
@@ -313,8 +317,15 @@ def select_sites(paths: Sequence[str], config: HedgehogConfig) -> list:
     import fnmatch
 
     n = len(paths)
+    listing = "; the sites are " + ", ".join(f"{i}: {p or '<root>'}" for i, p in enumerate(paths))
+    bad = [i for i in config.layers or () if not -n <= i < n]
+    if bad:
+        raise ValueError(f"HedgehogConfig.layers: {bad} out of range for {n} attention site(s){listing}")
+    for g in (config.sites or ()):
+        if not any(fnmatch.fnmatchcase(p, g) for p in paths):
+            raise ValueError(f"HedgehogConfig.sites: {g!r} matches no site{listing}")
     chosen = []
-    layers = None if config.layers is None else {i % n if n else i for i in config.layers if -n <= i < n}
+    layers = None if config.layers is None else {i % n for i in config.layers}
     for i, p in enumerate(paths):
         if config.sites is not None and not any(fnmatch.fnmatchcase(p, g) for g in config.sites):
             continue

@@ -874,6 +874,12 @@ def _record_sdpa(n: fx.Node, an: MaskAnalyzer) -> AttentionSite:
     site.dropout = kw.get("dropout_p", a[4] if len(a) > 4 else 0.0)
     if kw.get("enable_gqa"):
         site.gqa = "enable_gqa"
+    elif len(_shape(site.k)) == 4:
+        # k and v repeated per head before the call (HF's repeat_kv when a mask is given): the site's own k, v are
+        # the un-repeated ones, so a Hedgehog site keeps kv_heads maps and state (the SDPA call itself is kept)
+        gk, gv = _peel_gqa(site.k), _peel_gqa(site.v)
+        if gk is not None and gv is not None and gk[1] == gv[1] and gk[1] > 1:
+            site.k, site.v, site.kv_heads, site.gqa = gk[0], gv[0], _shape(gk[0])[1], gk[2]
     return site
 
 

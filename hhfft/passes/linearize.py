@@ -126,7 +126,8 @@ def run(gm: fx.GraphModule, opts: Any, report: Any, mode: str = "linear") -> Non
             continue
         n = site.sdpa
         p = _sdpa_parts(n)
-        p["q"], p["mask"] = site.q, site.attn_mask  # the site's own, not the blank-row guard's (passes/attention.py)
+        # the site's own q, k, v and mask: not the blank-row guard's (passes/attention.py), nor k, v repeated per head
+        p.update(q=site.q, k=site.k, v=site.v, mask=site.attn_mask)
         if mode == "linear" and decode.rewrite(g, site, p, (wq, bq, wk, bk, kind), path,
                                                lambda d, r: _record(report, site, path, d, r)):
             continue  # it reads a HedgehogCache layer: constant-state decoding (passes/decode.py)

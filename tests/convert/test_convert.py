@@ -164,6 +164,106 @@ def test_select_sites_by_layer_and_glob():
     assert [p for p, *_ in hedgehog_sites(m)] == ["encoder.layer.1.attention.self"]
 
 
+@pytest.mark.parametrize("config, match", [
+    (HedgehogConfig(layers=(2,)), r"layers: \[2\] out of range for 2 .*1: encoder.layer.1.attention.self"),
+    (HedgehogConfig(sites=("encoder.layers.*",)), r"'encoder.layers.\*' matches no site"),
+])
+def test_a_selection_that_selects_nothing_is_refused(config, match):
+    """An out-of-range layer index or a glob that matches no site was dropped silently (a typo converted nothing)."""
+    from transformers import BertConfig, BertModel
+
+    m = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=32, max_position_embeddings=32)).eval()
+    with pytest.raises(ValueError, match=match):
+        convert(m, (torch.randint(0, 50, (1, 6)),), config)
+    assert not hedgehog_sites(m)
+
+
+class BranchyNet(Net):
+    def forward(self, x, keep):
+        if x.abs().max().item() > 100:  # data-dependent Python control flow: a graph break
+            x = x / 100
+        return super().forward(x, keep)
+
+
+def test_a_graph_break_undoes_the_conversion_and_says_why():
+    """A converted model runs its forward as one graph; a graph break used to raise from the check at the end of
+    convert() with Dynamo's guard message and leave the maps installed, so every later forward raised too."""
+    torch.manual_seed(0)
+    net = BranchyNet()
+    x, keep = _block_inputs()
+    want = net(x, keep)
+    with pytest.raises(RuntimeError, match="conversion was undone.*graph break"):
+        convert(net, (x, keep))
+    assert type(net) is BranchyNet and not hedgehog_sites(net)
+    assert torch.equal(net(x, keep), want)
+
+
+def test_a_changed_mask_buffer_raises_in_the_converted_forward():
+    """The converted model's own forward checks mask buffers proved from their value, as torch.compile(backend=
+    "hhfft") does: a causal tril buffer changed after conversion kept computing causal Hedgehog attention."""
+    class Causal(nn.Module):
+        def __init__(self, d=16, h=2):
+            super().__init__()
+            self.h, self.qkv = h, nn.Linear(d, 3 * d)
+            self.register_buffer("bias", torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32))
+
+        def forward(self, x):
+            B, L, d = x.shape
+            q, k, v = self.qkv(x).view(B, L, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+            s = (q @ k.transpose(-1, -2)).masked_fill(self.bias[:, :, :L, :L] == 0, float("-inf"))
+            return (s.softmax(-1) @ v).transpose(1, 2).reshape(B, L, d)
+
+    torch.manual_seed(0)
+    m = Causal()
+    x = torch.randn(2, 7, 16)
+    assert convert(m, (x,)).count("hedgehog", "rewritten") == 1
+    m(x)
+    m.bias.fill_(1.0)
+    with pytest.raises(RuntimeError, match="no longer holds the tril"):
+        m(x)
+
+
+def test_a_site_that_falls_back_to_softmax_warns():
+    """An input that makes a converted site's mask unprovable (here an additive float mask instead of the bool key
+    padding it was converted with) runs softmax there: no longer silently."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x, mask):
+            B, L, _ = x.shape
+            q, k, v = self.qkv(x).view(B, L, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch.manual_seed(0)
+    m, x = Masked(), torch.randn(2, 6, 16)
+    keep = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    keep[1, ..., -2:] = False
+    assert convert(m, (x, keep)).count("hedgehog", "rewritten") == 1
+    with pytest.warns(UserWarning, match="computes softmax attention on these inputs: mask is additive"):
+        m(x, torch.randn(2, 1, 6, 6))
+
+
+def test_saved_maps_refuse_a_model_with_other_heads(tmp_path):
+    """Parameter shapes alone did not tell 4 heads of 8 from 2 of 16: the owner's int attributes are compared."""
+    model, _, _ = _hf("gpt2", "eager")
+    ids = torch.randint(0, 64, (1, 6))
+    convert(model, (ids,))
+    save_converted(model, str(tmp_path))
+    import transformers
+
+    other = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                                                           vocab_size=64)).eval()
+    with pytest.raises(ValueError, match="site 'h.0.attn' .*num_heads is 2, the checkpoint's 4"):
+        load_converted(other, str(tmp_path))
+    mode = (tmp_path / "hedgehog.safetensors").stat().st_mode & 0o777
+    umask = __import__("os").umask(0)
+    __import__("os").umask(umask)
+    assert mode == 0o666 & ~umask  # not mkstemp's 0600
+
+
 # ------------------------------------------------------------------------------------------------------------ HF
 def _hf(family, impl, layers=1, hidden=32):
     import transformers
@@ -198,6 +298,10 @@ def test_hf_models(family, impl, tmp_path):
         softmax_out = model(**inputs).last_hidden_state
     report = convert(model, inputs)
     assert report.count("hedgehog", "rewritten") == 1, str(report)
+    # Llama's 2 kv heads: the k map has 2 heads under sdpa too (HF repeats k, v before its SDPA call when a mask is
+    # given; that gave 4 before), so maps made with either implementation load into the other
+    (hh,) = [h for *_, h in hedgehog_sites(model)]
+    assert hh.describe()["kv_heads"] == (2 if family == "llama" else 4)
     keys = _new_keys(model, before)
     assert keys == [f"{owner.format(0)}.hedgehog.{m}.{p}" for m in ("k_map", "q_map") for p in ("bias", "weight")]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
