@@ -324,7 +324,7 @@ def fftconv(
         bias, skip: [H] or None
         pregate: [B, H, L] or None; postgate: [B, H, out_len] or None
         taps: partial convolution: use only k[:, :taps] (exact for that truncated kernel; the FFT size shrinks
-            to fit L + taps - 1, so the zero tail costs nothing; k's gradient is zero beyond taps)
+            to fit L + taps - 1, so the zero tail costs nothing; k's gradient is zero beyond taps); an int, not bool
     Returns:
         y: [B, H, out_len] in u's dtype; maths in fp32 (fp64 if any input is fp64)
 
@@ -341,6 +341,8 @@ def fftconv(
         )
     if not (u.is_floating_point() and k.is_floating_point()):
         raise TypeError(f"fftconv: u and k must be floating point, got {u.dtype} and {k.dtype}")
+    if k.device != u.device:
+        raise ValueError(f"fftconv: k is on {k.device} but u on {u.device}; move k to u's device")
     B, H, L = u.shape
     out_len = L if out_len is None else out_len
     _check("bias", bias, (H,), u)

@@ -73,8 +73,10 @@ def _finish(u, k, shift, out_len, bias, skip, pregate, postgate, out_dtype):
     return y.to(out_dtype)
 
 
-def conv1d_as_fftconv(x, weight, bias, pad_left: int, out_delta: int, dilation: int, skip=None, pregate=None, postgate=None):
-    """``conv1d(x, weight, bias, padding=..., dilation, groups=C)`` as fftconv; out_len = L + out_delta."""
+def conv1d_as_fftconv(x, weight, bias, pad_left: int, out_delta: int, dilation: int, skip=None, pregate=None,
+                      postgate=None, out_dtype=None):
+    """``conv1d(x, weight, bias, padding=..., dilation, groups=C)`` as fftconv; out_len = L + out_delta; the result
+    in ``out_dtype`` (the conv's: under autocast not x's)."""
     C, L = x.shape[1], x.shape[-1]
     mult = weight.shape[0] // C
     if mult > 1:
@@ -85,7 +87,7 @@ def conv1d_as_fftconv(x, weight, bias, pad_left: int, out_delta: int, dilation: 
         w = F.pad(w[:, :, None], (0, dilation - 1)).reshape(w.shape[0], K * dilation)[:, : dilation * (K - 1) + 1]
     k_eff = w.shape[-1]
     k = w.flip(-1).float() if w.dtype in (torch.float16, torch.bfloat16) else w.flip(-1)
-    return _finish(x, k, k_eff - 1 - pad_left, L + out_delta, bias, skip, pregate, postgate, x.dtype)
+    return _finish(x, k, k_eff - 1 - pad_left, L + out_delta, bias, skip, pregate, postgate, out_dtype or x.dtype)
 
 
 def fft_as_fftconv(u, kernels, reverse, scales, out_len, skip=None, pregate=None, postgate=None, out_dtype=None):
@@ -167,10 +169,11 @@ def _kept_length(stop: Any, length: Any) -> Optional[Any]:
 
 
 # ---------------------------------------------------------------------------------------- gates and skip folding
-def _fold_gates(u_node: fx.Node, out: fx.Node, allow_pregate: bool, allow_skip: bool) -> tuple:
+def _fold_gates(u_node: fx.Node, out: fx.Node, allow_pregate: bool, allow_skip: bool, allow_postgate: bool) -> tuple:
     """Fold an input gate, an output gate and a ``+ u * D`` skip around a proved conv.
 
-    u_node: the conv's signal; out: the node whose value is the conv result.
+    u_node: the conv's signal; out: the node whose value is the conv result. allow_postgate: False when the conv has
+    a bias (the op computes ``g * conv + bias``, the model ``g * (conv + bias)``).
     Returns (u, pregate, postgate, skip, final_node, folded).
     """
     folded: list[str] = []
@@ -179,13 +182,14 @@ def _fold_gates(u_node: fx.Node, out: fx.Node, allow_pregate: bool, allow_skip: 
     # pregate: u = a * g, both full [B, H, L], and only the conv reads the product.
     if allow_pregate and _is_call(u_node, _MUL) and len(u_node.users) == 1 and len(u_node.args) == 2:
         a, g = u_node.args
-        if all(isinstance(x, fx.Node) for x in (a, g)) and _shape(a) == _shape(g) == _shape(u_node):
+        if all(isinstance(x, fx.Node) for x in (a, g)) and _shape(a) == _shape(g) == _shape(u_node) and \
+                val(a).dtype == val(g).dtype == val(u_node).dtype:  # else the product is in the promoted dtype
             u, pregate = a, g
             folded.append("pregate")
     final = out
     # postgate: y * g with g the same shape as y.
     user = _single_user(final)
-    if user is not None and _is_call(user, _MUL) and len(user.args) == 2:
+    if allow_postgate and user is not None and _is_call(user, _MUL) and len(user.args) == 2:
         other = user.args[1] if user.args[0] is final else user.args[0]
         if isinstance(other, fx.Node) and other is not final and _shape(other) == _shape(final) == _shape(user):
             if val(other).dtype == val(final).dtype:
@@ -412,6 +416,11 @@ def _match_fft(node: fx.Node, opts) -> tuple[LongConvSite, dict]:
             out_len = N if stop is None or not known_true(val(stop) <= val(N)) else stop
             final = _single_user(node)
             site.folded.append("slice")
+    kept = val(out_len) if isinstance(out_len, fx.Node) else out_len
+    for K in rev:  # outputs t >= N - K + 1 read u[(t + j) mod N]: the wrap-around, which the op does not compute
+        if not known_true(kept + K - 1 <= val(N)):
+            raise _Decline(f"{kept} outputs kept of an FFT of size {val(N)} with a reversed kernel of {K} taps: "
+                           "the last outputs wrap around (circular); keep at most N - K + 1")
     return site, dict(kind="fft", u=u, k=[x for x, _, _, _ in ker], reverse=[r for _, _, _, r in ker],
                       scales=scales, out_len=out_len, final=final, out_dtype=val(final).dtype)
 
@@ -440,15 +449,24 @@ def _rewrite(gm: fx.GraphModule, site: LongConvSite, plan: dict) -> fx.Node:
     # A channel multiplier repeats the input inside the op: gates and skip of the input's width do not fit it.
     plain = plan["kind"] == "fft" or site.multiplier == 1
     u, pregate, postgate, skip, final, folded = _fold_gates(
-        plan["x"] if plan["kind"] == "conv1d" else plan["u"], plan["final"], allow_pregate=plain, allow_skip=plain
+        plan["x"] if plan["kind"] == "conv1d" else plan["u"], plan["final"], allow_pregate=plain, allow_skip=plain,
+        allow_postgate=plan.get("bias") is None,
     )
+    # the op reads every operand where it is inserted (before the last folded node): an in-place op in between
+    # would be read after the change, where the model read before it
+    reads = [x for x in (u, pregate, plan.get("x"), plan.get("w"), plan.get("u"), *plan.get("k", ())) if x is not None]
+    start = min((n for x in reads if isinstance(x, fx.Node) for n in x.users), key=_order(g), default=final)
+    mutation = _mutation_between(g, start, final, reads)
+    if mutation is not None:
+        raise _Decline(f"{mutation.name} ({mutation.target}) changes a tensor in place between the convolution and "
+                       "the ops around it: the rewrite would read it after the change")
     site.folded += folded
     with g.inserting_before(final):
         if plan["kind"] == "conv1d":
             new = insert_call(
                 g, conv1d_as_fftconv,
                 (u, plan["w"], plan["bias"], plan["pad_left"], plan["out_delta"], plan["dilation"]),
-                dict(skip=skip, pregate=pregate, postgate=postgate), like=final,
+                dict(skip=skip, pregate=pregate, postgate=postgate, out_dtype=val(final).dtype), like=final,
             )
         else:
             new = insert_call(
@@ -459,10 +477,53 @@ def _rewrite(gm: fx.GraphModule, site: LongConvSite, plan: dict) -> fx.Node:
     if tuple(val(new).shape) != tuple(old.shape) and not known_eq(tuple(val(new).shape), tuple(old.shape)):
         g.erase_node(new)
         raise _Decline(f"internal: rewrite shape {tuple(val(new).shape)} != {tuple(old.shape)}")
+    if val(new).dtype != old.dtype:
+        g.erase_node(new)
+        raise _Decline(f"internal: rewrite dtype {val(new).dtype} != {old.dtype}")
     final.replace_all_uses_with(new)
     _erase_dead(final)
     site.node = new
     return new
+
+
+_INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+
+
+def _order(g: fx.Graph):
+    index = {n: i for i, n in enumerate(g.nodes)}
+    return lambda n: index.get(n, len(index))
+
+
+_VIEWS = {"view", "reshape", "transpose", "permute", "getitem", "unsqueeze", "squeeze", "expand", "narrow", "t",
+          "flatten", "unflatten", "view_as", "expand_as", "select", "split", "chunk", "unbind", "movedim", "__getitem__"}
+
+
+def _name(n: fx.Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+
+
+def _root(n: Any) -> Any:
+    """The tensor ``n`` is a view of (through view-like ops), or n itself."""
+    while isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and _name(n) in _VIEWS and n.args:
+        n = n.args[0]
+    return n
+
+
+def _mutation_between(g: fx.Graph, start: fx.Node, end: fx.Node, reads: list) -> Optional[fx.Node]:
+    """The first node from ``start`` up to ``end`` (graph order) that changes in place a tensor sharing a base with
+    one of ``reads``, else None."""
+    roots = {_root(x) for x in reads if isinstance(x, fx.Node)}
+    inside = False
+    for n in g.nodes:
+        inside = inside or n is start
+        if n is end:
+            return None
+        if not inside or n.op not in ("call_function", "call_method") or not n.args:
+            continue
+        name = _name(n)
+        if (n.target in _INPLACE or (name.endswith("_") and not name.endswith("__"))) and _root(n.args[0]) in roots:
+            return n
+    return None
 
 
 def _erase_dead(node: fx.Node) -> None:

@@ -394,3 +394,80 @@ def test_inductor_training_matches_eager():
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step} {name}: {m}")
         opt.step(), opt_ref.step(), opt.zero_grad(), opt_ref.zero_grad()
     assert counters["hhfft"]["longconv_rewritten"] == 2
+
+
+# ------------------------------------------------------------------------------ folds that changed what was computed
+def _compile_eager(fn, *args):
+    """fn compiled with the passes and no Inductor; returns (output, this compile's longconv sites)."""
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="hhfft", options={"compiler": "eager", "min_kernel_size": 8})(*args)
+    return out, [s for s in hhfft.last_report().sites if s.kind == "longconv"][-1:]
+
+
+def test_bias_then_output_gate_is_not_folded_into_the_bias():
+    """conv(x) + b, then * g: the op's bias is added after its postgate (g * conv + b), the model gates the bias too;
+    folding both gave errors of 29 on values of 46."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(4, 4, 16, padding=15, groups=4).double()
+    x, g = torch.randn(2, 4, 64, dtype=torch.float64), torch.randn(2, 4, 64, dtype=torch.float64)
+    fn = lambda x, g: conv(x)[..., :64] * g  # noqa: E731
+    out, (site,) = _compile_eager(fn, x, g)
+    assert site.decision == "rewritten" and "postgate" not in site.reason, site.reason
+    torch.testing.assert_close(out, fn(x, g), rtol=1e-12, atol=1e-12)
+
+
+def test_input_gate_of_another_dtype_and_autocast_keep_the_conv_dtype():
+    """a (fp16) * g (fp32) is fp32: folding a as the signal gave an fp16 result; under CPU autocast the conv is
+    bf16 and the rewrite returned fp32."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 1, 16)
+    a, g = torch.randn(2, 4, 64).half(), torch.randn(2, 4, 64)
+    fn = lambda a, g: F.conv1d(a * g, w, padding=15, groups=4)[..., :64]  # noqa: E731
+    out, (site,) = _compile_eager(fn, a, g)
+    assert out.dtype == torch.float32 and "pregate" not in site.reason
+    torch.testing.assert_close(out, fn(a, g), rtol=1e-5, atol=1e-5)
+    conv = nn.Conv1d(4, 4, 16, padding=15, groups=4)
+    x = torch.randn(2, 4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (site,) = _compile_eager(conv, x)
+        want = conv(x)
+    assert site.decision == "rewritten" and out.dtype == want.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kept, rewritten", [(17, True), (20, False), (32, False)])
+def test_reversed_kernel_outputs_past_the_wrap_are_declined(kept, rewritten):
+    """conj(rfft(k_rev)) reads u[(t + j) mod N]: outputs t >= N - K + 1 wrap around to the start, which the op does
+    not compute (it gave errors of 7.7 there); up to N - K + 1 outputs are exact."""
+    torch.manual_seed(0)
+    L, N = 16, 32
+    k_rev = torch.randn(2, L, dtype=torch.float64)
+    u = torch.randn(1, 2, L, dtype=torch.float64)
+    fn = lambda u: torch.fft.irfft(torch.fft.rfft(u, n=N) * torch.fft.rfft(k_rev, n=N).conj(), n=N)[..., :kept]  # noqa
+    out, (site,) = _compile_eager(fn, u)
+    assert (site.decision == "rewritten") == rewritten, site.reason
+    assert rewritten or "wrap around" in site.reason
+    torch.testing.assert_close(out, fn(u), rtol=1e-10, atol=1e-10)
+
+
+def test_in_place_change_between_the_conv_and_its_gate_is_declined():
+    """The op is inserted at the last folded node and reads its operands there: h.mul_(3) between the conv and the
+    gate was read by the rewrite (errors of 19 on 70)."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 1, 8, dtype=torch.float64)
+
+    def fn(h, g):
+        y = F.conv1d(h, w, padding=7, groups=3)
+        h.mul_(3)
+        return y[..., :32] * g + h.sum()
+
+    h, g = torch.randn(2, 3, 32, dtype=torch.float64), torch.randn(2, 3, 32, dtype=torch.float64)
+    out, (site,) = _compile_eager(fn, h.clone(), g)
+    assert site.decision == "skipped" and "in place" in site.reason, site.reason
+    torch.testing.assert_close(out, fn(h.clone(), g), rtol=1e-12, atol=1e-12)
+
+
+def test_fftconv_refuses_a_kernel_on_another_device():
+    from hhfft.lowering.fftconv import fftconv
+
+    with pytest.raises(ValueError, match="k is on meta but u on cpu"):
+        fftconv(torch.randn(1, 2, 8), torch.randn(2, 3, device="meta"))
