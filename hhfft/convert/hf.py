@@ -30,7 +30,8 @@ def load_tokenizer(path: str) -> Optional[Any]:
 def load_hf_model(path: str, length: int = 128, batch: int = 2, attn_implementation: Optional[str] = None) -> tuple:
     """(model, example inputs) for a HF model directory: ``AutoModel.from_pretrained`` in eval mode, and a dict of
     ``input_ids`` [batch, length] and ``attention_mask`` (the last sequence padded by a quarter, so key padding is
-    exercised); ``length`` at most the model's position count. Token ids come from the tokenizer's vocabulary size (random, seeded)."""
+    exercised); ``length`` at most the model's position count. Token ids come from the tokenizer's vocabulary size
+    (random, seeded)."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"load_hf_model: {path!r} has no config.json; give a Hugging Face model directory")
     _offline()

@@ -59,7 +59,8 @@ class AttentionSite:
     ("mul" | "div", node) factors, which the rewrite folds into q).
     q/k/v: the site's q, k, v in (B, H, L, D) (k/v with kv_heads heads when gqa); attn_mask: its mask; SDPA receives
     them, except that a rewritten site with a mask passes q and the mask through ``_guard_blank_rows``; sdpa: the
-    SDPA node (after the rewrite, or the model's own); key_padding: [(node, keep_when_true)] broadcastable to (B, 1, 1, S).
+    SDPA node (after the rewrite, or the model's own); key_padding: [(node, keep_when_true)] broadcastable to
+    (B, 1, 1, S).
     """
 
     module_path: str

@@ -169,7 +169,8 @@ def _kept_length(stop: Any, length: Any) -> Optional[Any]:
 
 
 # ---------------------------------------------------------------------------------------- gates and skip folding
-def _fold_gates(u_node: fx.Node, out: fx.Node, allow_pregate: bool, allow_skip: bool, allow_postgate: bool) -> tuple:
+def _fold_gates(u_node: fx.Node, out: fx.Node, allow_pregate: bool, allow_skip: bool,
+                allow_postgate: bool) -> tuple:
     """Fold an input gate, an output gate and a ``+ u * D`` skip around a proved conv.
 
     u_node: the conv's signal; out: the node whose value is the conv result. allow_postgate: False when the conv has
@@ -495,7 +496,8 @@ def _order(g: fx.Graph):
 
 
 _VIEWS = {"view", "reshape", "transpose", "permute", "getitem", "unsqueeze", "squeeze", "expand", "narrow", "t",
-          "flatten", "unflatten", "view_as", "expand_as", "select", "split", "chunk", "unbind", "movedim", "__getitem__"}
+          "flatten", "unflatten", "view_as", "expand_as", "select", "split", "chunk", "unbind", "movedim",
+          "__getitem__"}
 
 
 def _name(n: fx.Node) -> str:

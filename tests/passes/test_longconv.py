@@ -442,7 +442,9 @@ def test_reversed_kernel_outputs_past_the_wrap_are_declined(kept, rewritten):
     L, N = 16, 32
     k_rev = torch.randn(2, L, dtype=torch.float64)
     u = torch.randn(1, 2, L, dtype=torch.float64)
-    fn = lambda u: torch.fft.irfft(torch.fft.rfft(u, n=N) * torch.fft.rfft(k_rev, n=N).conj(), n=N)[..., :kept]  # noqa
+    def fn(u):
+        return torch.fft.irfft(torch.fft.rfft(u, n=N) * torch.fft.rfft(k_rev, n=N).conj(), n=N)[..., :kept]
+
     out, (site,) = _compile_eager(fn, u)
     assert (site.decision == "rewritten") == rewritten, site.reason
     assert rewritten or "wrap around" in site.reason
