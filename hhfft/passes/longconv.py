@@ -161,6 +161,8 @@ def _kept_length(stop: Any, length: Any) -> Optional[Any]:
     s = val(stop)
     if isinstance(s, int) and s < 0:
         return length + s if known_true(length + s >= 0) else None
+    if not isinstance(s, int) and not known_true(s >= 0):  # a symbolic stop that may be negative counts from the end
+        return None
     if known_true(s <= length):
         return s
     if known_true(s >= length):
