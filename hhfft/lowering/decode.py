@@ -116,9 +116,9 @@ def linear_attention_decode(phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Tens
     if state.dtype not in (torch.float32, torch.float64) or normalizer.dtype != state.dtype:
         raise TypeError(f"linear_attention_decode: state and normalizer must both be fp32 (fp64 for references), got "
                         f"{state.dtype} and {normalizer.dtype}")
-    if keep is not None and (keep.dtype != torch.bool or tuple(keep.shape) != (B, L)):
-        raise ValueError(f"linear_attention_decode: keep must be a bool tensor [B, L] = [{B}, {L}], got "
-                         f"{keep.dtype} {tuple(keep.shape)}")
+    if keep is not None and (keep.dtype != torch.bool or tuple(keep.shape) != (B, L) or keep.device != v.device):
+        raise ValueError(f"linear_attention_decode: keep must be a bool tensor [B, L] = [{B}, {L}] on {v.device}, got "
+                         f"{keep.dtype} {tuple(keep.shape)} on {keep.device}")
     return torch.ops.hhfft.linear_attention_decode(phi_q, phi_k, v, state, normalizer, keep)
 
 

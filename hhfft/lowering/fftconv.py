@@ -47,8 +47,9 @@ def fft_size(n: int) -> int:
 
 
 def _fast_size(n) -> int:
-    # Under dynamic shapes n is a SymInt: use a power of two, which needs no data-dependent search.
-    return fft_size(n) if isinstance(n, int) else 1 << (int(n) - 1).bit_length()
+    # Under dynamic shapes n is a SymInt: n itself (any length is exact; int(n) would specialize the graph to this
+    # length, so that every new length compiled again).
+    return fft_size(n) if isinstance(n, int) else n
 
 
 def _compute_dtype(*xs: Optional[Tensor]) -> torch.dtype:
@@ -70,6 +71,8 @@ def _window(c: Tensor, valid, offset, length) -> Tensor:
 # --------------------------------------------------------------------------------------------------- CPU (plain torch)
 def _fftconv_torch(u, k, shift, out_len, bias, skip, pregate, postgate) -> Tensor:
     ct = _compute_dtype(u, k, bias, skip, pregate, postgate)
+    if u.numel() == 0:  # pocketfft/MKL refuse an empty transform: nothing to compute
+        return u.new_zeros(*u.shape[:-1], out_len)
     L, K = u.shape[-1], k.shape[-1]
     v = u.to(ct) if pregate is None else u.to(ct) * pregate.to(ct)
     n = _fast_size(L + K - 1)
@@ -86,6 +89,8 @@ def _fftconv_torch(u, k, shift, out_len, bias, skip, pregate, postgate) -> Tenso
 
 def _fftconv_corr_torch(g, v, shift, K) -> Tensor:
     ct = _compute_dtype(g, v)
+    if g.numel() == 0 or v.numel() == 0:  # an empty batch: the correlation sums nothing
+        return g.new_zeros(g.shape[1], K, dtype=ct)
     T, L = g.shape[-1], v.shape[-1]
     n = _fast_size(T + L - 1)
     spec = (torch.fft.rfft(g.to(ct), n=n).conj() * torch.fft.rfft(v.to(ct), n=n)).sum(0)

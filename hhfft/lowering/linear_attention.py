@@ -372,6 +372,9 @@ def _check_inputs(phi_q, phi_k, v, key_mask) -> None:
                 f"{getattr(key_mask, 'dtype', type(key_mask).__name__)} {tuple(getattr(key_mask, 'shape', ()))}; "
                 "convert an additive mask with `mask == 0`"
             )
+        if key_mask.device != phi_q.device:
+            raise ValueError(f"linear_attention: key_mask is on {key_mask.device} but the inputs on {phi_q.device}; "
+                             "move it to their device")
 
 
 def linear_attention(
@@ -435,8 +438,9 @@ def _hh_fwd_torch(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask):
     return o.to(v.dtype).contiguous(), den
 
 
-def _hh_use_triton(xq, xk, v, kind) -> bool:
-    if not (_use_triton(xq, xk, v) and xq.shape[-1] <= 256):
+def _hh_use_triton(xq, xk, v, wq, kind) -> bool:
+    # the fused kernels take at most 256 features per head (2 x the maps' width: a wider map runs in plain torch)
+    if not (_use_triton(xq, xk, v) and xq.shape[-1] <= 256 and 2 * wq.shape[-1] <= 256):
         return False
     from hhfft.kernels.linear_attention.chunk import KINDS  # the maps the fused kernels compute
 
@@ -451,7 +455,7 @@ def _hh_fwd_op(
     xq: Tensor, xk: Tensor, v: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
     kind: str, causal: bool, key_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if _hh_use_triton(xq, xk, v, kind):
+    if _hh_use_triton(xq, xk, v, wq, kind):
         from hhfft.kernels.linear_attention.chunk import hedgehog_attention_fwd
 
         o, den, saved = hedgehog_attention_fwd(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask, keep=True)
@@ -467,7 +471,7 @@ def _(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask=None):
     o, den = v.new_empty(B, Hq, L, v.shape[-1]), xq.new_empty(B, Hq, L, dtype=_compute_dtype(xq, xk, v))
     from hhfft.kernels.linear_attention.chunk import empties, saved_like
 
-    if _hh_use_triton(xq, xk, v, kind):
+    if _hh_use_triton(xq, xk, v, wq, kind):
         return (o, den, *saved_like(xq, xk, v, wq, bq, wk, bk, kind, causal, key_mask))
     return (o, den, *empties(xq, _SAVED))
 
@@ -478,7 +482,7 @@ def _hh_bwd_op(
     o: Tensor, den: Tensor, do: Tensor, dden: Tensor, saved: List[Tensor], kind: str, causal: bool,
     key_mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if _hh_use_triton(xq, xk, v, kind):
+    if _hh_use_triton(xq, xk, v, wq, kind):
         from hhfft.kernels.linear_attention.chunk import hedgehog_attention_bwd
 
         dxq, dxk, dv, dwq, dbq, dwk, dbk = hedgehog_attention_bwd(
@@ -487,6 +491,8 @@ def _hh_bwd_op(
         from hhfft.nn.hedgehog import feature_map
 
         ct = _compute_dtype(xq, xk, v)
+        if key_mask is not None:  # a masked key contributes nothing: not even NaN * 0 through the map's backward
+            xk = torch.where(key_mask[:, None, :, None], xk, 0)
         yq, yk = _project(xq, wq, bq).to(ct), _project(xk, wk, bk).to(ct)
         pq, pk = feature_map(yq, kind), feature_map(yk, kind)
         dpq, dpk, dv = _bwd_composite(pq, pk, v.to(ct), o, den, do, dden, causal, key_mask, _product_torch)
@@ -577,10 +583,12 @@ def hedgehog_linear_attention(
     from hhfft.nn.hedgehog import FeatureMapKind, feature_map
 
     kind = FeatureMapKind.parse(kind).value
-    if fused is not False and _hh_use_triton(q, k, v, kind):
+    if fused is not False and _hh_use_triton(q, k, v, wq, kind):
         _check_inputs(q, k, v, key_mask)
         return _HedgehogAttention.apply(q, k, v, wq, bq, wk, bk, kind, bool(causal), key_mask)[0]
     pq = feature_map(_project(q, wq.to(q.dtype), None if bq is None else bq.to(q.dtype)).to(q.dtype), kind)
+    if isinstance(key_mask, Tensor) and key_mask.shape == (k.shape[0], k.shape[2]):
+        k = torch.where(key_mask[:, None, :, None], k, 0)  # a masked key is nothing: no NaN * 0 in the map's grads
     pk = feature_map(_project(k, wk.to(k.dtype), None if bk is None else bk.to(k.dtype)).to(k.dtype), kind)
     return linear_attention(pq, pk, v, causal=causal, key_mask=key_mask)
 
@@ -644,4 +652,18 @@ def linear_attention_step(
     """
     if state.dtype != torch.float32 or normalizer.dtype != torch.float32:
         raise TypeError(f"linear_attention_step: state and normalizer must be fp32, got {state.dtype}, {normalizer.dtype}")
+    if phi_q.dim() != 3 or phi_k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"linear_attention_step: expected phi_q [B, Hq, F], phi_k [B, Hkv, F], v [B, Hkv, D]; got "
+                         f"{tuple(phi_q.shape)}, {tuple(phi_k.shape)}, {tuple(v.shape)}")
+    B, Hq, F = phi_q.shape
+    Hkv, D = phi_k.shape[1], v.shape[-1]
+    if tuple(phi_k.shape) != (B, Hkv, F) or tuple(v.shape[:2]) != (B, Hkv) or Hq % Hkv:
+        raise ValueError(f"linear_attention_step: expected phi_q [B, Hq, F], phi_k [B, Hkv, F], v [B, Hkv, D] with Hq a "
+                         f"multiple of Hkv; got {tuple(phi_q.shape)}, {tuple(phi_k.shape)}, {tuple(v.shape)}")
+    if tuple(state.shape) != (B, Hkv, F, D) or tuple(normalizer.shape) != (B, Hkv, F):
+        raise ValueError(f"linear_attention_step: state must be [B, Hkv, F, D] = {[B, Hkv, F, D]} and normalizer "
+                         f"[B, Hkv, F] = {[B, Hkv, F]}, got {list(state.shape)} and {list(normalizer.shape)}")
+    if keep is not None and (keep.dtype != torch.bool or tuple(keep.shape) != (B,) or keep.device != v.device):
+        raise ValueError(f"linear_attention_step: keep must be a bool tensor [B] = [{B}] on {v.device}, got "
+                         f"{keep.dtype} {tuple(keep.shape)} on {keep.device}")
     return torch.ops.hhfft.linear_attention_step(phi_q, phi_k, v, state, normalizer, keep)

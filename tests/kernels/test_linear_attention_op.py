@@ -188,6 +188,33 @@ def test_errors_say_what_was_expected():
         linear_attention(q[:, :2], k[..., :3], v, causal=True)
     with pytest.raises(ValueError, match="mode must be one of"):
         linear_attention_product(q, q, q, "tril")
+    with pytest.raises(ValueError, match="key_mask is on meta but the inputs on cpu"):
+        linear_attention(q[:, :2], k, v, causal=True, key_mask=torch.ones(1, 5, dtype=torch.bool, device="meta"))
+    # one decoding step: a head count that does not fit the state broadcast silently (a corrupted state, o of the
+    # wrong shape) where the Triton step and linear_attention_decode refuse it
+    S, z = torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8)
+    with pytest.raises(ValueError, match=r"state must be \[B, Hkv, F, D\] = \[1, 1, 8, 4\]"):
+        la.linear_attention_step(torch.rand(1, 2, 8), torch.rand(1, 1, 8), torch.randn(1, 1, 4), S, z)
+
+
+def test_hedgehog_padded_keys_nan_stays_out_of_the_map_gradients():
+    """The CPU backward of the fused Hedgehog op ran the feature map's backward on padded keys too: NaN there reached
+    dWk and dbk through NaN * 0 (the Triton branch promises zero padding's bits)."""
+    g = torch.Generator().manual_seed(0)
+    xq, xk, v = (torch.randn(1, 2, 6, 4, generator=g) for _ in range(3))
+    wq, wk = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g)
+    bq, bk = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    keep = torch.tensor([[True, True, False, True, False, False]])
+    grads = []
+    for pad in (0.0, float("nan")):
+        x = xk.clone()
+        x[:, :, ~keep[0]] = pad
+        args = [t.clone().requires_grad_() for t in (xq, x, v, wq, bq, wk, bk)]
+        o = la.hedgehog_linear_attention(*args, causal=True, key_mask=keep)
+        o.backward(torch.ones_like(o))
+        grads.append([a.grad for a in args[3:]])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 def test_triton_switch(monkeypatch):

@@ -133,6 +133,24 @@ def test_near_empty_rows_fp16_dv(causal):
     assert_within_baseline("dv", dv, want, [base])
 
 
+@pytest.mark.parametrize("seed", [1, 9])
+def test_single_token_fp16_causal_dq(seed):
+    """At L = 1, o = v and the exact dq is dden * phi_k (the do terms cancel). The causal forward multiplied v by the
+    chunk's weights rounded to fp16 but divided by the sum of the unrounded ones, so o != v and dq lost the
+    cancellation (errors up to 236x PyTorch's; these seeds failed)."""
+    g = torch.Generator().manual_seed(seed)
+    q64, k64 = (torch.softmax(torch.randn(1, 2, 1, 6, generator=g, dtype=torch.float64) * 2, -1) for _ in range(2))
+    v64 = torch.randn(1, 2, 1, 4, generator=g, dtype=torch.float64)
+    q, k, v = (t.half() for t in (q64, k64, v64))
+    o, den = chunk.linear_attention_fwd(q, k, v, True, None)
+    assert torch.equal(o, v)
+    do, dden = torch.randn(o.shape, generator=g).half(), torch.randn(den.shape, generator=g)
+    dq = chunk.linear_attention_bwd(q, k, v, o, den, do, dden, True, None)[0]
+    want = _grads(q64, k64, v64, True, None, do.double(), dden.double())[0]
+    base = _grads(q, k, v, True, None, do, dden)[0]
+    assert_within_baseline("dq", dq, want, [base])
+
+
 # ------------------------------------------------------------------------------- fused Hedgehog feature map kernels
 FUSED_CASES = [  # (B, Hq, Hkv, L, DX, FH, D, masked)
     (1, 2, 1, 70, 8, 6, 5, True),

@@ -279,3 +279,14 @@ def test_make_fx_real_mode_keeps_and_serves_no_spectrum(kernel_branch):
     make_fx(fwd_bwd, tracing_mode="real")(u, k)
     assert not monarch._KEEP and not monarch._KEPT and not monarch._FLIPS
     assert "reused" not in monarch.SPECTRUM_COUNTS, dict(monarch.SPECTRUM_COUNTS)
+
+
+def test_empty_batch_and_channels():
+    """pocketfft/MKL refuse an empty transform: B = 0 (or H = 0) raised where F.conv1d returns an empty result."""
+    for shape in ((0, 4, 50), (2, 0, 50)):
+        u = torch.randn(*shape, requires_grad=True)
+        k = torch.randn(shape[1], 9, requires_grad=True)
+        y = fftconv(u, k)
+        assert y.shape == shape
+        y.sum().backward()
+        assert u.grad.shape == u.shape and k.grad.shape == k.shape and not k.grad.any()

@@ -320,8 +320,9 @@ def linear_attention_fwd_kernel(
         b_v = tl.load(v + i_kvh * L * D + o_t[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
         b_A = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BT, BT]
         b_A = tl.where((o_t[:, None] >= o_t[None, :]) & m_j[None, :], b_A, 0)
-        b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
-        b_d += tl.sum(b_A, 1)
+        b_A = b_A.to(b_v.dtype)  # the weights the product with v uses: the denominator sums the same ones, so that
+        b_o += tl.dot(b_A, b_v, input_precision=PREC)  # they sum to 1 (o = v at L = 1; fp16 dq relies on it)
+        b_d += tl.sum(b_A.to(tl.float32), 1)
     b_ds = tl.maximum(b_d, _DEN_FLOOR)
     tl.store(o + i_bh * L * D + o_t[:, None] * D + o_v[None, :], (b_o / b_ds[:, None]).to(o.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
