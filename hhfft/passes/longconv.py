@@ -77,6 +77,11 @@ def conv1d_as_fftconv(x, weight, bias, pad_left: int, out_delta: int, dilation: 
                       postgate=None, out_dtype=None):
     """``conv1d(x, weight, bias, padding=..., dilation, groups=C)`` as fftconv; out_len = L + out_delta; the result
     in ``out_dtype`` (the conv's: under autocast not x's)."""
+    if out_dtype in (torch.float16, torch.bfloat16) and x.dtype != out_dtype:
+        # autocast: conv1d computes from its input and weight cast to out_dtype (an input gate is applied first)
+        if pregate is not None:
+            x, pregate = x * pregate, None
+        x, weight = x.to(out_dtype), weight.to(out_dtype)
     C, L = x.shape[1], x.shape[-1]
     mult = weight.shape[0] // C
     if mult > 1:

@@ -446,6 +446,10 @@ def test_input_gate_of_another_dtype_and_autocast_keep_the_conv_dtype():
         out, (site,) = _compile_eager(conv, x)
         want = conv(x)
     assert site.decision == "rewritten" and out.dtype == want.dtype == torch.bfloat16
+    # computed from the bf16-rounded input and weight, as autocast's conv1d is (on CUDA: the bf16 Monarch kernels)
+    ref64 = F.conv1d(x.bfloat16().double(), conv.weight.bfloat16().double(), conv.bias.bfloat16().double(),
+                     padding=15, groups=4)
+    assert_within_baseline("autocast conv", out, ref64, [want])
 
 
 @pytest.mark.parametrize("kept, rewritten", [(17, True), (20, False), (32, False)])
