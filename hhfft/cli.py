@@ -19,7 +19,10 @@ def _explain(argv: list[str]) -> int:
     if args.model == "demo":
         from hhfft.models import HyenaLM
 
-        model, inputs = HyenaLM(), (torch.randint(0, 256, (2, args.length)),)
+        from hhfft.models import HyenaConfig
+
+        model = HyenaLM(HyenaConfig(max_len=max(2048, args.length)))  # as `hhfft demo` builds it
+        inputs = (torch.randint(0, 256, (2, args.length)),)
     else:
         from hhfft.convert.hf import as_positional, load_hf_model  # lazily: transformers is optional
 

@@ -93,6 +93,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="torch.compile modes of the timed compiled steps (reduce-overhead: both backends replay "
                         "CUDA graphs, so the host's kernel launches leave the step)")
     args = p.parse_args(argv)
+    for name in ("length", "batch", "layers", "width", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
     torch.manual_seed(0)
     cfg = HyenaConfig(width=args.width, n_layers=args.layers, attention_layers=(args.layers - 1,),

@@ -47,7 +47,8 @@ def _run(argv: list, prog: str, always_distill: bool) -> int:
     model, inputs = load_hf_model(args.model, length=min(args.length, 64))
     if always_distill and os.path.exists(os.path.join(args.out, MANIFEST)):
         load_converted(model, args.out)
-        print(f"loaded the feature maps from {args.out}")
+        print(f"loaded the feature maps from {args.out} (--kind and --feature-dim apply to new conversions only; "
+              "give a new --out to convert with other maps)")
     else:
         report = convert(model, inputs, HedgehogConfig(kind=args.kind, feature_dim=args.feature_dim))
         print(report)

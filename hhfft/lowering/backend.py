@@ -209,7 +209,8 @@ def explain(model: Callable, *example_inputs: Any, **options: Any) -> Report:
     """Every long-convolution and attention site hhfft finds in ``model``, and what it would do with each.
 
     Runs the model once through Dynamo with hhfft's passes (no Inductor), on the given inputs. Options are the
-    backend options (``min_kernel_size=32``, ``attention="keep"``, ...).
+    backend options (``min_kernel_size=32``, ``attention="keep"``, ...). It resets Dynamo before and after
+    (``torch._dynamo.reset()``), so models compiled earlier in the process compile again on their next call.
 
     Example:
         >>> import torch, hhfft

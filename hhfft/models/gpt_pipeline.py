@@ -1,9 +1,9 @@
 """The GPT conversion experiment (issue #8) as commands: one command per row of the table, each seeded.
 
     hhfft gpt prepare  --data D                                       corpus (hhfft.data.pydocs) -> D/{train,val}.bin
-    hhfft gpt train    --data D --attention softmax  --out R/softmax  pretrain from scratch (the checkpoint)
+    hhfft gpt train    --data D --attention softmax  --out R/scratch_softmax   pretrain from scratch (the checkpoint)
     hhfft gpt train    --data D --attention hedgehog --out R/scratch_hedgehog   from scratch, maps trained jointly
-    hhfft gpt finetune --data D --init R/softmax --attention hedgehog --out R/ft_hedgehog
+    hhfft gpt finetune --data D --init R/scratch_softmax --attention hedgehog --out R/ft_hedgehog
                        (convert -> distill the maps -> fine-tune every weight; also elu1, t2r, identity = hedgehog
                         maps left at their identity init, softmax = the unconverted model fine-tuned alike)
     hhfft gpt table    --runs R [--png-dir P]                          the perplexity table and the two PNGs

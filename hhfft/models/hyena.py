@@ -29,6 +29,16 @@ class HyenaConfig:
     conv_kernel: int = 257  # the long Conv1d mixer's kernel
     filter_order: int = 32  # width of the implicit filter MLP
 
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "width", "n_layers", "n_heads", "max_len", "conv_kernel", "filter_order"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"HyenaConfig: {name} must be a positive int, got {getattr(self, name)!r}")
+        if self.width % self.n_heads:
+            raise ValueError(f"HyenaConfig: width ({self.width}) must be a multiple of n_heads ({self.n_heads})")
+        bad = [i for i in self.attention_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"HyenaConfig: attention_layers {bad} out of range for n_layers={self.n_layers}")
+
 
 class ImplicitFilter(nn.Module):
     """k[h, t] = MLP(positional features of t)[h] * exp(-decay_h * t): as long as the input, for any length."""
