@@ -71,7 +71,7 @@ def _window(c: Tensor, valid, offset, length) -> Tensor:
 # --------------------------------------------------------------------------------------------------- CPU (plain torch)
 def _fftconv_torch(u, k, shift, out_len, bias, skip, pregate, postgate) -> Tensor:
     ct = _compute_dtype(u, k, bias, skip, pregate, postgate)
-    if u.numel() == 0:  # pocketfft/MKL refuse an empty transform: nothing to compute
+    if u.shape[0] == 0 or u.shape[1] == 0:  # pocketfft/MKL refuse an empty batch of transforms: an empty result
         return u.new_zeros(*u.shape[:-1], out_len)
     L, K = u.shape[-1], k.shape[-1]
     v = u.to(ct) if pregate is None else u.to(ct) * pregate.to(ct)
@@ -89,7 +89,7 @@ def _fftconv_torch(u, k, shift, out_len, bias, skip, pregate, postgate) -> Tenso
 
 def _fftconv_corr_torch(g, v, shift, K) -> Tensor:
     ct = _compute_dtype(g, v)
-    if g.numel() == 0 or v.numel() == 0:  # an empty batch: the correlation sums nothing
+    if g.shape[0] == 0 or g.shape[1] == 0:  # an empty batch: the correlation sums nothing
         return g.new_zeros(g.shape[1], K, dtype=ct)
     T, L = g.shape[-1], v.shape[-1]
     n = _fast_size(T + L - 1)
