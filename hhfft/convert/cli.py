@@ -23,7 +23,10 @@ def _parser(prog: str, text_required: bool) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--length", type=int, default=64, help="tokens per sequence")
-    p.add_argument("--kind", default="softmax_split", help="feature map kind")
+    from hhfft.nn.hedgehog import FeatureMapKind
+
+    p.add_argument("--kind", default="softmax_split", choices=[k.value for k in FeatureMapKind],
+                   help="feature map kind")
     p.add_argument("--feature-dim", type=int, default=None)
     p.add_argument("--picture", default=None, help="PNG of one head's attention before/after distillation")
     return p
@@ -43,6 +46,13 @@ def _run(argv: list, prog: str, always_distill: bool) -> int:
         print(f"{prog}: --out must differ from the model directory (the original checkpoint is never written)",
               file=sys.stderr)
         return 2
+    lines = None
+    if args.text:  # checked before the (slow) conversion
+        lines = text_lines(args.text)
+        if not lines:
+            print(f"{prog}: {args.text} has no line of at least 4 words (one sentence or paragraph per line)",
+                  file=sys.stderr)
+            return 2
     torch.manual_seed(0)
     model, inputs = load_hf_model(args.model, length=min(args.length, 64))
     if always_distill and os.path.exists(os.path.join(args.out, MANIFEST)):
@@ -56,10 +66,6 @@ def _run(argv: list, prog: str, always_distill: bool) -> int:
         tok = load_tokenizer(args.model)
         if tok is None:
             print(f"{prog}: {args.model} has no tokenizer; --text needs one", file=sys.stderr)
-            return 2
-        lines = text_lines(args.text)
-        if not lines:
-            print(f"{prog}: {args.text} has no lines of text", file=sys.stderr)
             return 2
         batches = [encode(tok, lines[i:i + args.batch], args.length) for i in range(0, len(lines), args.batch)]
         if "use_cache" in inputs:

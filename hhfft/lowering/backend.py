@@ -42,7 +42,7 @@ class Options:
     compiler: "inductor" (default) compiles the rewritten graph with Inductor; "eager" runs it as it is (the passes
         without Inductor: fast to compile, used by the property tests).
     mode: Inductor's mode ("default", "reduce-overhead", "max-autotune", ...), as ``torch.compile(mode=...)``, which
-        torch.compile refuses together with ``options``: this is how to give both.
+        torch.compile refuses together with ``options``: this is how to give both (no effect with compiler="eager").
     """
 
     min_kernel_size: int = 64
@@ -75,6 +75,7 @@ class Options:
                 raise ValueError(f"hhfft: option {key!r} must be a positive int, got {value!r}")
             elif hint == Optional[str] and value is not None and not isinstance(value, str):
                 raise TypeError(f"hhfft: option {key!r} must be a string, got {value!r}")
+        _config_patches(options.get("mode"))  # an unknown mode is refused here too (it has no effect without Inductor)
         return cls(**options)
 
 
