@@ -148,25 +148,33 @@ def _lr(step: int, total_steps: int, s: TrainSettings) -> float:
 
 
 def _agree(s: TrainSettings, possible: int, log) -> int:
-    """The smallest budget over the group (each run writes what it can do by the deadline)."""
+    """The smallest budget over the group (each run writes what it can do by the deadline, with the deadline: a
+    file left in the directory by an earlier group, whose deadline differs, is not counted)."""
     if not s.sync or s.group <= 1:
         return possible
     os.makedirs(s.sync, exist_ok=True)
     with open(os.path.join(s.sync, f"{s.name}.budget"), "w") as f:
-        f.write(str(possible))
+        f.write(f"{s.deadline!r} {possible}")
+
+    def reported() -> list:
+        vals = []
+        for name in os.listdir(s.sync):
+            if not name.endswith(".budget"):
+                continue
+            try:
+                with open(os.path.join(s.sync, name)) as fh:
+                    deadline, value = fh.read().split()
+                if deadline == repr(s.deadline):
+                    vals.append(int(value))
+            except (OSError, ValueError):
+                pass
+        return vals
+
     t0 = time.time()
-    while True:
-        got = [f for f in os.listdir(s.sync) if f.endswith(".budget")]
-        if len(got) >= s.group or time.time() - t0 > 60:
-            break
+    vals = reported()
+    while len(vals) < s.group and time.time() - t0 <= 60:
         time.sleep(0.5)
-    vals = []
-    for f in got:
-        try:
-            with open(os.path.join(s.sync, f)) as fh:
-                vals.append(int(fh.read().strip()))
-        except (OSError, ValueError):
-            pass
+        vals = reported()
     budget = min(vals) if vals else possible
     log(f"budget: {possible} tokens possible here, group minimum {budget} ({len(vals)}/{s.group} runs reported)")
     return budget

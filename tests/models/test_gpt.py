@@ -254,3 +254,14 @@ def test_training_skips_non_finite_steps_and_stops_past_the_deadline(corpus):
     res = train(model, train_data, windows, late, log=lambda m: None)
     assert res["stopped_early"] and res["steps"] == 0 and res["budget"] == 100 * 4 * 32
     assert math.isfinite(res["val_ce"])
+
+
+def test_budget_agreement_ignores_files_of_an_earlier_group(tmp_path):
+    """--sync DIR reused: a budget file from an earlier group (another deadline) was counted as the partner's report,
+    so the run agreed on a stale budget without waiting."""
+    from hhfft.models.gpt_pipeline import TrainSettings, _agree
+
+    (tmp_path / "old_partner.budget").write_text("1000.0 100000")
+    (tmp_path / "partner.budget").write_text("2000.0 3000000")
+    s = TrainSettings(sync=str(tmp_path), group=2, name="me", deadline=2000.0)
+    assert _agree(s, 5_000_000, lambda *a: None) == 3_000_000
