@@ -151,21 +151,21 @@ def hutchinson(
     trainable = [p.requires_grad for p in leaves]
     if not any(trainable):
         raise ValueError("hutchinson: no parameter requires a gradient (every one has requires_grad=False)")
-    if options is not None:
-        try:
-            key = tuple(sorted(options.items()))
-            hash(key)
-        except TypeError:
-            raise TypeError(f"hutchinson: options must be a dict of hashable values (numbers, strings, tuples), "
-                            f"got {options!r}") from None
-    fn = _forward_over_reverse if backend is None else _compiled_forward_over_reverse(backend, None if options is None
-                                                                                      else key)
+    key = None if options is None else tuple(sorted(options.items()))
+    try:
+        hash(key)
+    except TypeError:
+        raise TypeError(f"hutchinson: options must be a dict of hashable values (numbers, strings, tuples), "
+                        f"got {options!r}") from None
+    fn = _forward_over_reverse if backend is None else _compiled_forward_over_reverse(backend, key)
     detached = pytree.tree_unflatten([p.detach() for p in leaves], spec)
     loss = grads = None
     total: Optional[List[Tensor]] = None
     for s in range(n_samples):
-        z = pytree.tree_flatten(probes[s])[0] if probes is not None else _probes(leaves, trainable, generator)
-        z = [x if t else torch.zeros_like(x) for x, t in zip(z, trainable)]
+        if probes is None:
+            z = _probes(leaves, trainable, generator)
+        else:  # a frozen leaf is a constant whatever probe is given for it
+            z = [x if t else torch.zeros_like(x) for x, t in zip(pytree.tree_flatten(probes[s])[0], trainable)]
         loss_s, g, d = fn(loss_fn, detached, pytree.tree_unflatten(list(z), spec))
         del z  # the probes are not needed any more: free them before the next draw
         _count_hvp()

@@ -463,8 +463,7 @@ def _rewrite(gm: fx.GraphModule, site: LongConvSite, plan: dict) -> fx.Node:
     # the op reads every operand where it is inserted (before the last folded node): an in-place op in between
     # would be read after the change, where the model read before it
     reads = [x for x in (u, pregate, plan.get("x"), plan.get("w"), plan.get("u"), *plan.get("k", ())) if x is not None]
-    start = min((n for x in reads if isinstance(x, fx.Node) for n in x.users), key=_order(g), default=final)
-    mutation = _mutation_between(g, start, final, reads)
+    mutation = _mutation_between(g, reads, final)
     if mutation is not None:
         raise _Decline(f"{mutation.name} ({mutation.target}) changes a tensor in place between the convolution and "
                        "the ops around it: the rewrite would read it after the change")
@@ -497,11 +496,6 @@ def _rewrite(gm: fx.GraphModule, site: LongConvSite, plan: dict) -> fx.Node:
 _INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
 
-def _order(g: fx.Graph):
-    index = {n: i for i, n in enumerate(g.nodes)}
-    return lambda n: index.get(n, len(index))
-
-
 _VIEWS = {"view", "reshape", "transpose", "permute", "getitem", "unsqueeze", "squeeze", "expand", "narrow", "t",
           "flatten", "unflatten", "view_as", "expand_as", "select", "split", "chunk", "unbind", "movedim",
           "__getitem__"}
@@ -518,19 +512,24 @@ def _root(n: Any) -> Any:
     return n
 
 
-def _mutation_between(g: fx.Graph, start: fx.Node, end: fx.Node, reads: list) -> Optional[fx.Node]:
-    """The first node from ``start`` up to ``end`` (graph order) that changes in place a tensor sharing a base with
-    one of ``reads``, else None."""
-    roots = {_root(x) for x in reads if isinstance(x, fx.Node)}
+def _mutates(n: fx.Node) -> bool:
+    name = _name(n)
+    return n.op in ("call_function", "call_method") and bool(n.args) and (
+        n.target in _INPLACE or (name.endswith("_") and not name.endswith("__")))
+
+
+def _mutation_between(g: fx.Graph, reads: list, end: fx.Node) -> Optional[fx.Node]:
+    """The first node from the first (non-mutating) reader of ``reads`` up to ``end`` (graph order) that changes in
+    place a tensor sharing a base with one of ``reads``, else None. A change before every read is read by both."""
+    nodes = [x for x in reads if isinstance(x, fx.Node)]
+    roots = {_root(x) for x in nodes}
+    readers = {u for x in nodes for u in x.users if not _mutates(u)}
     inside = False
     for n in g.nodes:
-        inside = inside or n is start
+        inside = inside or n in readers
         if n is end:
             return None
-        if not inside or n.op not in ("call_function", "call_method") or not n.args:
-            continue
-        name = _name(n)
-        if (n.target in _INPLACE or (name.endswith("_") and not name.endswith("__"))) and _root(n.args[0]) in roots:
+        if inside and _mutates(n) and _root(n.args[0]) in roots:
             return n
     return None
 

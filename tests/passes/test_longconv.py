@@ -485,6 +485,14 @@ def test_in_place_change_between_the_conv_and_its_gate_is_declined():
     assert site.decision == "skipped" and "in place" in site.reason, site.reason
     torch.testing.assert_close(out, fn(h.clone(), g), rtol=1e-12, atol=1e-12)
 
+    def before(h, g):  # a change before the conv reads h is read by both: rewritten
+        h.mul_(3)
+        return F.conv1d(h, w, padding=7, groups=3)[..., :32] * g
+
+    out, (site,) = _compile_eager(before, h.clone(), g)
+    assert site.decision == "rewritten", site.reason
+    torch.testing.assert_close(out, before(h.clone(), g), rtol=1e-12, atol=1e-12)
+
 
 def test_fftconv_refuses_a_kernel_on_another_device():
     from hhfft.lowering.fftconv import fftconv
