@@ -178,6 +178,31 @@ def check_functional(device, log):
     return ok
 
 
+def check_fused_iteration(device, log, steps=3):
+    """AdaHessian.hutchinson_step (gradient, HVP and update in one compiled graph; plain and replayed from a CUDA
+    graph) against hutchinson() + step(hessian=...), fp64, same seeded probes: parameters after each step."""
+    worst = 0.0
+    for options in [None, {"triton.cudagraphs": True}] if device.type == "cuda" else [None]:
+        models = [mlp(3, 64, device).double() for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        x = torch.randn(16, 64, device=device, dtype=torch.float64)
+        y = torch.randn(16, 64, device=device, dtype=torch.float64)
+        opts = [AdaHessian(m.parameters(), lr=0.05, weight_decay=0.01,
+                           generator=torch.Generator(device=device).manual_seed(4)) for m in models]
+        named = [dict(m.named_parameters()) for m in models]
+        loss_fns = [lambda ps, m=m: sq_err(torch.func.functional_call(m, ps, (x,)), y) for m in models]
+        for _ in range(steps):
+            opts[0].hutchinson_step(loss_fns[0], named[0], options=options)
+            opts[1].zero_grad(set_to_none=True)
+            opts[1].step(hessian=hutchinson(loss_fns[1], named[1], generator=opts[1].generator, backend="inductor"))
+            worst = max(worst, max(((a - b).norm() / b.norm()).item()
+                                   for a, b in zip(models[0].parameters(), models[1].parameters())))
+    ok = worst < 1e-10
+    log(f"check AdaHessian.hutchinson_step (one compiled iteration; also under CUDA graphs) vs hutchinson + step, "
+        f"fp64, {steps} steps: max rel diff of the parameters {worst:.2e} -> {'OK' if ok else 'FAIL'}")
+    return ok
+
+
 def check_graphed(model, named, loss_fn, graphs, log):
     """hutchinson replayed from a CUDA graph (``options=graphs``) against the plain compiled call, same probes. The
     rows before it have stepped the model's parameters hundreds of times at lr=0.15 (after them, in the 01:24 run,
@@ -221,8 +246,9 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench_adahessian"))
     ap.add_argument("--quick", action="store_true", help="tiny sizes, works on the CPU, no real timing")
     ap.add_argument("--budget-s", type=float, default=170.0, help="skip optional rows once this much time has gone")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["po", "variants"],
-                    help="leave out the pytorch_optimizer rows, or the step variants (eager, per-parameter compiled)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["po", "variants", "create_graph", "update_each"],
+                    help="leave out the pytorch_optimizer rows, the step variants (eager, per-parameter compiled), "
+                         "hhfft's backward(create_graph=True) rows, or the update_each=2 rows")
     args = ap.parse_args()
     t_start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -238,7 +264,8 @@ def main() -> int:
 
     log(f"{datetime.datetime.now(datetime.timezone.utc).isoformat()} torch {torch.__version__} device "
         f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
-    checks = [check_step(device, log), check_against_naive(device, log), check_functional(device, log)]
+    checks = [check_step(device, log), check_against_naive(device, log), check_functional(device, log),
+              check_fused_iteration(device, log)]
     if not all(checks):
         log("a correctness check failed: no timing")
         return 1
@@ -338,47 +365,49 @@ def main() -> int:
     model = mlp(args.layers, args.width, device)
     opt = AdaHessian(model.parameters(), lr=0.15, fused=True)
 
-    def hh_iter():
-        opt.zero_grad(set_to_none=True)
-        sq_err(model(x), y).backward(create_graph=True)
-        opt.step()
-
-    for _ in range(3):
-        hh_iter()
-    record("hhfft AdaHessian iteration", bench(hh_iter), peak_mb(hh_iter, device))
-
-    # where the iteration's time goes: forward+backward(create_graph), then step() with and without its HVP
-    def fwd_bwd():
-        opt.zero_grad(set_to_none=True)
-        sq_err(model(x), y).backward(create_graph=True)
-
-    def split(fn_before, fn_timed, n=5):
-        total = 0.0
-        for _ in range(n):
-            fn_before()
-            sync()
-            t = time.perf_counter()
-            fn_timed()
-            sync()
-            total += time.perf_counter() - t
-        return total / n * 1e3
-
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    record("  of which forward+backward(create_graph)", split(lambda: None, fwd_bwd))
-    record("  of which step() with its HVP", split(fwd_bwd, opt.step))
-    given = {p: torch.randn_like(p) for p in model.parameters()}
-    record("  of which step(hessian=given)", split(fwd_bwd, lambda: opt.step(hessian=given)))
-    log(f"dynamo stats so far: {dict(torch._dynamo.utils.counters['stats'])}")
+    if "create_graph" not in args.skip:
+        def hh_iter():
+            opt.zero_grad(set_to_none=True)
+            sq_err(model(x), y).backward(create_graph=True)
+            opt.step()
+
+        for _ in range(3):
+            hh_iter()
+        record("hhfft AdaHessian iteration", bench(hh_iter), peak_mb(hh_iter, device))
+
+        # where the iteration's time goes: forward+backward(create_graph), then step() with and without its HVP
+        def fwd_bwd():
+            opt.zero_grad(set_to_none=True)
+            sq_err(model(x), y).backward(create_graph=True)
+
+        def split(fn_before, fn_timed, n=5):
+            total = 0.0
+            for _ in range(n):
+                fn_before()
+                sync()
+                t = time.perf_counter()
+                fn_timed()
+                sync()
+                total += time.perf_counter() - t
+            return total / n * 1e3
+
+        record("  of which forward+backward(create_graph)", split(lambda: None, fwd_bwd))
+        record("  of which step() with its HVP", split(fwd_bwd, opt.step))
+        given = {p: torch.randn_like(p) for p in model.parameters()}
+        record("  of which step(hessian=given)", split(fwd_bwd, lambda: opt.step(hessian=given)))
+        del given
+        log(f"dynamo stats so far: {dict(torch._dynamo.utils.counters['stats'])}")
 
     # the step alone: the lists the optimizer hands the compiled update (Dbar of a Linear weight is Hz itself)
     params = list(model.parameters())
-    st = [opt.state[p] for p in params]
     hz = [torch.randn_like(p) for p in params]
     grads = [torch.randn_like(p) for p in params]
     lr_t = torch.tensor(0.15, device=device)
-    lists = (params, grads, hz, [s["exp_avg"] for s in st], [s["exp_hessian_diag_sq"] for s in st],
-             [s["step"] for s in st])
+    lists = (params, grads, hz, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+             [torch.zeros((), device=device) for _ in params])
     kw = dict(beta1=0.9, beta2=0.999, eps=1e-4, weight_decay=0.0, hessian_power=1.0)
+    adahessian_update_fused(*lists, lr_t, **kw)  # compiled here when no earlier row stepped
     record("hhfft fused step", bench(lambda: adahessian_update_fused(*lists, lr_t, **kw)))
     if "variants" not in args.skip:
         record("hhfft eager step (reference)", bench(lambda: adahessian_update(*lists, lr_t, **kw)))
@@ -390,10 +419,10 @@ def main() -> int:
             record("variant: per-parameter compiled step", bench(call))
             del call
     # these rows' tensors (5 parameter-sized sets, 1.9 GiB on the 100M model) were once counted in the later peaks
-    del opt, st, hz, grads, given, lists
+    del opt, hz, grads, lists
     release(counted=model)
 
-    if time.time() - t_start < args.budget_s:
+    if time.time() - t_start < args.budget_s and "create_graph" not in args.skip:
         opt = AdaHessian(model.parameters(), lr=0.15, fused=True, update_each=2)
 
         def hh_iter2():
@@ -449,20 +478,47 @@ def main() -> int:
                    (torch.cuda.max_memory_allocated() - _BASE["bytes"]) / 2**20, "" if ok else "(check FAILED)")
             del opt
             release(counted=model)
-        opt = AdaHessian(model.parameters(), lr=0.15, fused=True, update_each=2)
-        compiled_model = torch.compile(model)
 
-        def hh_func_two():
-            for _ in range(2):
-                opt.zero_grad(set_to_none=True)
-                if opt.hessian_due:
-                    opt.step(hessian=hutchinson(loss_fn, named, generator=opt.generator, backend="inductor"))
-                else:
-                    sq_err(compiled_model(x), y).backward()
-                    opt.step()
+        # the whole iteration as one compiled function: neither the gradient nor D leaves the graph
+        for name, opts in [("hhfft hutchinson_step (one graph)", None),
+                           ("hhfft hutchinson_step, CUDA graphs", {"triton.cudagraphs": True})]:
+            if opts is not None and device.type != "cuda":
+                continue
+            opt = AdaHessian(model.parameters(), lr=0.15, fused=True)
+            for p in model.parameters():
+                p.grad = None
 
-        hh_func_two()
-        record("hhfft jvp∘grad, update_each=2 (per it.)", bench(hh_func_two) / 2, peak_mb(hh_func_two, device))
+            def hh_fused():
+                opt.hutchinson_step(loss_fn, named, options=opts)
+
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.time()
+            for _ in range(3):
+                hh_fused()
+            log(f"({name}: compile and first iterations {time.time() - t0:.1f} s)")
+            sync()
+            # replayed graphs allocate nothing: their peak is the warm-up's and recording's (as for the row above)
+            peak = (torch.cuda.max_memory_allocated() - _BASE["bytes"]) / 2**20 if opts else peak_mb(hh_fused, device)
+            record(name, bench(hh_fused), peak)
+            del opt
+            release(counted=model)
+        if "update_each" not in args.skip:
+            opt = AdaHessian(model.parameters(), lr=0.15, fused=True, update_each=2)
+            compiled_model = torch.compile(model)
+
+            def hh_func_two():
+                for _ in range(2):
+                    opt.zero_grad(set_to_none=True)
+                    if opt.hessian_due:
+                        opt.step(hessian=hutchinson(loss_fn, named, generator=opt.generator, backend="inductor"))
+                    else:
+                        sq_err(compiled_model(x), y).backward()
+                        opt.step()
+
+            hh_func_two()
+            record("hhfft jvp∘grad, update_each=2 (per it.)", bench(hh_func_two) / 2, peak_mb(hh_func_two, device))
 
     with open(os.path.join(args.out, "adahessian.json"), "w") as f:
         json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=1)

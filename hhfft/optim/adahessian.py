@@ -12,8 +12,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hhfft.kernels.adahessian.step import adahessian_update, adahessian_update_fused
-from hhfft.optim.hutchinson import HutchinsonResult, _average_over_ranks, _count_hvp, rademacher
+import torch.utils._pytree as pytree
+
+from hhfft.kernels.adahessian.step import _foreach_update, adahessian_update, adahessian_update_fused
+from hhfft.optim.hutchinson import (
+    HutchinsonResult, _average_over_ranks, _check_params, _compiled, _count_hvp, _cudagraphs, _grad_or_hvp,
+    _options_key, _probes, hutchinson, rademacher,
+)
 
 __all__ = ["AdaHessian"]
 
@@ -167,7 +172,8 @@ class AdaHessian(torch.optim.Optimizer):
         self.fused = fused
         self._generator = generator
         self._hessian_step = 0  # steps taken; the curvature is computed when this is a multiple of update_each
-        self._lr_tensors: Dict[Tuple[torch.device, torch.dtype], List[Any]] = {}  # key -> [0-d tensor, its value]
+        # (group id, device, dtype) -> [0-d tensor, its value]: one per bucket, as a fused iteration reads them all
+        self._lr_tensors: Dict[Tuple[int, torch.device, torch.dtype], List[Any]] = {}
         self._layout: Optional[_Layout] = None  # the buckets of the last step, reused while the same params step
         self._grown = False  # a group was added after construction: the next step needs the curvature
         super().__init__(params, defaults)
@@ -313,11 +319,12 @@ class AdaHessian(torch.optim.Optimizer):
         self._layout = _Layout(key, states, tensors, list(buckets.values()))
         return self._layout
 
-    def _lr(self, device: torch.device, dtype: torch.dtype, value: float) -> Tensor:
-        """The 0-d learning-rate tensor for this device and dtype, refilled only when the value changed."""
-        box = self._lr_tensors.get((device, dtype))
+    def _lr(self, group: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The 0-d learning-rate tensor of this group, device and dtype, refilled only when its value changed."""
+        value = group["lr"]
+        box = self._lr_tensors.get((id(group), device, dtype))
         if box is None:
-            box = self._lr_tensors[(device, dtype)] = [torch.zeros((), dtype=dtype, device=device), None]
+            box = self._lr_tensors[(id(group), device, dtype)] = [torch.zeros((), dtype=dtype, device=device), None]
         if isinstance(value, Tensor) or box[1] != value:
             box[0].fill_(value)
             box[1] = None if isinstance(value, Tensor) else value
@@ -363,6 +370,12 @@ class AdaHessian(torch.optim.Optimizer):
             if raw is not None:
                 raw = _average_over_ranks(raw)
 
+        self._update(layout, grads, raw, given=hessian is not None)
+        return loss
+
+    def _update(self, layout: "_Layout", grads: List[Tensor], raw: Optional[List[Tensor]], *, given: bool) -> None:
+        """The update of every bucket from the gradients and the raw curvature ``raw`` (None: the stored Dbar), then
+        the step count and the stored curvature's lifetime. ``given``: ``raw`` belongs to the caller."""
         update = adahessian_update_fused if self.fused else adahessian_update
         for b in layout.buckets:
             group = b.group
@@ -370,22 +383,22 @@ class AdaHessian(torch.optim.Optimizer):
                 dbars = [average_curvature(raw[i], group["block_length"], b.dtype) for i in b.index]
                 if self.update_each > 1:
                     for i, d in zip(b.index, dbars):
-                        layout.states[i]["hessian_diag"] = d
+                        # kept for later steps: not the caller's tensor (a CUDA-graph output is overwritten by the
+                        # next replay)
+                        layout.states[i]["hessian_diag"] = d.clone() if given and d is raw[i] else d
             else:
                 dbars = [layout.states[i]["hessian_diag"] for i in b.index]
-            if raw is not None and hessian is not None and self.update_each > 1:
-                # kept for later steps: not the caller's tensor (a CUDA-graph output is overwritten by the next replay)
-                for i, d in zip(b.index, dbars):
-                    if d is raw[i]:
-                        layout.states[i]["hessian_diag"] = d.clone()
             beta1, beta2 = group["betas"]
             update(
                 b.params, [grads[i] for i in b.index], dbars, b.exp_avgs, b.exp_sqs, b.steps,
-                self._lr(b.device, b.dtype, group["lr"]),
+                self._lr(group, b.device, b.dtype),
                 beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], hessian_power=group["hessian_power"],
             )
-        if raw is not None:
+        self._stepped(curvature=raw is not None)
+
+    def _stepped(self, *, curvature: bool) -> None:
+        if curvature:
             self._grown = False
         self._hessian_step += 1
         if self.update_each > 1 and self._hessian_step % self.update_each == 0:
@@ -393,7 +406,92 @@ class AdaHessian(torch.optim.Optimizer):
             # next backward(create_graph=True) or hutchinson() runs (one parameter-sized buffer less at the peak).
             for state in self.state.values():
                 state.pop("hessian_diag", None)
-        return loss
+
+    def hutchinson_step(
+        self,
+        loss_fn: Callable[[Any], Tensor],
+        params: Any,
+        *,
+        backend: Optional[str] = "inductor",
+        options: Optional[dict] = None,
+    ) -> Tensor:
+        """One whole AdaHessian iteration on a functional loss: gradient, curvature (on the steps that need it) and
+        update, compiled as ONE function, so that neither the gradient nor D is written out and read back, and
+        ``.grad`` is neither read nor written.
+
+        Equal to ``res = hutchinson(loss_fn, params, generator=opt.generator, ...); opt.step(hessian=res)`` with
+        fresh ``.grad`` (the same probes, drawn from ``opt.generator``), and that is what runs where one graph
+        cannot hold the whole iteration: ``fused=False``, ``n_samples > 1``, or torch.distributed (the gradient
+        and D are averaged over the ranks between the HVP and the update).
+
+        Args:
+            loss_fn: ``loss_fn(params) -> 0-d loss``, as for :func:`hutchinson` (``torch.func.functional_call``)
+            params: a dict ``{name: tensor}`` or a sequence of tensors; every one that requires a gradient must
+                belong to this optimizer (those are updated in place); the others are constants
+            backend: torch.compile backend (``"hhfft"`` for a model meant to run through hhfft's rewrites), or None
+                to run eagerly
+            options: the backend's options, as for :func:`hutchinson` (``{"triton.cudagraphs": True}``)
+        Returns:
+            the loss (0-d, detached), computed at the parameters before the update
+        """
+        leaves, spec = pytree.tree_flatten(params)
+        _check_params(leaves, "AdaHessian.hutchinson_step")
+        key = _options_key(options)
+        mine = {id(p) for group in self.param_groups for p in group["params"]}
+        foreign = [tuple(p.shape) for p in leaves if p.requires_grad and id(p) not in mine]
+        if foreign:
+            raise ValueError(
+                f"AdaHessian.hutchinson_step: {len(foreign)} tensor(s) of params require a gradient but are not "
+                f"parameters of this optimizer (shapes {foreign[:3]}); add them to the optimizer, or set "
+                "requires_grad=False on those meant as constants"
+            )
+        pos = [i for i, p in enumerate(leaves) if p.requires_grad]
+        stepping = [leaves[i] for i in pos]
+        layout = self._layout_for(stepping)
+        due = self.hessian_due or any("hessian_diag" not in st for st in layout.states)
+        detached = [p.detach() for p in leaves]
+        if not self.fused or self.n_samples > 1 or _distributed():
+            if due:
+                res = hutchinson(loss_fn, params, generator=self.generator, n_samples=self.n_samples,
+                                 backend=backend, options=options, set_grad=False)
+                loss, grads, raw = res.loss, pytree.tree_leaves(res.grads), pytree.tree_leaves(res.hessian)
+                raw = [raw[i] for i in pos]
+            else:
+                fn = _grad_or_hvp if backend is None else _compiled(_grad_or_hvp, backend, key)
+                loss, grads, _ = fn(loss_fn, pytree.tree_unflatten(detached, spec), None)
+                grads, raw = pytree.tree_leaves(grads), None
+                if _distributed():
+                    grads = _average_over_ranks(grads)
+            grads = [grads[i].detach() for i in pos]
+            self._update(layout, grads, raw, given=backend is not None and _cudagraphs(options))
+            return loss.detach()
+
+        probe = None
+        if due:  # the probes hutchinson() would draw: the same stream, zeros for the constants
+            probe = pytree.tree_unflatten(_probes(leaves, [p.requires_grad for p in leaves], self.generator), spec)
+            _count_hvp()
+        buckets = tuple(
+            (tuple(pos[i] for i in b.index), b.exp_avgs, b.exp_sqs, b.steps, self._lr(b.group, b.device, b.dtype),
+             (*b.group["betas"], b.group["eps"], b.group["weight_decay"], b.group["hessian_power"],
+              b.group["block_length"], b.dtype),
+             None if due else [layout.states[i]["hessian_diag"] for i in b.index])
+            for b in layout.buckets
+        )
+        keep = due and self.update_each > 1
+        graphed = backend is not None and _cudagraphs(options)
+        if graphed:
+            # CUDA graphs replay only functions whose mutated inputs keep their addresses, declared static: the
+            # parameters and the state do (and so does the stored curvature, read on steps between curvature steps)
+            for t in itertools.chain(detached, *(b[1] + b[2] + b[3] + (b[6] or []) for b in buckets)):
+                torch._dynamo.mark_static_address(t)
+        fn = _fused_iteration if backend is None else _compiled(_fused_iteration, backend, key)
+        loss, kept = fn(loss_fn, pytree.tree_unflatten(detached, spec), probe, buckets, keep)
+        if keep:
+            for b, dbars in zip(layout.buckets, kept):
+                for i, d in zip(b.index, dbars):  # a graph's outputs are overwritten by its next replay
+                    layout.states[i]["hessian_diag"] = d.clone() if graphed else d
+        self._stepped(curvature=due)
+        return loss.detach().clone() if graphed else loss.detach()
 
     def _fill_missing_grads(self) -> None:
         """Under torch.distributed every rank must all-reduce the same parameters in the same order: a parameter that
@@ -431,3 +529,19 @@ class AdaHessian(torch.optim.Optimizer):
         self._hessian_step = int(extra.get("hessian_step", 0))
         if "generator_state" in extra:
             self.generator.set_state(extra["generator_state"])
+
+
+def _fused_iteration(loss_fn: Callable, params: Any, probe: Any, buckets: tuple, keep: bool):
+    """Loss, gradient, H z (probe given) and the update of every bucket, as one function to compile. One probe:
+    only |D| = |z * Hz| = |Hz| is used (z = +-1), so Hz stands for D. Returns the loss and, with ``keep``, each
+    bucket's new Dbar."""
+    loss, grads, hz = _grad_or_hvp(loss_fn, params, probe)
+    leaves, g = pytree.tree_leaves(params), pytree.tree_leaves(grads)
+    h = None if hz is None else pytree.tree_leaves(hz)
+    kept = []
+    for index, exp_avgs, exp_sqs, steps, lr, (b1, b2, eps, wd, k, block, dtype), stored in buckets:
+        dbars = stored if h is None else [average_curvature(h[i], block, dtype) for i in index]
+        _foreach_update([leaves[i] for i in index], [g[i] for i in index], dbars, exp_avgs, exp_sqs, steps, lr,
+                        b1, b2, eps, wd, k)
+        kept.append(dbars if keep else None)
+    return loss, kept

@@ -66,11 +66,35 @@ def _forward_over_reverse(loss_fn: Callable, params: Any, probe: Any):
     return loss, grads, pytree.tree_map(torch.mul, probe, hz)
 
 
+def _grad_or_hvp(loss_fn: Callable, params: Any, probe: Any):
+    """Loss, gradient and H z (probe given) or None (probe None)."""
+    if probe is None:
+        grads, loss = torch.func.grad_and_value(loss_fn)(params)
+        return loss, grads, None
+    (grads, loss), (hz, _) = torch.func.jvp(torch.func.grad_and_value(loss_fn), (params,), (probe,))
+    return loss, grads, hz
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled_forward_over_reverse(backend: str, options: Optional[tuple]):
-    return torch.compile(
-        _forward_over_reverse, backend=backend, dynamic=False, options=None if options is None else dict(options)
-    )
+def _compiled(fn: Callable, backend: str, options: Optional[tuple]):
+    return torch.compile(fn, backend=backend, dynamic=False, options=None if options is None else dict(options))
+
+
+def _options_key(options: Optional[dict]) -> Optional[tuple]:
+    key = None if options is None else tuple(sorted(options.items()))
+    try:
+        hash(key)
+    except TypeError:
+        raise TypeError(f"options must be a dict of hashable values (numbers, strings, tuples), got {options!r}") \
+            from None
+    return key
+
+
+def _check_params(leaves: List[Any], caller: str) -> None:
+    if not leaves or not all(isinstance(x, Tensor) and x.is_floating_point() for x in leaves):
+        raise TypeError(f"{caller}: params must be a non-empty dict or sequence of floating-point tensors")
+    if not any(p.requires_grad for p in leaves):
+        raise ValueError(f"{caller}: no parameter requires a gradient (every one has requires_grad=False)")
 
 
 @dataclasses.dataclass
@@ -141,23 +165,15 @@ def hutchinson(
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"hutchinson: n_samples must be an int >= 1, got {n_samples!r}")
     leaves, spec = pytree.tree_flatten(params)
-    if not leaves or not all(isinstance(x, Tensor) and x.is_floating_point() for x in leaves):
-        raise TypeError("hutchinson: params must be a non-empty dict or sequence of floating-point tensors")
+    _check_params(leaves, "hutchinson")
     if probes is not None:
         probes = list(probes)
         n_samples = len(probes)
         if not probes:
             raise ValueError("hutchinson: probes is empty; give at least one probe (a pytree shaped like params)")
     trainable = [p.requires_grad for p in leaves]
-    if not any(trainable):
-        raise ValueError("hutchinson: no parameter requires a gradient (every one has requires_grad=False)")
-    key = None if options is None else tuple(sorted(options.items()))
-    try:
-        hash(key)
-    except TypeError:
-        raise TypeError(f"hutchinson: options must be a dict of hashable values (numbers, strings, tuples), "
-                        f"got {options!r}") from None
-    fn = _forward_over_reverse if backend is None else _compiled_forward_over_reverse(backend, key)
+    key = _options_key(options)
+    fn = _forward_over_reverse if backend is None else _compiled(_forward_over_reverse, backend, key)
     detached = pytree.tree_unflatten([p.detach() for p in leaves], spec)
     loss = grads = None
     total: Optional[List[Tensor]] = None

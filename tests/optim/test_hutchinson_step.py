@@ -1,0 +1,102 @@
+"""AdaHessian.hutchinson_step: gradient, curvature and update as one function. It must step exactly as
+hutchinson() + step(hessian=...) does with the same probes, through every branch of the update (spatial and block
+averaging, groups, a frozen parameter, update_each), eagerly and compiled, and run the unfused pair where one graph
+cannot hold the iteration (fused=False, n_samples > 1)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hhfft.optim import AdaHessian, hutchinson
+from tests.optim.test_adahessian import make_data, make_model
+
+DATA = make_data()
+
+
+def setup(update_each, n_samples=1, fused=True, block_length=2):
+    model = make_model()
+    model.fc1.bias.requires_grad_(False)  # a constant: no probe, never moves
+    first = [p for n, p in model.named_parameters() if not n.startswith(("fc2", "fc1.bias"))]
+    groups = [{"params": first, "block_length": block_length},
+              {"params": list(model.fc2.parameters()), "block_length": None, "lr": 0.05, "weight_decay": 0.1}]
+    opt = AdaHessian(groups, lr=0.1, update_each=update_each, n_samples=n_samples, fused=fused,
+                     generator=torch.Generator().manual_seed(5))
+    named = dict(model.named_parameters())
+
+    def loss_fn(ps):
+        return (torch.func.functional_call(model, ps, DATA[0]) - DATA[1]).pow(2).mean()
+
+    return model, opt, named, loss_fn
+
+
+def reference_step(opt, named, loss_fn, backend):
+    """What hutchinson_step stands for: fresh .grad, hutchinson() on the steps that need the curvature."""
+    for p in named.values():
+        p.grad = None
+    if opt.hessian_due:
+        res = hutchinson(loss_fn, named, generator=opt.generator, n_samples=opt.n_samples, backend=backend)
+        opt.step(hessian=res)
+        return res.loss
+    loss = loss_fn(named)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def assert_same_trajectory(update_each, backend, steps=5, **kw):
+    model, opt, named, loss_fn = setup(update_each, **kw)
+    model_r, opt_r, named_r, loss_fn_r = setup(update_each, **kw)
+    frozen = model.fc1.bias.detach().clone()
+    for step in range(steps):
+        loss = opt.hutchinson_step(loss_fn, named, backend=backend)
+        loss_r = reference_step(opt_r, named_r, loss_fn_r, backend)
+        torch.testing.assert_close(loss, loss_r, rtol=1e-12, atol=0, msg=lambda m: f"step {step}, loss: {m}")
+        for (n, p), q in zip(named.items(), named_r.values()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15, msg=lambda m, n=n: f"step {step}, {n}: {m}")
+            if p.requires_grad:
+                st, st_r = opt.state[p], opt_r.state[q]
+                for k in ("exp_avg", "exp_hessian_diag_sq", "step"):
+                    torch.testing.assert_close(st[k], st_r[k], rtol=1e-12, atol=1e-15,
+                                               msg=lambda m, n=n, k=k: f"step {step}, {n} {k}: {m}")
+        assert all(p.grad is None for p in named.values()), "hutchinson_step wrote .grad"
+    assert torch.equal(model.fc1.bias, frozen), "a parameter with requires_grad=False moved"
+    assert opt._hessian_step == opt_r._hessian_step == steps
+    assert not any(p.equal(q) for p, q in zip(model.parameters(), make_model().parameters()) if p.requires_grad)
+
+
+@pytest.mark.parametrize("update_each", [1, 3])
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_equals_hutchinson_then_step(update_each, backend):
+    assert_same_trajectory(update_each, backend)
+
+
+@pytest.mark.parametrize("kw", [dict(fused=False), dict(n_samples=2)], ids=["unfused", "two-probes"])
+def test_runs_the_pair_where_one_graph_cannot_hold_it(kw):
+    assert_same_trajectory(2, "aot_eager", steps=4, **kw)
+
+
+def test_inductor_one_graph_per_kind_of_step_and_lr_changes_do_not_recompile():
+    """Through Inductor (one compile for curvature steps, one for the steps between): the same trajectory, the HVPs
+    counted, and a new learning rate recompiles nothing."""
+    model, opt, named, loss_fn = setup(update_each=2)
+    model_r, opt_r, named_r, loss_fn_r = setup(update_each=2, fused=False)  # eager: compiles nothing
+    torch._dynamo.utils.counters.clear()
+    for step in range(6):
+        if step == 4:
+            for o in (opt, opt_r):
+                for g in o.param_groups:
+                    g["lr"] *= 0.5
+        opt.hutchinson_step(loss_fn, named, backend="inductor")
+        reference_step(opt_r, named_r, loss_fn_r, None)
+        for (n, p), q in zip(named.items(), named_r.values()):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-13, msg=lambda m, n=n: f"step {step}, {n}: {m}")
+    assert torch._dynamo.utils.counters["hhfft"]["adahessian_hvp"] == 3 + 3  # 3 each: fused and reference
+    stats = torch._dynamo.utils.counters["stats"]
+    assert stats["unique_graphs"] == 2, dict(stats)
+
+
+def test_parameters_outside_the_optimizer_are_refused():
+    model, _, named, loss_fn = setup(update_each=1)
+    opt = AdaHessian(model.fc2.parameters())
+    with pytest.raises(ValueError, match="not parameters of this optimizer.*requires_grad=False"):
+        opt.hutchinson_step(loss_fn, named, backend=None)
