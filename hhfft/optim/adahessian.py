@@ -105,7 +105,8 @@ class AdaHessian(torch.optim.Optimizer):
     2. closure: ``opt.step(closure)`` where the closure zeroes grads, calls ``backward(create_graph=True)``, returns loss;
     3. functional, for models compiled with ``backend="hhfft"`` (which cannot be double-backwarded):
        ``res = hhfft.optim.hutchinson(loss_fn, params, generator=opt.generator, n_samples=opt.n_samples,
-       backend="hhfft"); opt.step(hessian=res)``.
+       backend="hhfft"); opt.step(hessian=res)``, or the same with the update compiled into the HVP's graph:
+       ``opt.hutchinson_step(loss_fn, params, backend="hhfft")``.
 
     With ``update_each=k`` the curvature is computed on every k-th step only and reused in between; check
     ``opt.hessian_due`` to know whether the next step needs a graph (``loss.backward(create_graph=opt.hessian_due)``).
