@@ -246,9 +246,10 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench_adahessian"))
     ap.add_argument("--quick", action="store_true", help="tiny sizes, works on the CPU, no real timing")
     ap.add_argument("--budget-s", type=float, default=170.0, help="skip optional rows once this much time has gone")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["po", "variants", "create_graph", "update_each"],
+    ap.add_argument("--skip", nargs="*", default=[], choices=["po", "variants", "create_graph", "update_each", "graphs"],
                     help="leave out the pytorch_optimizer rows, the step variants (eager, per-parameter compiled), "
-                         "hhfft's backward(create_graph=True) rows, or the update_each=2 rows")
+                         "hhfft's backward(create_graph=True) rows, the update_each=2 rows, or hhfft's CUDA-graph "
+                         "rows")
     args = ap.parse_args()
     t_start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -458,7 +459,7 @@ def main() -> int:
         del opt
         release(counted=model)
 
-        if device.type == "cuda":  # the same call replayed from a CUDA graph: the host's launches leave the loop
+        if device.type == "cuda" and "graphs" not in args.skip:  # replayed from a CUDA graph: no host launches
             graphs = {"triton.cudagraphs": True}
             ok = check_graphed(model, named, loss_fn, graphs, log)
             release(counted=model)
@@ -482,7 +483,7 @@ def main() -> int:
         # the whole iteration as one compiled function: neither the gradient nor D leaves the graph
         for name, opts in [("hhfft hutchinson_step (one graph)", None),
                            ("hhfft hutchinson_step, CUDA graphs", {"triton.cudagraphs": True})]:
-            if opts is not None and device.type != "cuda":
+            if opts is not None and (device.type != "cuda" or "graphs" in args.skip):
                 continue
             opt = AdaHessian(model.parameters(), lr=0.15, fused=True)
             for p in model.parameters():
