@@ -188,6 +188,21 @@ def main() -> int:
             return model, opt, it
         return make
 
+    def fused_rows(update_each):
+        def make():
+            model = mlp(args.layers, args.width)
+            opt = AdaHessian(model.parameters(), lr=0.15, update_each=update_each)
+            named = dict(model.named_parameters())
+
+            def loss_fn(ps):
+                return sq_err(torch.func.functional_call(model, ps, (x,)), y)
+
+            def it():
+                with record_function("phase:hutchinson_step"):
+                    opt.hutchinson_step(loss_fn, named)
+            return model, opt, it
+        return make
+
     rows = {
         "po": po_rows(1),
         "po-up2": po_rows(2),
@@ -196,6 +211,8 @@ def main() -> int:
         "hhfft-ue2-graph-always": hh_rows(2, always_graph=True),
         "jvp": func_rows(1),
         "jvp-ue2": func_rows(2),
+        "step": fused_rows(1),
+        "step-ue2": fused_rows(2),
     }
     names = args.rows if args.rows else list(rows)
     n_params = sum(p.numel() for p in mlp(args.layers, args.width).parameters())
