@@ -10,9 +10,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-
 import torch.utils._pytree as pytree
+from torch import Tensor
 
 from hhfft.kernels.adahessian.step import _foreach_update, adahessian_update, adahessian_update_fused
 from hhfft.optim.hutchinson import (
@@ -451,6 +450,7 @@ class AdaHessian(torch.optim.Optimizer):
         layout = self._layout_for(stepping)
         due = self.hessian_due or any("hessian_diag" not in st for st in layout.states)
         detached = [p.detach() for p in leaves]
+        graphed = backend is not None and _cudagraphs(options)  # outputs overwritten by the graph's next replay
         if not self.fused or self.n_samples > 1 or _distributed():
             if due:
                 res = hutchinson(loss_fn, params, generator=self.generator, n_samples=self.n_samples,
@@ -463,9 +463,8 @@ class AdaHessian(torch.optim.Optimizer):
                 grads, raw = pytree.tree_leaves(grads), None
                 if _distributed():
                     grads = _average_over_ranks(grads)
-            grads = [grads[i].detach() for i in pos]
-            self._update(layout, grads, raw, given=backend is not None and _cudagraphs(options))
-            return loss.detach()
+            self._update(layout, [grads[i].detach() for i in pos], raw, given=graphed)
+            return loss.detach().clone() if graphed else loss.detach()
 
         probe = None
         if due:  # the probes hutchinson() would draw: the same stream, zeros for the constants
@@ -479,7 +478,6 @@ class AdaHessian(torch.optim.Optimizer):
             for b in layout.buckets
         )
         keep = due and self.update_each > 1
-        graphed = backend is not None and _cudagraphs(options)
         if graphed:
             # CUDA graphs replay only functions whose mutated inputs keep their addresses, declared static: the
             # parameters and the state do (and so does the stored curvature, read on steps between curvature steps)
@@ -489,7 +487,7 @@ class AdaHessian(torch.optim.Optimizer):
         loss, kept = fn(loss_fn, pytree.tree_unflatten(detached, spec), probe, buckets, keep)
         if keep:
             for b, dbars in zip(layout.buckets, kept):
-                for i, d in zip(b.index, dbars):  # a graph's outputs are overwritten by its next replay
+                for i, d in zip(b.index, dbars):
                     layout.states[i]["hessian_diag"] = d.clone() if graphed else d
         self._stepped(curvature=due)
         return loss.detach().clone() if graphed else loss.detach()

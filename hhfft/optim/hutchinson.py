@@ -60,9 +60,7 @@ def _count_hvp(n: int = 1) -> None:
 def _forward_over_reverse(loss_fn: Callable, params: Any, probe: Any):
     """Loss, gradient and z * (H z): the product is taken in the same graph, so a compiled backend writes it over
     H z's buffer (one parameter-sized buffer less than a separate multiply after the call)."""
-    (grads, loss), (hz, _) = torch.func.jvp(
-        torch.func.grad_and_value(loss_fn), (params,), (probe,)
-    )
+    loss, grads, hz = _grad_or_hvp(loss_fn, params, probe)
     return loss, grads, pytree.tree_map(torch.mul, probe, hz)
 
 
