@@ -4,6 +4,8 @@ averaging, groups, a frozen parameter, update_each), eagerly and compiled, and r
 cannot hold the iteration (fused=False, n_samples > 1)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -100,3 +102,45 @@ def test_parameters_outside_the_optimizer_are_refused():
     opt = AdaHessian(model.fc2.parameters())
     with pytest.raises(ValueError, match="not parameters of this optimizer.*requires_grad=False"):
         opt.hutchinson_step(loss_fn, named, backend=None)
+
+
+def test_resumes_from_a_state_dict_and_takes_a_new_group():
+    """A state_dict saved mid-training (between curvature steps) resumes the same trajectory through
+    hutchinson_step; a group added later makes the next step a curvature step, as for step()."""
+    model, opt, named, loss_fn = setup(update_each=3)
+    for _ in range(4):
+        opt.hutchinson_step(loss_fn, named, backend=None)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for _ in range(3):
+        opt.hutchinson_step(loss_fn, named, backend=None)
+
+    resumed, ropt, rnamed, rloss_fn = setup(update_each=3)
+    resumed.load_state_dict(saved_model)
+    ropt.load_state_dict(saved_opt)
+    for _ in range(3):
+        ropt.hutchinson_step(rloss_fn, rnamed, backend=None)
+    for (n, p), q in zip(named.items(), rnamed.values()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=lambda m, n=n: f"{n} after resuming: {m}")
+
+    model.fc1.bias.requires_grad_(True)
+    opt.add_param_group({"params": [model.fc1.bias]})
+    assert opt.hessian_due
+    before = torch._dynamo.utils.counters["hhfft"]["adahessian_hvp"]
+    opt.hutchinson_step(loss_fn, named, backend=None)
+    assert torch._dynamo.utils.counters["hhfft"]["adahessian_hvp"] == before + 1
+    assert "hessian_diag" in opt.state[model.fc1.bias]
+
+
+def test_low_precision_parameters_keep_fp32_state():
+    """bf16 parameters: fp32 state, the update computed in fp32 and rounded once, as the pair does."""
+    models = [make_model(torch.float32).to(torch.bfloat16) for _ in range(2)]
+    x, y = make_data(dtype=torch.bfloat16)
+    opts = [AdaHessian(m.parameters(), lr=0.05, generator=torch.Generator().manual_seed(1)) for m in models]
+    named = [dict(m.named_parameters()) for m in models]
+    loss_fns = [lambda ps, m=m: (torch.func.functional_call(m, ps, x) - y).pow(2).mean() for m in models]
+    for step in range(3):
+        opts[0].hutchinson_step(loss_fns[0], named[0], backend=None)
+        reference_step(opts[1], named[1], loss_fns[1], None)
+        for (n, p), q in zip(named[0].items(), named[1].values()):
+            assert p.dtype == torch.bfloat16 and opts[0].state[p]["exp_avg"].dtype == torch.float32
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, n=n: f"step {step}, {n}: {m}")
