@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
@@ -176,6 +177,7 @@ class AdaHessian(torch.optim.Optimizer):
         self._lr_tensors: Dict[Tuple[int, torch.device, torch.dtype], List[Any]] = {}
         self._layout: Optional[_Layout] = None  # the buckets of the last step, reused while the same params step
         self._grown = False  # a group was added after construction: the next step needs the curvature
+        self._fused_hypers: Optional[tuple] = None  # the constants of hutchinson_step's last compiled iteration
         super().__init__(params, defaults)
         self._grown = False
 
@@ -218,15 +220,16 @@ class AdaHessian(torch.optim.Optimizer):
     def hessian_due(self) -> bool:
         """Whether the next ``step()`` computes the curvature (so the gradient must carry a graph).
 
-        Also true when a group has been added since the last curvature step, or a parameter that stepped before has
-        no stored curvature. A parameter that gets its first gradient between curvature steps cannot be foreseen:
-        that ``step()`` raises, asking for the graph.
+        Also true when a group has been added since the last curvature step, or a trainable parameter that stepped
+        before has no stored curvature. A parameter that gets its first gradient between curvature steps cannot be
+        foreseen: that ``step()`` raises, asking for the graph.
         """
         if self._hessian_step % self.update_each == 0 or self._grown:
             return True
         # a parameter that has stepped but holds no curvature (it had no gradient on the last curvature step); one
-        # that never had a gradient does not count (an unused head would make every step due)
-        return any("exp_avg" in st and "hessian_diag" not in st for st in self.state.values())
+        # that never had a gradient does not count (an unused head would make every step due), nor one frozen since
+        # (a frozen backbone would)
+        return any(p.requires_grad and "exp_avg" in st and "hessian_diag" not in st for p, st in self.state.items())
 
     # ----------------------------------------------------------------------------------------------- curvature
     def _hutchinson(self, params: List[Tensor], grads: List[Tensor]) -> List[Tensor]:
@@ -419,10 +422,14 @@ class AdaHessian(torch.optim.Optimizer):
         update, compiled as ONE function, so that neither the gradient nor D is written out and read back, and
         ``.grad`` is neither read nor written.
 
-        Equal to ``res = hutchinson(loss_fn, params, generator=opt.generator, ...); opt.step(hessian=res)`` with
-        fresh ``.grad`` (the same probes, drawn from ``opt.generator``), and that is what runs where one graph
-        cannot hold the whole iteration: ``fused=False``, ``n_samples > 1``, or torch.distributed (the gradient
-        and D are averaged over the ranks between the HVP and the update).
+        Computes what ``res = hutchinson(loss_fn, params, generator=opt.generator, ...); opt.step(hessian=res)``
+        with fresh ``.grad`` computes (the same probes, drawn from ``opt.generator``; compiled, to rounding: the
+        gradient of a low-precision parameter is not rounded to its dtype before the update), and that pair is
+        what runs where one graph cannot hold the whole iteration: ``fused=False``, ``n_samples > 1``, or
+        torch.distributed (the gradient and D are averaged over the ranks between the HVP and the update).
+        Every parameter in ``params`` that requires a gradient steps on every call (one the loss does not read
+        gets a zero gradient, as from :func:`hutchinson`). lr may change between calls; betas, eps, weight_decay
+        and hessian_power are constants of the compiled iteration (a change compiles it again, with a warning).
 
         Args:
             loss_fn: ``loss_fn(params) -> 0-d loss``, as for :func:`hutchinson` (``torch.func.functional_call``)
@@ -448,7 +455,9 @@ class AdaHessian(torch.optim.Optimizer):
         pos = [i for i, p in enumerate(leaves) if p.requires_grad]
         stepping = [leaves[i] for i in pos]
         layout = self._layout_for(stepping)
-        due = self.hessian_due or any("hessian_diag" not in st for st in layout.states)
+        # the parameters that step are known here: due exactly when one of them has no stored curvature
+        due = (self._hessian_step % self.update_each == 0 or self._grown
+               or any("hessian_diag" not in st for st in layout.states))
         detached = [p.detach() for p in leaves]
         graphed = backend is not None and _cudagraphs(options)  # outputs overwritten by the graph's next replay
         if not self.fused or self.n_samples > 1 or _distributed():
@@ -466,6 +475,7 @@ class AdaHessian(torch.optim.Optimizer):
             self._update(layout, [grads[i].detach() for i in pos], raw, given=graphed)
             return loss.detach().clone() if graphed else loss.detach()
 
+        fn = _fused_iteration if backend is None else _compiled(_fused_iteration, backend, key)
         probe = None
         if due:  # the probes hutchinson() would draw: the same stream, zeros for the constants
             probe = pytree.tree_unflatten(_probes(leaves, [p.requires_grad for p in leaves], self.generator), spec)
@@ -480,10 +490,19 @@ class AdaHessian(torch.optim.Optimizer):
         keep = due and self.update_each > 1
         if graphed:
             # CUDA graphs replay only functions whose mutated inputs keep their addresses, declared static: the
-            # parameters and the state do (and so does the stored curvature, read on steps between curvature steps)
-            for t in itertools.chain(detached, *(b[1] + b[2] + b[3] + (b[6] or []) for b in buckets)):
+            # parameters and the state do. (The stored curvature is not mutated, and it is a new tensor on every
+            # curvature step: declared static, it would make the graph be recorded again each time.)
+            for t in itertools.chain(detached, *(b[1] + b[2] + b[3] for b in buckets)):
                 torch._dynamo.mark_static_address(t)
-        fn = _fused_iteration if backend is None else _compiled(_fused_iteration, backend, key)
+        hypers = tuple(b[5] for b in buckets)
+        last = self._fused_hypers
+        if backend is not None and last is not None and len(last) == len(hypers) and last != hypers:
+            warnings.warn(
+                "AdaHessian.hutchinson_step: betas, eps, weight_decay or hessian_power changed, and they are "
+                "constants of the compiled iteration: it compiles again, forward and HVP included (past "
+                "torch.compile's recompile limit, it runs eagerly). Keep them fixed; lr may change freely.",
+                stacklevel=2)
+        self._fused_hypers = hypers
         loss, kept = fn(loss_fn, pytree.tree_unflatten(detached, spec), probe, buckets, keep)
         if keep:
             for b, dbars in zip(layout.buckets, kept):

@@ -79,6 +79,8 @@ def _compiled(fn: Callable, backend: str, options: Optional[tuple]):
 
 
 def _options_key(options: Optional[dict]) -> Optional[tuple]:
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"options must be a dict (the backend's options) or None, got {type(options).__name__}")
     key = None if options is None else tuple(sorted(options.items()))
     try:
         hash(key)
@@ -91,8 +93,12 @@ def _options_key(options: Optional[dict]) -> Optional[tuple]:
 def _check_params(leaves: List[Any], caller: str) -> None:
     if not leaves or not all(isinstance(x, Tensor) and x.is_floating_point() for x in leaves):
         raise TypeError(f"{caller}: params must be a non-empty dict or sequence of floating-point tensors")
-    if not any(p.requires_grad for p in leaves):
+    trainable = [id(p) for p in leaves if p.requires_grad]
+    if not trainable:
         raise ValueError(f"{caller}: no parameter requires a gradient (every one has requires_grad=False)")
+    if len(set(trainable)) != len(trainable):
+        raise ValueError(f"{caller}: a tensor appears more than once in params; pass each parameter once "
+                         "(dict(model.named_parameters()) does; torch.func.functional_call ties shared weights)")
 
 
 @dataclasses.dataclass

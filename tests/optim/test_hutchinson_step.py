@@ -144,3 +144,49 @@ def test_low_precision_parameters_keep_fp32_state():
         for (n, p), q in zip(named[0].items(), named[1].values()):
             assert p.dtype == torch.bfloat16 and opts[0].state[p]["exp_avg"].dtype == torch.float32
             torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, n=n: f"step {step}, {n}: {m}")
+
+
+def test_update_each_holds_when_a_parameter_stops_stepping():
+    """A backbone frozen after some steps keeps its state without curvature: neither hessian_due nor hutchinson_step
+    may then ask for the curvature on every step (update_each was silently lost)."""
+    model, opt, named, loss_fn = setup(update_each=3, block_length=None)
+    for _ in range(3):
+        opt.hutchinson_step(loss_fn, named, backend=None)
+    for p in model.c1.parameters():
+        p.requires_grad_(False)
+    torch._dynamo.utils.counters.clear()
+    due = []
+    for _ in range(6):
+        due.append(opt.hessian_due)
+        opt.hutchinson_step(loss_fn, named, backend=None)
+    assert due == [True, False, False, True, False, False]
+    assert torch._dynamo.utils.counters["hhfft"]["adahessian_hvp"] == 2
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda named: dict(named, again=named["fc1.weight"]), ValueError, "more than once"),
+])
+def test_bad_params_say_what_to_give(bad, error, match):
+    model, opt, named, loss_fn = setup(update_each=1)
+    with pytest.raises(error, match=match):
+        opt.hutchinson_step(loss_fn, bad(named), backend=None)
+    with pytest.raises(error, match=match):
+        hutchinson(loss_fn, bad(named), backend=None)
+
+
+def test_options_must_be_a_dict_and_nothing_is_drawn_before_the_backend_is_known():
+    model, opt, named, loss_fn = setup(update_each=1)
+    with pytest.raises(TypeError, match="options must be a dict"):
+        opt.hutchinson_step(loss_fn, named, options=[("a", 1)])
+    state = opt.generator.get_state()
+    with pytest.raises(Exception, match="no-such-backend"):
+        opt.hutchinson_step(loss_fn, named, backend="no-such-backend")
+    assert torch.equal(opt.generator.get_state(), state)
+
+
+def test_changing_a_constant_of_the_compiled_iteration_warns():
+    model, opt, named, loss_fn = setup(update_each=1)
+    opt.hutchinson_step(loss_fn, named, backend="aot_eager")
+    opt.param_groups[1]["weight_decay"] = 0.2
+    with pytest.warns(UserWarning, match="compiles again"):
+        opt.hutchinson_step(loss_fn, named, backend="aot_eager")
