@@ -264,6 +264,22 @@ def test_hessian_due_ignores_a_parameter_that_never_gets_a_gradient():
     assert opt.hessian_due
 
 
+def test_hessian_due_ignores_a_parameter_frozen_after_stepping():
+    """A layer frozen mid-training keeps its state without curvature: hessian_due stayed True on every later step
+    (update_each lost, a double-backward graph every time)."""
+    model = make_model()
+    opt = AdaHessian(model.parameters(), update_each=3, fused=False)
+    train(model, opt, DATA, 3)
+    model.c1.requires_grad_(False)
+    torch._dynamo.utils.counters.clear()
+    due = []
+    for t in range(3, 9):
+        due.append(opt.hessian_due)
+        train(model, opt, DATA, 1, start=t)
+    assert due == [t % 3 == 0 for t in range(3, 9)]
+    assert torch._dynamo.utils.counters["hhfft"]["adahessian_hvp"] == 2
+
+
 @pytest.mark.parametrize("group, match", [
     (dict(block_length=4), "does not divide"), (dict(block_length=0), "block_length"),
     (dict(hessian_power=3.0), "Hessian power"), (dict(lr=-1.0), "learning rate"),
