@@ -673,13 +673,12 @@ def _rewrite_with(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAn
             if num != 1.0:
                 q = b(operator.mul, q, num)
             scale_arg = 1.0
-        # mask: ``m.expand_as(scores)`` only broadcasts m; SDPA broadcasts attn_mask itself
-        swap = {}
-        for n in m.chain:
-            for u in [u for u in n.users if _shape_only(u, n)]:
-                u.replace_all_uses_with(u.args[0])
-                swap[u] = u.args[0]
-                g.erase_node(u)
+        # mask: ``m.expand_as(scores)`` only broadcasts m; SDPA broadcasts attn_mask itself. The graph is changed
+        # only once the rewrite cannot fail any more (below): a skipped site leaves it as it was.
+        swap = {u: u.args[0] for n in m.chain for u in n.users if _shape_only(u, n)}
+        chain = set(m.chain)
+        if any(not set(u.users) <= chain for u in swap):
+            raise _Fail("a mask expanded to the scores' shape is also used outside the attention")
         m.pieces = [tuple(swap.get(x, x) if isinstance(x, fx.Node) else x for x in p) for p in m.pieces]
         allowed = Allowed()
         attn_mask = None
@@ -765,6 +764,9 @@ def _rewrite_with(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAn
     _fill(site, sdpa, allowed, is_causal, scale_arg if not sym else m.scale)
     site.q, site.attn_mask = site_q, site_mask
     for n in reversed(m.chain):
+        for u in [u for u in swap if u.args[1] is n and not u.users]:  # its chain users are gone: so is it
+            g.erase_node(u)
+            del swap[u]
         if not n.users:
             g.erase_node(n)
     _erase_dead(g, [m.q, m.k, m.v] + [p[1] for p in m.pieces if p[0] not in {"scale", "const"}])

@@ -562,3 +562,37 @@ def test_transformer_layers(layer):
         n_sites = 2
     sites = check_model(model, inputs)
     assert len(sites) == n_sites and all(s.decision == "rewritten" for s in sites), [s.reason for s in sites]
+
+
+@pytest.mark.parametrize("mask_rank_mismatch", [False, True], ids=["same-frame", "frames-differ"])
+def test_expanded_mask_used_outside_the_attention_is_left_alone(mask_rank_mismatch):
+    """``blocked = mask.expand_as(scores)`` also returned by the model: the rewrite redirected every use of the
+    expand_as to the unexpanded mask (the model's count of blocked pairs became 3 instead of 48), and did so before
+    checks that then skipped the site, so a skipped site's graph was changed too. Now the site is skipped with the
+    reason and every output equals eager's."""
+
+    class M(nn.Module):
+        def forward(self, q, k, v, keep, bias):
+            B, H, L, D = q.shape
+            s = q @ k.transpose(-2, -1) / math.sqrt(D)
+            blocked = (~keep).expand_as(s)
+            s = s.masked_fill(blocked, float("-inf"))
+            if mask_rank_mismatch:  # a second mask piece in a frame of another rank
+                w = (s.view(B * H, L, L) + bias).softmax(-1).view(B, H, L, L)
+            else:
+                w = s.softmax(-1)
+            return w @ v, blocked.sum()
+
+    q, k, v = (torch.randn(2, 2, 8, 4) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    keep[1, ..., 5:] = False
+    bias = torch.randn(1, 8, 8)
+    model = M()
+    ref = model(q, k, v, keep, bias)
+    compiled, reports = compile_eager(model)
+    out = compiled(q, k, v, keep, bias)
+    assert out[1].item() == ref[1].item() == 1 * 2 * 8 * 3  # batch 1: 2 heads x 8 queries x 3 keys
+    torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0)
+    sites = attention_sites(reports)
+    assert [s.decision for s in sites] == ["skipped"]
+    assert "outside the attention" in sites[0].reason
