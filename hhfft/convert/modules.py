@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -254,7 +255,13 @@ def _converted_class(cls: type) -> type:
         return cls
     new = _CLASSES.get(cls)
     if new is None:
-        new = type(f"Hedgehog{cls.__name__}", (cls,), {"forward": _converted_forward, "_hhfft_base": cls,
+        def forward(self, *args, **kwargs):
+            return _converted_forward(self, *args, **kwargs)
+
+        # the base forward's name, doc and signature (through __wrapped__): HF generate reads the signature to decide
+        # what to pass (position_ids for left-padded batches, attention_mask, logits_to_keep)
+        functools.update_wrapper(forward, cls.forward)
+        new = type(f"Hedgehog{cls.__name__}", (cls,), {"forward": forward, "_hhfft_base": cls,
                                                         "__module__": __name__})
         _CLASSES[cls] = new
     return new

@@ -5,6 +5,7 @@ clear refusals; the same decoding under ``torch.compile(backend="hhfft")``."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -40,11 +41,16 @@ def _prompt(B, L, pad):
     return ids, mask
 
 
+def _positions(am):
+    """The position ids HF generate gives a left-padded batch (it does so for models whose forward names them)."""
+    return (am.cumsum(-1) - 1).masked_fill(am == 0, 1)
+
+
 def _greedy_without_cache(model, ids, mask, n):
     seq, am = ids, mask
     with torch.no_grad():
         for _ in range(n):
-            logits = model(input_ids=seq, attention_mask=am, use_cache=False).logits[:, -1]
+            logits = model(input_ids=seq, attention_mask=am, position_ids=_positions(am), use_cache=False).logits[:, -1]
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
             am = torch.cat([am, am.new_ones(am.shape[0], 1)], 1)
     return seq, am
@@ -67,6 +73,8 @@ def test_generate_matches_full_prefix(family, impl, layers, L, pad, softmax_laye
     cfg = hhfft.HedgehogConfig(exclude=tuple(f"*.{i}.*" for i in softmax_layers))
     report = hhfft.convert(model, {"input_ids": ids, "attention_mask": mask, "use_cache": False}, config=cfg)
     assert report.count("hedgehog", "rewritten") == layers - len(softmax_layers), str(report)
+    # generate passes position ids (left padding), the mask and logits_to_keep only to a forward that names them
+    assert {"position_ids", "attention_mask"} <= set(inspect.signature(model.forward).parameters)
     cache = HedgehogCache(model)
     assert [isinstance(layer, HedgehogLayer) for layer in cache.layers] == [i not in softmax_layers for i in range(layers)]
     out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, do_sample=False,
@@ -88,9 +96,9 @@ def test_generate_matches_full_prefix(family, impl, layers, L, pad, softmax_laye
     # logits: error against the fp64 model at most 2x that of the fp32 model run over the whole prefix
     ref64 = copy.deepcopy(model).double()
     with torch.no_grad():
-        full32 = model(input_ids=want, attention_mask=am, use_cache=False).logits
+        full32 = model(input_ids=want, attention_mask=am, position_ids=_positions(am), use_cache=False).logits
         torch._dynamo.utils.counters.clear()
-        full64 = ref64(input_ids=want, attention_mask=am, use_cache=False).logits
+        full64 = ref64(input_ids=want, attention_mask=am, position_ids=_positions(am), use_cache=False).logits
     assert torch._dynamo.utils.counters["hhfft"]["hedgehog_linearized"] == n_hh, "the fp64 referee is not converted"
     for t, lg in enumerate(out.logits):
         pos = L - 1 + t
