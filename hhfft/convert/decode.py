@@ -102,10 +102,9 @@ class HedgehogLayer(CacheLayerMixin):
         return self.state.numel() * self.state.element_size() + self.normalizer.numel() * self.normalizer.element_size()
 
     def reset(self) -> None:
-        if self.is_initialized:
-            self.state.zero_()
-            self.normalizer.zero_()
-            self._seen = self._seen.new_empty(0, 0)
+        """Forget every token: the next update starts a new state, of any batch size (as HF's DynamicLayer)."""
+        self.state = self.normalizer = self._seen = None
+        self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:

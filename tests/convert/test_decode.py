@@ -125,6 +125,24 @@ def test_decode_refusals():
         other(input_ids=ids, past_key_values=HedgehogCache(plain), use_cache=True)
 
 
+def test_reset_cache_takes_a_new_batch():
+    """reset() forgets the tokens and the batch size: the old state kept its shape, so a batch of another size on a
+    reset cache failed deep inside Dynamo."""
+    model = _lm("gpt2", "sdpa", layers=1)
+    ids, mask = _prompt(3, 6, 0)
+    hhfft.convert(model, {"input_ids": ids, "attention_mask": mask, "use_cache": False})
+    cache = HedgehogCache(model)
+    model.generate(ids[:2], attention_mask=mask[:2], past_key_values=cache, max_new_tokens=2, do_sample=False,
+                   pad_token_id=0)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    got = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, do_sample=False,
+                         pad_token_id=0)
+    fresh = model.generate(ids, attention_mask=mask, past_key_values=HedgehogCache(model), max_new_tokens=2,
+                           do_sample=False, pad_token_id=0)
+    assert torch.equal(got, fresh)
+
+
 @pytest.mark.slow
 def test_decode_under_the_hhfft_backend():
     """torch.compile(model, backend="hhfft") (Inductor, functionalised state updates) decodes like the eager path:
