@@ -107,7 +107,7 @@ def linear_attention_decode(phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Tens
                              f"{getattr(x, 'shape', type(x).__name__)}")
     B, Hq, L, F = phi_q.shape
     Hkv, D = phi_k.shape[1], v.shape[-1]
-    if tuple(phi_k.shape) != (B, Hkv, L, F) or tuple(v.shape[:3]) != (B, Hkv, L) or Hq % Hkv:
+    if tuple(phi_k.shape) != (B, Hkv, L, F) or tuple(v.shape[:3]) != (B, Hkv, L) or Hkv == 0 or Hq % Hkv:
         raise ValueError("linear_attention_decode: expected phi_q [B, Hq, L, F], phi_k [B, Hkv, L, F], v [B, Hkv, L, D] "
                          f"with Hq a multiple of Hkv; got {tuple(phi_q.shape)}, {tuple(phi_k.shape)}, {tuple(v.shape)}")
     if tuple(state.shape) != (B, Hkv, F, D) or tuple(normalizer.shape) != (B, Hkv, F):

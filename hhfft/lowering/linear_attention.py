@@ -359,7 +359,7 @@ def _check_inputs(phi_q, phi_k, v, key_mask) -> None:
             "linear_attention: expected phi_q [B, Hq, L, F], phi_k [B, Hkv, L, F], v [B, Hkv, L, D]; got "
             f"{tuple(phi_q.shape)}, {tuple(phi_k.shape)}, {tuple(v.shape)}"
         )
-    if Hq % Hkv != 0:
+    if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
             f"linear_attention: the number of query heads ({Hq}) must be a multiple of the key/value heads ({Hkv})"
         )
@@ -612,7 +612,7 @@ def _step_torch(phi_q, phi_k, v, state, normalizer, keep) -> Tensor:
 def _step_op(
     phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Tensor, normalizer: Tensor, keep: Optional[Tensor] = None
 ) -> Tensor:
-    if _use_triton(phi_q, phi_k, v) and state.is_contiguous():
+    if _use_triton(phi_q, phi_k, v) and state.is_contiguous() and normalizer.is_contiguous():
         from hhfft.kernels.linear_attention.recurrent import linear_attention_step_triton
 
         return linear_attention_step_triton(phi_q, phi_k, v, state, normalizer, keep)
@@ -657,7 +657,7 @@ def linear_attention_step(
                          f"{tuple(phi_q.shape)}, {tuple(phi_k.shape)}, {tuple(v.shape)}")
     B, Hq, F = phi_q.shape
     Hkv, D = phi_k.shape[1], v.shape[-1]
-    if tuple(phi_k.shape) != (B, Hkv, F) or tuple(v.shape[:2]) != (B, Hkv) or Hq % Hkv:
+    if tuple(phi_k.shape) != (B, Hkv, F) or tuple(v.shape[:2]) != (B, Hkv) or Hkv == 0 or Hq % Hkv:
         raise ValueError(f"linear_attention_step: expected phi_q [B, Hq, F], phi_k [B, Hkv, F], v [B, Hkv, D] with Hq a "
                          f"multiple of Hkv; got {tuple(phi_q.shape)}, {tuple(phi_k.shape)}, {tuple(v.shape)}")
     if tuple(state.shape) != (B, Hkv, F, D) or tuple(normalizer.shape) != (B, Hkv, F):

@@ -182,6 +182,16 @@ def test_errors_say_what_was_expected():
     q, k, v = torch.rand(1, 3, 5, 4), torch.rand(1, 2, 5, 4), torch.randn(1, 2, 5, 2)
     with pytest.raises(ValueError, match="multiple of the key/value heads"):
         linear_attention(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):  # was a ZeroDivisionError
+        linear_attention(q, k[:, :0], v[:, :0], causal=True)
+    from hhfft.lowering.decode import linear_attention_decode
+    from hhfft.lowering.linear_attention import linear_attention_step
+
+    S, z = torch.zeros(1, 0, 4, 2), torch.zeros(1, 0, 4)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        linear_attention_decode(q, k[:, :0], v[:, :0], S, z)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        linear_attention_step(q[:, :, 0], k[:, :0, 0], v[:, :0, 0], S, z)
     with pytest.raises(ValueError, match=r"key_mask must be a bool tensor \[B, L\]"):
         linear_attention(q[:, :2], k, v, causal=True, key_mask=torch.zeros(1, 5))
     with pytest.raises(ValueError, match="expected phi_q"):
