@@ -36,7 +36,7 @@ class Options:
     min_kernel_size: convolutions with a kernel shorter than this stay as they are (direct convolution wins there).
     longconv: rewrite long convolutions to ``hhfft::fftconv``.
     attention: "canonical" rewrites every proved softmax attention to F.scaled_dot_product_attention; "keep" only
-        reports it.
+        reports it (and so leaves converted sites softmax: Hedgehog replaces the canonical sites).
     linearize: sites whose owner module carries Hedgehog feature maps (``hhfft.convert``) become
         ``hhfft::linear_attention``.
     compiler: "inductor" (default) compiles the rewritten graph with Inductor; "eager" runs it as it is (the passes

@@ -108,6 +108,15 @@ def run(gm: fx.GraphModule, opts: Any, report: Any, mode: str = "linear") -> Non
     markers = [n for n in g.nodes if is_marker(n)]
     if not markers:
         return
+    if getattr(opts, "attention", "canonical") == "keep":
+        # the attention pass left every site as written: the owner's sites are not the canonical SDPA calls the
+        # feature maps were paired with at conversion (numbering them here would pair maps with other sites)
+        for m in markers:
+            g.erase_node(m)
+            _record(report, None, module_path(m), "skipped", "attention='keep' leaves attention as written; Hedgehog "
+                                                             "needs the canonical sites (attention='canonical')")
+            bump("hedgehog_skipped")
+        return
     by_owner: dict = collections.defaultdict(list)
     for s in report.select("attention"):
         rec = s.record

@@ -82,3 +82,35 @@ def test_maps_of_the_wrong_shape_are_refused():
     q, k, v = _qkv()
     with pytest.raises(Exception, match="feature maps of site 0"):
         torch.compile(m, backend="hhfft", options=_OPTS)(q, k, v)
+
+
+def test_attention_keep_pairs_no_feature_maps_with_other_sites():
+    """options={"attention": "keep"}: a matmul-spelled site gets no SDPA node, so numbering only the SDPA sites gave
+    site 1 the feature maps of site 0. Under "keep" every converted site now stays softmax, with the reason."""
+
+    class Owner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hh0, self.hh1 = HedgehogAttention(2, 2, 4), HedgehogAttention(2, 2, 4)
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.add_(0.5 * torch.randn_like(p))
+
+        def forward(self, q, k, v):
+            for i, hh in enumerate((self.hh0, self.hh1)):
+                torch.ops.hhfft.hedgehog_site(hh.q_map.weight, hh.q_map.bias, hh.k_map.weight, hh.k_map.bias,
+                                              hh.kind, i)
+            return (q @ k.transpose(-2, -1) / 2.0).softmax(-1) @ v, F.scaled_dot_product_attention(q, k, v)
+
+    torch.manual_seed(0)
+    m = Owner()
+    q, k, v = _qkv()
+    a, b = torch.compile(m, backend="hhfft", options={"compiler": "eager"})(q, k, v)
+    torch.testing.assert_close(a, m.hh0(q, k, v, causal=False))
+    torch.testing.assert_close(b, m.hh1(q, k, v, causal=False))
+    torch._dynamo.reset()
+    a, b = torch.compile(m, backend="hhfft", options={"compiler": "eager", "attention": "keep"})(q, k, v)
+    torch.testing.assert_close(a, (q @ k.transpose(-2, -1) / 2.0).softmax(-1) @ v)
+    torch.testing.assert_close(b, F.scaled_dot_product_attention(q, k, v))
+    reasons = [s.reason for s in last_report().select("hedgehog")][-2:]  # the report keeps both compiles
+    assert all("attention='keep'" in r for r in reasons), reasons
