@@ -6,11 +6,21 @@ import sys
 from typing import Optional
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _explain(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="hhfft explain", description="Print every site hhfft finds in a model.")
     p.add_argument("model", nargs="?", default="demo", help="'demo' (the built-in HyenaLM) or a Hugging Face model directory")
-    p.add_argument("--length", type=int, default=512)
-    p.add_argument("--min-kernel-size", type=int, default=64)
+    p.add_argument("--length", type=_positive_int, default=512)
+    p.add_argument("--min-kernel-size", type=_positive_int, default=64)
     args = p.parse_args(argv)
     import torch
 

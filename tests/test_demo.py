@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import hhfft
@@ -25,6 +26,13 @@ def test_cli_explain_prints_the_table(capsys):
     assert cli_main(["explain", "--length", "128"]) == 0
     out = capsys.readouterr().out
     assert "blocks.1.mixer.conv" in out and "rewritten" in out and "sites" in out
+
+
+@pytest.mark.parametrize("flag", ["--length", "--min-kernel-size"])
+def test_cli_explain_refuses_a_non_positive_size(flag, capsys):
+    with pytest.raises(SystemExit):  # argparse's usage error, not a traceback from inside Dynamo
+        cli_main(["explain", flag, "0"])
+    assert "expected a positive integer" in capsys.readouterr().err
 
 
 def test_cli_demo_runs_and_checks(capsys):

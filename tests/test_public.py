@@ -119,3 +119,11 @@ def test_explain_names_the_module_and_prints_a_table():
     table = str(report)
     assert [s.module_path for s in report.select("longconv")] == ["0", "1"]
     assert "rewritten" in table and "not depthwise" in table and "2 sites" in table
+
+
+def test_explain_is_a_dry_run_for_the_rewrite_counters():
+    """explain() rewrites nothing for real: the counters that count rewrites (read by tests and tools) stay put."""
+    conv = torch.nn.Conv1d(4, 4, 65, padding=32, groups=4)
+    torch._dynamo.utils.counters.clear()
+    hhfft.explain(conv, torch.randn(2, 4, 100))
+    assert torch._dynamo.utils.counters["hhfft"]["longconv_rewritten"] == 0
