@@ -154,7 +154,9 @@ def _check_buffers(gm: fx.GraphModule, fn: Callable) -> Callable:
     """``fn``, checking first on every call the mask buffers that a rewrite proved from their value (an attention whose
     tril buffer became ``is_causal=True``): Dynamo does not guard on a buffer's value. A buffer changed in place
     (its version counter moved) or replaced (another address) is proved again, once per change; if it no longer holds
-    the pattern, the call raises rather than compute with the mask the graph was compiled for."""
+    the pattern, the call raises rather than compute with the mask the graph was compiled for. An inference tensor
+    (made under ``torch.inference_mode``) has no version counter: only its replacement is seen, not an in-place
+    change (passes/README.md)."""
     proofs = gm.meta.get("hhfft_buffer_proofs")
     if not proofs:
         return fn
