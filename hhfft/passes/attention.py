@@ -102,6 +102,28 @@ def _shape_only(u: fx.Node, n: fx.Node) -> bool:
     return op_name(u) == "expand_as" and len(u.args) == 2 and u.args[1] is n and u.args[0] is not n
 
 
+# elementwise ops through which a mask may flow into the attention: each broadcasts, so feeding them the mask
+# before or after ``expand_as(scores)`` gives the same values where the attention reads them
+_MASK_ELEMENTWISE = {"eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "logical_and", "logical_or",
+                     "logical_not", "bitwise_and", "bitwise_or", "bitwise_not", "where", "neg", "mul", "add", "sub",
+                     "div", "true_divide", "to", "float", "half", "bfloat16", "double", "bool", "long", "int", "type",
+                     "type_as", "_to_copy", "contiguous", "clone"}
+
+
+def _feeds_only(x: fx.Node, chain: set) -> bool:
+    """Every use of x flows, through elementwise mask ops only, into ``chain`` (and nowhere else)."""
+    stack, seen = list(x.users), set()
+    while stack:
+        y = stack.pop()
+        if y in chain or y in seen:
+            continue
+        seen.add(y)
+        if op_name(y) not in _MASK_ELEMENTWISE or not y.users:
+            return False
+        stack.extend(y.users)
+    return True
+
+
 def _single_user(n: fx.Node, what: str, allow_shape: bool = False) -> fx.Node:
     us = [u for u in _users(n) if not (allow_shape and _shape_only(u, n))]
     if len(us) != 1:
@@ -676,8 +698,7 @@ def _rewrite_with(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAn
         # mask: ``m.expand_as(scores)`` only broadcasts m; SDPA broadcasts attn_mask itself. The graph is changed
         # only once the rewrite cannot fail any more (below): a skipped site leaves it as it was.
         swap = {u: u.args[0] for n in m.chain for u in n.users if _shape_only(u, n)}
-        chain = set(m.chain)
-        if any(not set(u.users) <= chain for u in swap):
+        if any(not _feeds_only(u, set(m.chain)) for u in swap):
             raise _Fail("a mask expanded to the scores' shape is also used outside the attention")
         m.pieces = [tuple(swap.get(x, x) if isinstance(x, fx.Node) else x for x in p) for p in m.pieces]
         allowed = Allowed()
@@ -763,10 +784,10 @@ def _rewrite_with(gm: fx.GraphModule, m: _Match, site: AttentionSite, an: MaskAn
     m.pv.replace_all_uses_with(out)
     _fill(site, sdpa, allowed, is_causal, scale_arg if not sym else m.scale)
     site.q, site.attn_mask = site_q, site_mask
+    for u, src in swap.items():  # every use broadcasts (_feeds_only): the unexpanded mask computes the same
+        u.replace_all_uses_with(src)
+        g.erase_node(u)
     for n in reversed(m.chain):
-        for u in [u for u in swap if u.args[1] is n and not u.users]:  # its chain users are gone: so is it
-            g.erase_node(u)
-            del swap[u]
         if not n.users:
             g.erase_node(n)
     _erase_dead(g, [m.q, m.k, m.v] + [p[1] for p in m.pieces if p[0] not in {"scale", "const"}])

@@ -564,6 +564,23 @@ def test_transformer_layers(layer):
     assert len(sites) == n_sites and all(s.decision == "rewritten" for s in sites), [s.reason for s in sites]
 
 
+def test_expanded_mask_compared_before_the_fill_is_rewritten():
+    """``masked_fill(keep.expand_as(s) == 0, -inf)``: the expanded mask flows into the attention through an
+    elementwise op only, so the rewrite may feed the unexpanded mask to it (SDPA broadcasts)."""
+
+    class M(nn.Module):
+        def forward(self, q, k, v, keep):
+            s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            return s.masked_fill(keep.expand_as(s) == 0, float("-inf")).softmax(-1) @ v
+
+    q, k, v = (torch.randn(2, 2, 8, 4, dtype=torch.float64) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 8, dtype=torch.long)
+    keep[1, ..., 5:] = 0
+    compiled, reports = compile_eager(M())
+    torch.testing.assert_close(compiled(q, k, v, keep), M()(q, k, v, keep), rtol=1e-12, atol=1e-12)
+    assert [s.decision for s in attention_sites(reports)] == ["rewritten"]
+
+
 @pytest.mark.parametrize("mask_rank_mismatch", [False, True], ids=["same-frame", "frames-differ"])
 def test_expanded_mask_used_outside_the_attention_is_left_alone(mask_rank_mismatch):
     """``blocked = mask.expand_as(scores)`` also returned by the model: the rewrite redirected every use of the
