@@ -22,9 +22,14 @@ def load_tokenizer(path: str) -> Optional[Any]:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         return None
+    if len(tok) == 0:  # some transformers versions build an empty one from config.json alone
+        return None
+    if tok.pad_token is None:  # GPT-2 and Llama tokenizers have none: batches are padded (masked) with eos or unk
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
 
 
 def load_hf_model(path: str, length: int = 128, batch: int = 2, attn_implementation: Optional[str] = None) -> tuple:

@@ -24,3 +24,31 @@ def test_stdlib_docstrings_all_modules_and_methods():
 def test_stdlib_docstrings_refuses_a_module_name_string():
     with pytest.raises(ValueError, match="a list of module names, None or 'all', got 'json'"):
         stdlib_docstrings("json")
+
+
+def test_cli_convert_a_gpt2_directory_whose_tokenizer_has_no_pad_token(tmp_path):
+    """GPT-2 and Llama tokenizers have no pad token: `hhfft convert --text` failed on them after converting
+    ("Asking to pad but the tokenizer does not have a padding token"). Batches are now padded with eos."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from hhfft.cli import main
+
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    tk.train_from_iterator(stdlib_docstrings(limit=100),
+                           tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    assert tok.pad_token is None
+    model_dir = tmp_path / "gpt2"
+    tok.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                                   vocab_size=len(tok))).save_pretrained(model_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(stdlib_docstrings(limit=40)))
+    out = tmp_path / "out"
+    assert main(["convert", str(model_dir), "--out", str(out), "--text", str(text), "--steps", "1", "--batch", "4",
+                 "--length", "16"]) == 0
+    assert (out / "hhfft_manifest.json").is_file()
