@@ -19,15 +19,17 @@ def _parser(prog: str, text_required: bool) -> argparse.ArgumentParser:
     p.add_argument("model", help="Hugging Face model directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="directory for the converted checkpoint")
     p.add_argument("--text", required=text_required, help="UTF-8 text file: one sentence or paragraph per line")
-    p.add_argument("--steps", type=int, default=200, help="distillation steps (with --text)")
+    from hhfft.cli import _positive_int
+
+    p.add_argument("--steps", type=_positive_int, default=200, help="distillation steps (with --text)")
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--length", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--batch", type=_positive_int, default=16)
+    p.add_argument("--length", type=_positive_int, default=64, help="tokens per sequence")
     from hhfft.nn.hedgehog import FeatureMapKind
 
     p.add_argument("--kind", default="softmax_split", choices=[k.value for k in FeatureMapKind],
                    help="feature map kind")
-    p.add_argument("--feature-dim", type=int, default=None)
+    p.add_argument("--feature-dim", type=_positive_int, default=None)
     p.add_argument("--picture", default=None, help="PNG of one head's attention before/after distillation")
     return p
 
@@ -46,7 +48,16 @@ def _run(argv: list, prog: str, always_distill: bool) -> int:
         print(f"{prog}: --out must differ from the model directory (the original checkpoint is never written)",
               file=sys.stderr)
         return 2
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        print(f"{prog}: {args.model} has no config.json; give a Hugging Face model directory", file=sys.stderr)
+        return 2
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"{prog}: --out {args.out} exists and is not a directory", file=sys.stderr)
+        return 2
     lines = None
+    if args.text and not os.path.isfile(args.text):
+        print(f"{prog}: --text {args.text} is not a file", file=sys.stderr)
+        return 2
     if args.text:  # checked before the (slow) conversion
         lines = text_lines(args.text)
         if not lines:

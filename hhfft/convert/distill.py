@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import itertools
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -208,6 +209,8 @@ def distill(
     eval_batches = list(eval_batches) if eval_batches is not None else batches[:2]
     schedule = lr_lambda(lr_schedule, steps, warmup)
     pic_site = _site_key(sites, picture_site, "distill (picture_site)") if picture else None
+    if picture:  # its folder made now: a missing one would fail only after the whole distillation
+        os.makedirs(os.path.dirname(os.path.abspath(picture)), exist_ok=True)
 
     def loss_of(b) -> Tensor:
         sink = _Sink(output_mse=output_mse)
@@ -230,6 +233,7 @@ def distill(
             pic_before = sink.maps
         opt = torch.optim.Adam(maps, lr=lr, weight_decay=weight_decay)
         history = _fit("distill", opt, schedule, batches, steps, loss_of, log_every, stream)
+        opt.zero_grad(set_to_none=True)  # no stale gradients on the maps for whatever trains the model next
         after = site_losses(model, eval_batches)
         result = DistillResult(before=before, after=after, history=history)
         if picture:

@@ -43,7 +43,7 @@ def test_identity_maps_correlate_with_softmax_and_distillation_lowers_every_site
         assert torch.allclose(a_pred.sum(-1), torch.ones(()), atol=1e-5)  # normalised over the kept keys
         assert (a_pred[~allowed] == 0).all()  # masked like the teacher
     log = io.StringIO()
-    png = tmp_path / "maps.png"
+    png = tmp_path / "pictures" / "maps.png"  # a folder that does not exist yet: made before the distillation
     res = distill(model, train, steps=25, lr=3e-2, eval_batches=held, stream=log, log_every=5, picture=str(png))
     assert set(res.before) == set(res.after) == {f"encoder.layer.{i}.attention.self#0" for i in range(2)}
     for site in res.before:
@@ -51,8 +51,9 @@ def test_identity_maps_correlate_with_softmax_and_distillation_lowers_every_site
     assert res.after == site_losses(model, held)
     assert "distill step 25/25" in log.getvalue() and len(res.history) == 25
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # original weights were frozen during distillation and are trainable again afterwards
+    # original weights were frozen during distillation and are trainable again afterwards; no stale gradients
     assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_output_mse_term_and_frozen_weights():

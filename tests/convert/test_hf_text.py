@@ -52,3 +52,29 @@ def test_cli_convert_a_gpt2_directory_whose_tokenizer_has_no_pad_token(tmp_path)
     assert main(["convert", str(model_dir), "--out", str(out), "--text", str(text), "--steps", "1", "--batch", "4",
                  "--length", "16"]) == 0
     assert (out / "hhfft_manifest.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["convert", "/nonexistent", "--out", "o"], "has no config.json"),
+    (["convert", "MODEL", "--out", "o", "--text", "/nonexistent.txt"], "is not a file"),
+    (["convert", "MODEL", "--out", "FILE"], "is not a directory"),
+])
+def test_cli_convert_bad_paths_are_usage_errors(args, message, tmp_path, capsys):
+    """Checked before the model loads: rc 2 and one line, not a traceback after the conversion."""
+    from hhfft.cli import main
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "f").write_text("")
+    args = [str(tmp_path / "m") if a == "MODEL" else str(tmp_path / "f") if a == "FILE" else a for a in args]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch", "--length"])
+def test_cli_convert_refuses_non_positive_sizes(flag, capsys):
+    from hhfft.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["convert", "m", "--out", "o", flag, "0"])
+    assert "expected a positive integer" in capsys.readouterr().err
