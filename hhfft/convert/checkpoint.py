@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -53,9 +54,13 @@ def _owner_ints(owner: nn.Module) -> dict:
     return {k: v for k, v in vars(owner).items() if not k.startswith("_") and type(v) is int}
 
 
+_SITE_NAME = re.compile(r"hedgehog(_\d+)?")  # modules.site_name(index)
+
+
 def _owner_signature(owner: nn.Module) -> dict:
     """Names and shapes of the owner's own parameters and buffers (not the Hedgehog maps)."""
-    return {k: list(v.shape) for k, v in owner.state_dict().items() if not k.startswith("hedgehog")}
+    return {k: list(v.shape) for k, v in owner.state_dict().items()
+            if not any(_SITE_NAME.fullmatch(part) for part in k.split(".")[:-1])}  # its own maps, a child's too
 
 
 def save_converted(model: nn.Module, directory: str) -> dict:
@@ -138,8 +143,7 @@ def load_converted(model: nn.Module, directory: str) -> list:
             if k not in tensors or list(tensors[k].shape) != site["tensors"][k]:
                 raise ValueError(f"load_converted: {manifest['weights']} lacks {k!r} or has the wrong shape")
         plan.append((owner, site))
-    uninstall(model)
-    out = []
+    built = []  # every map built and loaded before the model is touched: a failure leaves it as it was
     for owner, site in plan:
         like = next((p for p in owner.parameters() if p.is_floating_point()), None)
         hh = HedgehogAttention(site["heads"], site["kv_heads"], site["head_dim"], site["kind"], site["feature_dim"],
@@ -148,6 +152,10 @@ def load_converted(model: nn.Module, directory: str) -> list:
         hh.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
         if like is not None:
             hh.to(like.dtype)
+        built.append((owner, site, hh))
+    uninstall(model)
+    out = []
+    for owner, site, hh in built:
         install(owner, site["index"], hh)
         out.append((site["module_path"], site["index"]))
     if manifest.get("config"):

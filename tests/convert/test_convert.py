@@ -319,3 +319,45 @@ def test_hf_models(family, impl, tmp_path):
     other, *_ = _hf(family, impl, hidden=48)
     with pytest.raises(ValueError, match=rf"site '{owner.format(0)}' .*has shape"):
         load_converted(other, str(tmp_path))
+
+
+class _Outer(nn.Module):
+    """An owner whose child owns a site too: the outer owner's state_dict holds the child's maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.block, self.qkv = nn.Linear(8, 16), Block(), nn.Linear(16, 48)
+
+    def forward(self, x, keep):
+        h = self.block(self.emb(x), keep)[0]
+        B, L, _ = h.shape
+        q, k, v = self.qkv(h).view(B, L, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_nested_owners_save_and_load_and_a_failed_load_changes_nothing(tmp_path):
+    """The outer owner's recorded state included the child's hedgehog keys, so load_converted refused the very
+    model the checkpoint was made for. And a load that failed after the checks left the model half converted."""
+    import json
+
+    torch.manual_seed(0)
+    model = _Outer()
+    fresh = copy.deepcopy(model)
+    x, keep = torch.randn(2, 7, 8), torch.ones(2, 7, dtype=torch.bool)
+    keep[1, 5:] = False
+    convert(model, (x, keep))
+    assert [(p, i) for p, i, *_ in hedgehog_sites(model)] == [("", 0), ("block", 0)]
+    save_converted(model, str(tmp_path))
+    load_converted(fresh, str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(fresh(x, keep), model(x, keep))
+
+    manifest = tmp_path / "hhfft_manifest.json"
+    data = json.loads(manifest.read_text())
+    data["sites"][-1]["kind"] = "a-kind-from-a-newer-version"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ValueError):
+        load_converted(model, str(tmp_path))
+    assert [(p, i) for p, i, *_ in hedgehog_sites(model)] == [("", 0), ("block", 0)]
+    with torch.no_grad():
+        assert torch.equal(fresh(x, keep), model(x, keep))
