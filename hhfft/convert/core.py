@@ -116,6 +116,10 @@ def convert(model: nn.Module, example_inputs: Any, config: Optional[HedgehogConf
         raise TypeError(f"convert: config must be a hhfft.convert.HedgehogConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+    if hedgehog_sites(model):  # a second convert mixed two configs, reset distilled maps, and undid both on failure
+        raise ValueError(
+            f"convert: the model is already converted ({len(hedgehog_sites(model))} sites); to convert it again with "
+            "another config, call hhfft.convert.uninstall(model) first (its feature maps are dropped)")
     report = capture(model, example_inputs)
     found = attention_sites(report)
     skipped = [s for s in report.select("attention", "skipped")]

@@ -361,3 +361,19 @@ def test_nested_owners_save_and_load_and_a_failed_load_changes_nothing(tmp_path)
     assert [(p, i) for p, i, *_ in hedgehog_sites(model)] == [("", 0), ("block", 0)]
     with torch.no_grad():
         assert torch.equal(fresh(x, keep), model(x, keep))
+
+
+def test_converting_a_converted_model_is_refused_until_uninstalled():
+    """A second convert mixed two configs (a site of the first reported 'not selected' while converted) and reset
+    distilled maps to identity without a word."""
+    from hhfft.convert import uninstall
+
+    torch.manual_seed(0)
+    model = _Outer()
+    x, keep = torch.randn(2, 7, 8), torch.ones(2, 7, dtype=torch.bool)
+    convert(model, (x, keep))
+    with pytest.raises(ValueError, match=r"already converted \(2 sites\).*uninstall"):
+        convert(model, (x, keep), HedgehogConfig(sites=("block",)))
+    uninstall(model)
+    convert(model, (x, keep), HedgehogConfig(sites=("block",)))
+    assert [(p, i) for p, i, *_ in hedgehog_sites(model)] == [("block", 0)]
