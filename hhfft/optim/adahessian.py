@@ -357,7 +357,7 @@ class AdaHessian(torch.optim.Optimizer):
         layout = self._layout_for(params)
         grads = [p.grad for p in params]
 
-        due = self._hessian_step % self.update_each == 0 or any("hessian_diag" not in st for st in layout.states)
+        due = self._due(layout)
         if hessian is not None:
             raw = self._given_hessian(hessian, params)
         elif due:
@@ -375,6 +375,11 @@ class AdaHessian(torch.optim.Optimizer):
 
         self._update(layout, grads, raw, given=hessian is not None)
         return loss
+
+    def _due(self, layout: "_Layout") -> bool:
+        """Whether this step, with the parameters of ``layout`` stepping, computes the curvature: on every
+        ``update_each``-th step, or when one of them has no stored curvature."""
+        return self._hessian_step % self.update_each == 0 or any("hessian_diag" not in st for st in layout.states)
 
     def _update(self, layout: "_Layout", grads: List[Tensor], raw: Optional[List[Tensor]], *, given: bool) -> None:
         """The update of every bucket from the gradients and the raw curvature ``raw`` (None: the stored Dbar), then
@@ -455,9 +460,7 @@ class AdaHessian(torch.optim.Optimizer):
         pos = [i for i, p in enumerate(leaves) if p.requires_grad]
         stepping = [leaves[i] for i in pos]
         layout = self._layout_for(stepping)
-        # the parameters that step are known here: due exactly when one of them has no stored curvature
-        due = (self._hessian_step % self.update_each == 0 or self._grown
-               or any("hessian_diag" not in st for st in layout.states))
+        due = self._due(layout)
         detached = [p.detach() for p in leaves]
         graphed = backend is not None and _cudagraphs(options)  # outputs overwritten by the graph's next replay
         if not self.fused or self.n_samples > 1 or _distributed():
@@ -480,21 +483,20 @@ class AdaHessian(torch.optim.Optimizer):
         if due:  # the probes hutchinson() would draw: the same stream, zeros for the constants
             probe = pytree.tree_unflatten(_probes(leaves, [p.requires_grad for p in leaves], self.generator), spec)
             _count_hvp()
+        hypers = tuple((*b.group["betas"], b.group["eps"], b.group["weight_decay"], b.group["hessian_power"],
+                        b.group["block_length"], b.dtype) for b in layout.buckets)
         buckets = tuple(
-            (tuple(pos[i] for i in b.index), b.exp_avgs, b.exp_sqs, b.steps, self._lr(b.group, b.device, b.dtype),
-             (*b.group["betas"], b.group["eps"], b.group["weight_decay"], b.group["hessian_power"],
-              b.group["block_length"], b.dtype),
+            (tuple(pos[i] for i in b.index), b.exp_avgs, b.exp_sqs, b.steps, self._lr(b.group, b.device, b.dtype), h,
              None if due else [layout.states[i]["hessian_diag"] for i in b.index])
-            for b in layout.buckets
+            for b, h in zip(layout.buckets, hypers)
         )
         keep = due and self.update_each > 1
         if graphed:
             # CUDA graphs replay only functions whose mutated inputs keep their addresses, declared static: the
             # parameters and the state do. (The stored curvature is not mutated, and it is a new tensor on every
             # curvature step: declared static, it would make the graph be recorded again each time.)
-            for t in itertools.chain(detached, *(b[1] + b[2] + b[3] for b in buckets)):
+            for t in itertools.chain(detached, *(b.exp_avgs + b.exp_sqs + b.steps for b in layout.buckets)):
                 torch._dynamo.mark_static_address(t)
-        hypers = tuple(b[5] for b in buckets)
         last = self._fused_hypers
         if backend is not None and last is not None and len(last) == len(hypers) and last != hypers:
             warnings.warn(
