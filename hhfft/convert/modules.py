@@ -48,6 +48,9 @@ class HedgehogConfig:
     layers: indices of sites in the order the forward meets them (negative counts from the end); None = every
         site. LoLCATs-style hybrids keep some layers softmax: ``layers=range(1, 6)``.
     exclude: globs of owner module paths that stay softmax.
+    window: 0 (default) = Hedgehog linear attention; w >= 1 = the LoLCATs hybrid: softmax over the keys within w
+        positions of each query (|i - j| < w), Hedgehog linear terms for the others, balanced by a learned per-head
+        weight (``hhfft/lowering/window_attention.py``). Exact softmax where the sequence is no longer than w.
     """
 
     kind: FeatureMapKindName = "softmax_split"
@@ -56,9 +59,12 @@ class HedgehogConfig:
     sites: Optional[tuple] = None
     layers: Optional[tuple] = None
     exclude: tuple = field(default_factory=tuple)
+    window: int = 0
 
     def __post_init__(self) -> None:
         FeatureMapKind.parse(self.kind)
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"HedgehogConfig: window must be an int >= 0 (0 = no softmax window), got {self.window!r}")
         if self.feature_dim is not None and (isinstance(self.feature_dim, bool) or not isinstance(self.feature_dim, int)
                                              or self.feature_dim < 1):
             raise ValueError(f"HedgehogConfig: feature_dim must be a positive int or None, got {self.feature_dim!r}")
@@ -74,12 +80,14 @@ class HedgehogConfig:
     def to_dict(self) -> dict:
         return {"kind": FeatureMapKind.parse(self.kind).value, "feature_dim": self.feature_dim, "bias": self.bias,
                 "sites": None if self.sites is None else list(self.sites),
-                "layers": None if self.layers is None else list(self.layers), "exclude": list(self.exclude)}
+                "layers": None if self.layers is None else list(self.layers), "exclude": list(self.exclude),
+                "window": self.window}
 
     @classmethod
     def from_dict(cls, d: dict) -> "HedgehogConfig":
         return cls(kind=d.get("kind", "softmax_split"), feature_dim=d.get("feature_dim"), bias=d.get("bias", True),
-                   sites=d.get("sites"), layers=d.get("layers"), exclude=tuple(d.get("exclude") or ()))
+                   sites=d.get("sites"), layers=d.get("layers"), exclude=tuple(d.get("exclude") or ()),
+                   window=d.get("window", 0))
 
 
 class HedgehogAttention(nn.Module):
@@ -87,10 +95,10 @@ class HedgehogAttention(nn.Module):
 
     Args:
         num_heads: Hq; num_kv_heads: Hkv (Hq a multiple of Hkv); head_dim: D of q and k
-        kind, feature_dim, bias: as in :class:`HedgehogConfig`
+        kind, feature_dim, bias, window: as in :class:`HedgehogConfig`
 
     Parameters: ``q_map.weight`` [Hq, D, F], ``q_map.bias`` [Hq, F], ``k_map.weight`` [Hkv, D, F],
-    ``k_map.bias`` [Hkv, F].
+    ``k_map.bias`` [Hkv, F]; with a window, ``mix`` [Hq] (the logit of the softmax terms' share, 0 at the start).
 
     Example:
         >>> hh = HedgehogAttention(4, 2, 8)
@@ -99,7 +107,8 @@ class HedgehogAttention(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, kind: str = "softmax_split",
-                 feature_dim: Optional[int] = None, bias: bool = True, *, device=None, dtype=None) -> None:
+                 feature_dim: Optional[int] = None, bias: bool = True, window: int = 0, *, device=None,
+                 dtype=None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"HedgehogAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads "
@@ -107,29 +116,51 @@ class HedgehogAttention(nn.Module):
         self.kind = FeatureMapKind.parse(kind).value
         self.q_map = HedgehogFeatureMap(num_heads, head_dim, feature_dim, kind, bias, device=device, dtype=dtype)
         self.k_map = HedgehogFeatureMap(num_kv_heads, head_dim, feature_dim, kind, bias, device=device, dtype=dtype)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"HedgehogAttention: window must be an int >= 0, got {window!r}")
+        self.window = window
+        self.mix = nn.Parameter(torch.zeros(num_heads, device=device, dtype=dtype)) if window else None
 
     def describe(self) -> dict:
         return {"heads": self.q_map.num_heads, "kv_heads": self.k_map.num_heads, "head_dim": self.q_map.head_dim,
-                "feature_dim": self.q_map.feature_dim, "kind": self.kind, "bias": self.q_map.bias is not None}
+                "feature_dim": self.q_map.feature_dim, "kind": self.kind, "bias": self.q_map.bias is not None,
+                "window": self.window}
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_mask: Optional[Tensor] = None) -> Tensor:
-        """q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv], key_mask [B, L] bool -> [B, Hq, L, Dv]."""
-        from hhfft.lowering.linear_attention import hedgehog_linear_attention
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_mask: Optional[Tensor] = None,
+                scale: Optional[float] = None) -> Tensor:
+        """q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv], key_mask [B, L] bool -> [B, Hq, L, Dv]; ``scale``
+        (of the window's softmax terms) as SDPA's."""
+        return hedgehog_attention(q, k, v, self.q_map.weight, self.q_map.bias, self.k_map.weight, self.k_map.bias,
+                                  self.kind, causal, key_mask, self.window, self.mix, scale)
 
-        return hedgehog_linear_attention(q, k, v, self.q_map.weight, self.q_map.bias, self.k_map.weight,
-                                         self.k_map.bias, kind=self.kind, causal=causal, key_mask=key_mask)
-
-    def weights(self, q: Tensor, k: Tensor, allowed: Optional[Tensor] = None) -> Tensor:
-        """The normalised Hedgehog attention weights phi(q_i).phi(k_j) / sum_j [B, Hq, L, S] (fp32), zero where
-        ``allowed`` ([B or 1, H or 1, L, S] bool) is False. For distillation and pictures; quadratic in L."""
+    def weights(self, q: Tensor, k: Tensor, allowed: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+        """The normalised attention weights [B, Hq, L, S] (fp32), zero where ``allowed`` ([B or 1, H or 1, L, S]
+        bool) is False: phi(q_i).phi(k_j) / sum_j, or the window hybrid's. For distillation and pictures; quadratic
+        in L."""
         return hedgehog_weights(q, k, self.q_map.weight, self.q_map.bias, self.k_map.weight, self.k_map.bias,
-                                self.kind, allowed)
+                                self.kind, allowed, self.window, self.mix, scale)
+
+
+def hedgehog_attention(q: Tensor, k: Tensor, v: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor,
+                       bk: Optional[Tensor], kind: str, causal: bool, key_mask: Optional[Tensor], window: int = 0,
+                       mix: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """A converted site's attention (see :meth:`HedgehogAttention.forward`), the parameters given explicitly (graph
+    nodes in the linearize pass): Hedgehog linear attention, or the window hybrid when ``window`` > 0."""
+    if window:
+        from hhfft.lowering.window_attention import hedgehog_window_attention
+
+        return hedgehog_window_attention(q, k, v, wq, bq, wk, bk, mix, kind=kind, window=window, causal=causal,
+                                         key_mask=key_mask, scale=scale)
+    from hhfft.lowering.linear_attention import hedgehog_linear_attention
+
+    return hedgehog_linear_attention(q, k, v, wq, bq, wk, bk, kind=kind, causal=causal, key_mask=key_mask)
 
 
 def hedgehog_weights(q: Tensor, k: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
-                     kind: str, allowed: Optional[Tensor]) -> Tensor:
+                     kind: str, allowed: Optional[Tensor], window: int = 0, mix: Optional[Tensor] = None,
+                     scale: Optional[float] = None) -> Tensor:
     """See :meth:`HedgehogAttention.weights`; the parameters given explicitly (graph nodes in the distill tap)."""
-    from hhfft.kernels.linear_attention.naive import DEN_FLOOR
+    from hhfft.kernels.linear_attention.naive import DEN_FLOOR, window_weights_naive
     from hhfft.lowering.linear_attention import _project
 
     pq = feature_map(_project(q.float(), wq.float(), None if bq is None else bq.float()), kind)
@@ -138,6 +169,12 @@ def hedgehog_weights(q: Tensor, k: Tensor, wq: Tensor, bq: Optional[Tensor], wk:
     if g > 1:
         pk = pk.repeat_interleave(g, dim=1)
     s = pq @ pk.transpose(-1, -2)
+    if window:
+        kr = k.float().repeat_interleave(g, dim=1) if g > 1 else k.float()
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        ok = torch.ones((), dtype=torch.bool, device=s.device) if allowed is None else allowed
+        return window_weights_naive((q.float() @ kr.transpose(-1, -2)) * scale, s, ok, torch.sigmoid(mix.float()),
+                                    window)
     if allowed is not None:
         s = s * allowed
     return s / s.sum(-1, keepdim=True).clamp_min(DEN_FLOOR)  # what hhfft::linear_attention divides by
@@ -145,13 +182,15 @@ def hedgehog_weights(q: Tensor, k: Tensor, wq: Tensor, bq: Optional[Tensor], wk:
 
 # ------------------------------------------------------------------------------------------------------ the marker
 @torch.library.custom_op(SITE_OP, mutates_args=())
-def _site_marker(wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor], kind: str, index: int) -> None:
-    """Marks, in a traced forward, that the owner module's attention site number ``index`` has these feature maps."""
+def _site_marker(wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor], kind: str, index: int,
+                 window: int = 0, mix: Optional[Tensor] = None) -> None:
+    """Marks, in a traced forward, that the owner module's attention site number ``index`` has these feature maps
+    (and this softmax window and mixing logit)."""
     return None
 
 
 @_site_marker.register_fake
-def _(wq, bq, wk, bk, kind, index):
+def _(wq, bq, wk, bk, kind, index, window=0, mix=None):
     return None
 
 
@@ -168,7 +207,8 @@ def site_name(index: int) -> str:
 def _mark(owner: nn.Module) -> None:
     for i in getattr(owner, "_hhfft_sites", ()):
         hh = getattr(owner, site_name(i))
-        torch.ops.hhfft.hedgehog_site(hh.q_map.weight, hh.q_map.bias, hh.k_map.weight, hh.k_map.bias, hh.kind, i)
+        torch.ops.hhfft.hedgehog_site(hh.q_map.weight, hh.q_map.bias, hh.k_map.weight, hh.k_map.bias, hh.kind, i,
+                                      hh.window, hh.mix)
 
 
 # ---------------------------------------------------------------------------------------- the owner's eager forward

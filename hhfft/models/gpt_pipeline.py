@@ -327,17 +327,19 @@ def load_gpt(directory: str, device: torch.device | None = None) -> GPT:
     return model.to(device) if device is not None else model
 
 
-def convert_gpt(model: GPT, attention: str, feature_dim: int | None = None):
+def convert_gpt(model: GPT, attention: str, feature_dim: int | None = None, window: int = 0):
     """Convert every attention site of ``model`` to linear attention with the feature map of ``attention``
     (hedgehog/identity: softmax_split maps at their identity init; elu1; t2r), ``feature_dim`` projected features
-    per head (None: the head dim). Returns the report."""
+    per head (None: the head dim), ``window``: softmax over the last ``window`` positions (0: none; the LoLCATs
+    hybrid, ``HedgehogConfig.window``). Returns the report."""
     from hhfft.convert import HedgehogConfig, convert
 
     if attention not in _KIND:
         raise ValueError(f"convert_gpt: attention must be one of {sorted(_KIND)}, got {attention!r}")
     example = torch.randint(0, model.cfg.vocab_size, (2, min(64, model.cfg.block_size)),
                             device=next(model.parameters()).device)
-    report = convert(model, (example,), HedgehogConfig(kind=_KIND[attention], feature_dim=feature_dim))
+    report = convert(model, (example,), HedgehogConfig(kind=_KIND[attention], feature_dim=feature_dim,
+                                                                window=window))
     if report.count("hedgehog", "rewritten") != model.cfg.n_layer:
         raise RuntimeError(f"convert_gpt: expected {model.cfg.n_layer} converted sites, got:\n{report}")
     return report
@@ -419,6 +421,21 @@ def cmd_prepare(argv: list) -> int:
     return pydocs_main(argv, prog="hhfft gpt prepare", out_option="--data")
 
 
+def _window_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--window", type=_nonnegative, default=0, help="linear attentions: softmax over the last WINDOW "
+                   "positions, the linear map beyond them (the LoLCATs hybrid; 0: none)")
+
+
+def _nonnegative(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {s!r}")
+    return v
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--width", type=int, default=384)
@@ -437,7 +454,10 @@ def cmd_train(argv: list) -> int:
     p.add_argument("--feature-dim", type=int, default=None, help="projected features per head of the linear maps "
                    "(default the head dim)")
     p.add_argument("--save-dtype", choices=("float32", "float16"), default="float32")
+    _window_arg(p)
     a = p.parse_args(argv)
+    if a.window and a.attention == "softmax":
+        p.error("--window: the softmax model attends to every position already; it applies to linear attentions")
     log = _logger(a.out)
     s = _settings(a, name=f"scratch-{a.attention}")
     device = _device(a.device)
@@ -445,11 +465,11 @@ def cmd_train(argv: list) -> int:
     cfg = GPTConfig(n_layer=a.layers, n_embd=a.width, n_head=a.heads, block_size=a.context)
     model = GPT(cfg).to(device)
     if a.attention != "softmax":
-        log(str(convert_gpt(model, a.attention, a.feature_dim)))
+        log(str(convert_gpt(model, a.attention, a.feature_dim, a.window)))
     train_data, val = load_split(a.data, "train"), load_split(a.data, "val")
     windows = val_windows(val, cfg.block_size, a.val_windows)
     res = train(model, train_data, windows, s, log)
-    res.update({"stage": "train", "attention": a.attention, "config": cfg.to_dict(), "settings": asdict(s),
+    res.update({"stage": "train", "attention": a.attention, "window": a.window, "config": cfg.to_dict(), "settings": asdict(s),
                 "argv": ["hhfft", "gpt", "train", *argv], "env": _env()})
     if a.attention == "softmax":
         save_gpt(model, a.out, getattr(torch, a.save_dtype))
@@ -485,7 +505,10 @@ def cmd_finetune(argv: list) -> int:
     p.add_argument("--picture-layer", type=int, default=None,
                    help="keep one layer's attention maps before/after distillation (maps.pt)")
     p.add_argument("--picture-size", type=int, default=96)
+    _window_arg(p)
     a = p.parse_args(argv)
+    if a.window and a.attention == "softmax":
+        p.error("--window: the softmax model attends to every position already; it applies to linear attentions")
     log = _logger(a.out)
     s = _settings(a, name=f"ft-{a.attention}")
     device = _device(a.device)
@@ -494,13 +517,13 @@ def cmd_finetune(argv: list) -> int:
     cfg = model.cfg
     train_data, val = load_split(a.data, "train"), load_split(a.data, "val")
     windows = val_windows(val, cfg.block_size, a.val_windows)
-    res: dict = {"stage": "finetune", "attention": a.attention, "config": cfg.to_dict(),
+    res: dict = {"stage": "finetune", "attention": a.attention, "window": a.window, "config": cfg.to_dict(),
                  "argv": ["hhfft", "gpt", "finetune", *argv], "env": _env()}
     res["val_ce_init"] = evaluate(model, windows, bf16=s.bf16)
     log(f"[{s.name}] softmax checkpoint: val {res['val_ce_init']:.4f}")
     maps: dict = {}
     if a.attention != "softmax":
-        log(str(convert_gpt(model, a.attention, a.feature_dim)))
+        log(str(convert_gpt(model, a.attention, a.feature_dim, a.window)))
         res["val_ce_converted"] = evaluate(model, windows, bf16=s.bf16)
         log(f"[{s.name}] converted, before distillation: val {res['val_ce_converted']:.4f}")
         pic_tokens = windows[:1, :-1].to(device)

@@ -10,6 +10,15 @@ and the gradient through the denominator is 0 there. It is far below a real deno
 sum to 1 per half, so one visible key alone gives phi_q . phi_k of order 1 / F).
 
 GQA: query head h reads key/value head h // (Hq // Hkv).
+
+The sliding-window hybrid (``HedgehogConfig(window=w)``, LoLCATs-style): softmax terms for the keys within the
+window, Hedgehog terms for the rest, in one normalisation with a per-head weight f = sigmoid(mix) in (0, 1):
+
+    near[i, j] = |i - j| < w                                     (and j <= i if causal: the visible keys)
+    m[i]       = max of s[i, j] = q_i . k_j * scale over the visible near keys (0 if there is none)
+    A[i, j]    = f exp(s[i, j] - m[i])      for visible near keys
+               = (1 - f) phi_q[i] . phi_k[j]  for the other visible keys
+    o[i]       = sum_j A[i, j] v[j] / max(sum_j A[i, j], DEN_FLOOR)
 """
 from __future__ import annotations
 
@@ -17,7 +26,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["DEN_FLOOR", "linear_attention_naive", "linear_attention_weights_naive"]
+__all__ = ["DEN_FLOOR", "linear_attention_naive", "linear_attention_weights_naive", "window_weights_naive",
+           "window_attention_naive"]
 
 DEN_FLOOR = 1e-6
 
@@ -61,3 +71,41 @@ def linear_attention_naive(
         vv = torch.where(key_mask[:, None, :, None], vv, 0)
     den = a.sum(-1, keepdim=True)
     return (a @ vv) / den.clamp_min(DEN_FLOOR)
+
+
+def window_weights_naive(s: torch.Tensor, lin: torch.Tensor, allowed: torch.Tensor, factor: torch.Tensor,
+                         window: int) -> torch.Tensor:
+    """Normalised weights of the sliding-window hybrid (module docstring): s (scaled q.k) and lin (phi_q.phi_k)
+    [B, Hq, L, L], allowed bool (broadcastable to them: the visible keys), factor [Hq] in (0, 1) -> [B, Hq, L, L]."""
+    L, S = s.shape[-2:]
+    pos_q = torch.arange(L, device=s.device)[:, None]
+    pos_k = torch.arange(S, device=s.device)[None, :]
+    near = (pos_q - pos_k).abs() < window
+    soft = allowed & near
+    m = s.masked_fill(~soft, float("-inf")).amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    f = factor.to(s.dtype)[None, :, None, None]
+    a = torch.where(soft, f * torch.exp(s - m), 0) + torch.where(allowed & ~near, (1 - f) * lin, 0)
+    return a / a.sum(-1, keepdim=True).clamp_min(DEN_FLOOR)
+
+
+def window_attention_naive(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
+    factor: torch.Tensor, *, window: int, causal: bool, key_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Quadratic evaluation of the sliding-window hybrid: q, k [B, H, L, D] (Hq and Hkv heads), v [B, Hkv, L, Dv],
+    phi_q, phi_k their features, factor [Hq] -> o [B, Hq, L, Dv]."""
+    group = q.shape[1] // k.shape[1]
+    kr, vr, pkr = (x.repeat_interleave(group, dim=1) for x in (k, v, phi_k))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    L = q.shape[-2]
+    allowed = torch.ones(1, 1, L, L, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed.tril()
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+        vr = torch.where(key_mask[:, None, :, None], vr, 0)
+    a = window_weights_naive((q @ kr.transpose(-1, -2)) * scale, phi_q @ pkr.transpose(-1, -2), allowed, factor,
+                             window)
+    return a @ vr
