@@ -203,9 +203,9 @@ class HedgehogCache(Cache):
         for idx, hh in decoding_layers(model):
             if hh is not None and hh.window:
                 raise ValueError(
-                    f"HedgehogCache: the site of layer {idx} is a sliding-window hybrid (window {hh.window}); decoding it "
-                    "needs the last window's keys and values besides the constant-size state, which this cache does "
-                    "not keep. Generate without a cache (use_cache=False), or convert with window=0")
+                    f"HedgehogCache: the site of layer {idx} is a sliding-window hybrid (window {hh.window}); "
+                    "decoding it needs the last window's keys and values besides the constant-size state, which "
+                    "this cache does not keep. Generate without a cache (use_cache=False), or convert with window=0")
             layers.append(DynamicLayer() if hh is None else HedgehogLayer(hh.k_map.out_features, hh.k_map.num_heads))
         super().__init__(layers=layers)
 

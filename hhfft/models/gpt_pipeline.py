@@ -469,8 +469,8 @@ def cmd_train(argv: list) -> int:
     train_data, val = load_split(a.data, "train"), load_split(a.data, "val")
     windows = val_windows(val, cfg.block_size, a.val_windows)
     res = train(model, train_data, windows, s, log)
-    res.update({"stage": "train", "attention": a.attention, "window": a.window, "config": cfg.to_dict(), "settings": asdict(s),
-                "argv": ["hhfft", "gpt", "train", *argv], "env": _env()})
+    res.update({"stage": "train", "attention": a.attention, "window": a.window, "config": cfg.to_dict(),
+                "settings": asdict(s), "argv": ["hhfft", "gpt", "train", *argv], "env": _env()})
     if a.attention == "softmax":
         save_gpt(model, a.out, getattr(torch, a.save_dtype))
     _write(a.out, res)
