@@ -183,7 +183,7 @@ def test_checkpoint_round_trip_in_shards(tmp_path):
         load_gpt(str(tmp_path / "nothing"))
 
 
-def test_tiny_pipeline_end_to_end(corpus, tmp_path):
+def test_tiny_pipeline_end_to_end(corpus, tmp_path, capsys):
     data, *_ = corpus
     runs = tmp_path / "runs"
     tiny = ["--layers", "2", "--width", "16", "--heads", "2", "--context", "32"]
@@ -225,6 +225,18 @@ def test_tiny_pipeline_end_to_end(corpus, tmp_path):
     assert f"fine-tuning {last_t:,}" in text.splitlines()[0]
     with pytest.raises(SystemExit, match="--evals must be at least 1, got 0"):
         main(["train", *common, *tiny, "--evals", "0", "--out", str(runs / "bad")])
+    # the sliding-window hybrid: the window reaches every site and the result; softmax has none to take
+    assert main(["finetune", *ft, "--attention", "hedgehog", "--window", "8", "--distill-steps", "2",
+                 "--distill-context", "16", "--out", str(runs / "ft_hedgehog_w8")]) == 0
+    res = json.loads((runs / "ft_hedgehog_w8" / "result.json").read_text())
+    assert res["window"] == 8 and res["distill"]["after"] and math.isfinite(res["val_ce"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", *common, *tiny, "--window", "8", "--out", str(runs / "bad")])
+    assert "applies to linear attentions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["finetune", *ft, "--attention", "hedgehog", "--window", "-1", "--out", str(runs / "bad")])
+    assert "expected an int >= 0, got '-1'" in capsys.readouterr().err
 
 
 def test_training_skips_non_finite_steps_and_stops_past_the_deadline(corpus):
