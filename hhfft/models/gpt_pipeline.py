@@ -6,8 +6,10 @@
     hhfft gpt finetune --data D --init R/scratch_softmax --attention hedgehog --out R/ft_hedgehog
                        (convert -> distill the maps -> fine-tune every weight; also elu1, t2r, identity = hedgehog
                         maps left at their identity init, softmax = the unconverted model fine-tuned alike)
-    (train and finetune take --window W for the linear attentions: the LoLCATs hybrid, HedgehogConfig(window=W))
     hhfft gpt table    --runs R [--png-dir P]                          the perplexity table and the two PNGs
+
+``train`` and ``finetune`` take ``--window W`` for the linear attentions: the LoLCATs hybrid,
+``HedgehogConfig(window=W)``.
 
 Every run writes ``OUT/result.json``: the config, the held-out loss curve (nats per byte at fixed token counts), the
 final held-out loss and perplexity per byte, and for ``finetune`` the per-site distillation losses before and after.
