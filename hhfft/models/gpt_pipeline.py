@@ -425,18 +425,10 @@ def cmd_prepare(argv: list) -> int:
 
 
 def _window_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--window", type=_nonnegative, default=0, help="linear attentions: softmax over the last WINDOW "
-                   "positions, the linear map beyond them (the LoLCATs hybrid; 0: none)")
+    from hhfft.cli import _int_at_least
 
-
-def _nonnegative(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {s!r}")
-    return v
+    p.add_argument("--window", type=_int_at_least(0, "an integer >= 0"), default=0, help="linear attentions: softmax "
+                   "over the last WINDOW positions, the linear map beyond them (the LoLCATs hybrid; 0: none)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -236,7 +236,7 @@ def test_tiny_pipeline_end_to_end(corpus, tmp_path, capsys):
     assert "applies to linear attentions" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["finetune", *ft, "--attention", "hedgehog", "--window", "-1", "--out", str(runs / "bad")])
-    assert "expected an int >= 0, got '-1'" in capsys.readouterr().err
+    assert "expected an integer >= 0, got -1" in capsys.readouterr().err
 
 
 def test_training_skips_non_finite_steps_and_stops_past_the_deadline(corpus):
