@@ -28,6 +28,8 @@ MIN_CHUNK = 64  # chunks shorter than this make many small products and (L / C) 
 def _shift(x: Tensor, by: int, dim: int) -> Tensor:
     """Chunk c of the result is chunk c + by of x (zeros/False outside the sequence), along the chunk axis ``dim``."""
     n = x.shape[dim]
+    if by == 0:
+        return x
     if abs(by) >= n:
         return torch.zeros_like(x)
     pad = torch.zeros_like(x.narrow(dim, 0, abs(by)))
@@ -93,7 +95,8 @@ def _window_attention(q, k, v, wq, bq, wk, bk, mix, kind, window, causal, key_ma
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     keep = torch.ones(B, L, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
-    k = torch.where(keep[:, None, :, None], k, 0)  # a masked key is nothing: no NaN * 0 in the map's gradients
+    if key_mask is not None:  # a masked key is nothing: no NaN * 0 in the map's gradients
+        k = torch.where(keep[:, None, :, None], k, 0)
     pq = feature_map(_project(q.to(ct), wq.to(ct), None if bq is None else bq.to(ct)), kind)
     pk = feature_map(_project(k.to(ct), wk.to(ct), None if bk is None else bk.to(ct)), kind)
 
