@@ -1,11 +1,14 @@
 """Sweep the Monarch kernels' variants (loop vs stacked rows, rows per program, warps, dot precision, 3-dot (Gauss)
-complex products, fp16 DFT tables, fused vs four-step split) at B*H*L = 2^27 bf16, K = L, on one CUDA GPU; prints one
-JSON line per variant and the compiled kernels' registers/spills. Used to pick the defaults in
+complex products, fp16 DFT tables, fused vs four-step split, the four-step path's persistent kernel) at
+B*H*L = 2^27 bf16, K = L, on one CUDA GPU; prints one JSON line per variant and the compiled kernels'
+registers/spills. Used to pick the defaults in
 hhfft/kernels/fftconv/monarch.py (_fused_config).
 
     PYTHONPATH=. python benchmarks/fftconv_tune.py --out /tmp/tune                     # the full sweep
     PYTHONPATH=. python benchmarks/fftconv_tune.py --dots --lengths 256 1024 --out /tmp/tune
         # the fused kernel's dot options (4 dots / Gauss x fp32 / fp16 tables) on the static variant of each size
+    PYTHONPATH=. python benchmarks/fftconv_tune.py --four-step --lengths 4096 16384 65536 --out /tmp/tune
+        # four-step sizes: the persistent kernel (programs per SM, warps, split) against the three kernels
     python benchmarks/fftconv_tune.py --sm90-offline --lengths 256 1024
         # no GPU: compile the fused kernels for sm_90 and print cuobjdump's registers/stack per configuration
 """
@@ -55,6 +58,22 @@ def variants(L: int):
     if N > 4096:
         qs = sorted({min(mf, N // 16) for mf in (512, 1024, 2048, 4096) if 16 <= N // min(mf, N // 16) <= 128})
         out += [dict(precision="fp16", max_fused_n=q) for q in qs]
+    return out
+
+
+def four_step_variants(L: int):
+    """The four-step path above the fused sizes: the three kernels through a whole-batch scratch (programs=0) against
+    the persistent kernel at 1, 2 and 4 programs per SM and 4 or 8 warps, each at the default split N = P Q and at
+    the next smaller Q."""
+    N = m.plan(L, L, L)
+    if N <= 4096:
+        return []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    qs = sorted({min(mf, N // 16) for mf in (2048, 4096) if N // min(mf, N // 16) <= 128}, reverse=True)
+    out = []
+    for q in qs:
+        out.append(dict(precision="fp16", max_fused_n=q, programs=0))
+        out += [dict(precision="fp16", max_fused_n=q, programs=c * sms, num_warps=nw) for c in (1, 2, 4) for nw in (4, 8)]
     return out
 
 
@@ -131,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--dots", action="store_true", help="only the dot options of the fused kernel (L <= 2K)")
     ap.add_argument("--sm90-offline", action="store_true", help="no GPU: registers/stack of the fused kernels")
+    ap.add_argument("--four-step", action="store_true", help="only the four-step path: persistent kernel vs three")
     args = ap.parse_args(argv)
     if args.sm90_offline:
         sm90_offline(args.lengths)
@@ -143,10 +163,10 @@ def main(argv=None) -> int:
         k = torch.randn(H, L, device="cuda") / math.sqrt(L)
         y_ref = torch_ref(u, k)
         t_ref = triton.testing.do_bench(lambda: torch_ref(u, k), rep=50, return_mode="median")
-        for v in dot_variants(L) if args.dots else variants(L):
+        for v in dot_variants(L) if args.dots else four_step_variants(L) if args.four_step else variants(L):
             row = dict(L=L, N=m.plan(L, L, L), **v)
             try:
-                fused = list(m._FUSED_KERNELS.values())
+                fused = list(m._FUSED_KERNELS.values()) + [m.fftconv_four_step_kernel, m.fftconv_row_kernel]
                 before = {c[0] for kern in fused for c in _compiled(kern)}
                 y = m.fftconv_fwd(u, k, 0, L, **v)
                 # registers/spills of the kernel this variant compiled (none if an earlier row compiled it)
@@ -158,7 +178,7 @@ def main(argv=None) -> int:
                 row["error"] = repr(e)[:300]
             rows.append(row)
             print(json.dumps(row), flush=True)
-        if m.plan(L, L, L) <= 4096 and not args.dots:
+        if m.plan(L, L, L) <= 4096 and not (args.dots or args.four_step):
             g = torch.randn_like(u)
             t = triton.testing.do_bench(lambda: m.fftconv_corr_fwd(g, u, 0, L), rep=50, return_mode="median")
             rows.append(dict(L=L, corr_ms=round(t, 4)))
@@ -166,8 +186,8 @@ def main(argv=None) -> int:
         del u, k, y_ref
         torch.cuda.empty_cache()
     for kern in (m.fftconv_fwd_kernel, m.fftconv_fwd_stacked_kernel, m.fftconv_fwd_t_kernel, m.fftconv_row_kernel,
-                 m.fftconv_corr_kernel,
-                 m.fftconv_col_fwd_kernel, m.fftconv_col_inv_kernel):
+                 m.fftconv_corr_kernel, m.fftconv_col_fwd_kernel, m.fftconv_col_inv_kernel,
+                 m.fftconv_four_step_kernel):
         info = [c[1:] for c in _compiled(kern)]
         print(kern.__name__ if hasattr(kern, "__name__") else str(kern), info, flush=True)
     os.makedirs(args.out, exist_ok=True)

@@ -89,6 +89,32 @@ def test_fftconv_all_sizes(N, dtype, nan_memory, monkeypatch):
     assert not failures, f"N={N} {dtype}: " + "; ".join(failures)
 
 
+@pytest.mark.parametrize("programs", [3, None], ids=["3programs", "default-programs"])
+@pytest.mark.parametrize("N,dtype", [  # bf16 up to the four-step limit (512K), fp16/fp32 (split tf32 dots) up to 64K
+    pytest.param(n, d, id=f"N{n}-{str(d).split('.')[-1]}")
+    for d in (torch.bfloat16, torch.float16, torch.float32)
+    for n in ([8192, 32768, 131072, 524288] if d == torch.bfloat16 else [8192, 65536])
+])
+def test_four_step_persistent_kernel(N, dtype, programs, nan_memory):
+    """The persistent four-step kernel (the CUDA default above the fused sizes) against the fp64 reference: 5 x 7
+    rows make 21 (channel, pair) items, so 3 programs reuse their scratch slots 7 times (a missing barrier between
+    the passes shows up here); gates, bias, skip and an odd batch. Also the three-kernel path (programs=0)."""
+    from hhfft.kernels.fftconv.monarch import fftconv_fwd
+    from hhfft.lowering.fftconv import _fftconv_torch
+
+    B, H, L, K = 5, 7, N // 2 - 3, N // 2 - 9
+    g = torch.Generator(device="cuda").manual_seed(N)
+    r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.float64, generator=g)  # noqa: E731
+    u, k, bias, skip, pre, post = r(B, H, L), r(H, K) / K**0.5, r(H), r(H), r(B, H, L), r(B, H, L)
+    ref = _fftconv_torch(u, k, K // 2, L, bias, skip, pre, post)
+    c = lambda x: x.to(dtype)  # noqa: E731
+    y_t = _fftconv_torch(c(u), k.float(), K // 2, L, c(bias), c(skip), c(pre), c(post))
+    for progs in (programs, 0):
+        y = fftconv_fwd(c(u), k.float(), K // 2, L, c(bias), c(skip), c(pre), c(post), programs=progs)
+        assert not torch.isnan(y).any(), f"programs={progs}: NaN (an element was not written)"
+        assert _err(y, ref) <= 2 * _err(y_t, ref), f"programs={progs}: {_err(y, ref):.3e} > 2 x {_err(y_t, ref):.3e}"
+
+
 # fused kernel's dot options: (gauss, half_tables)
 DOTS = {"4dots": (False, False), "gauss": (True, False), "half16": (False, True), "gauss-half16": (True, True)}
 FUSED = [("loop", 4, 512), ("loop", 1, 2048), ("stacked", 4, 512), ("stacked", 2, 2048), ("t", 4, 512), ("t", 2, 2048),

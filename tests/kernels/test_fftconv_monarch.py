@@ -96,6 +96,22 @@ def test_forward(B, H, L, K, shift, T, max_fused_n, R, gates, dtype, dots):
     assert_within_torch_error(y.cpu(), ref, y_torch.cpu(), f"forward N={plan(L, K, T)}")
 
 
+@pytest.mark.parametrize("programs", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_four_step_persistent(dtype, programs):
+    """The four-step passes in one persistent kernel (the CUDA default): 5 x 2 rows make 6 (channel, pair) items, so
+    4 programs take 2, 2, 1 and 1 items, reusing their scratch slots; odd batch (a half-empty pair), gates."""
+    B, H, L, K, shift, T = 5, 2, 3001, 1001, 7, 2990
+    u, k, extra = _inputs(B, H, L, K, T, True, seed=3)
+    ref = fftconv_naive(u, k, shift, T, **extra)
+    u_d, k_d, extra_d = u.to(DEVICE, dtype), k.to(DEVICE, torch.float32), _cast(extra, dtype)
+    y = torch.full((B, H, T), float("nan"), device=DEVICE, dtype=STORE[dtype])
+    fftconv_fwd(u_d, k_d, shift, T, **extra_d, precision=PREC[dtype], max_fused_n=256, programs=programs, out=y)
+    y_torch = _fftconv_torch(u_d, k_d, shift, T, extra_d.get("bias"), extra_d.get("skip"),
+                             extra_d.get("pregate"), extra_d.get("postgate"))
+    assert_within_torch_error(y.to(dtype).cpu(), ref, y_torch.cpu(), f"persistent four-step, {programs} programs")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,H,L,K,shift,T,max_fused_n,R,gates", CASES)
 def test_backward(B, H, L, K, shift, T, max_fused_n, R, gates, dtype):

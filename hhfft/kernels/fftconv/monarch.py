@@ -520,37 +520,96 @@ def fftconv_fwd_t_kernel(
 
 # -------------------------------------------------------------------------------------------- four-step kernels
 @triton.jit
+def _col_fwd_tile(
+    p_u, p_pre, p_tw, p_s, f_r, f_i, r_0, r_1, m_1, i_q, L,
+    P: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, HAS_PRE: tl.constexpr, PREC: tl.constexpr,
+):
+    # columns [i_q BQ, i_q BQ + BQ) of the scratch row p_s [2, P, Q] from rows r_0, r_1 of u [., L] (x = u[r_0] +
+    # i u[r_1], gated; row r_1 only where m_1): s[:, k_p, q] = W_N^(q k_p) * sum_p x[p Q + q] W_P^(p k_p)
+    o_t = tl.arange(0, P)[:, None] * Q + (i_q * BQ + tl.arange(0, BQ))[None, :]  # n = p Q + q in, (k_p, q) out
+    m_u = o_t < L
+    b_xr = tl.load(p_u + r_0 * L + o_t, mask=m_u, other=0.0).to(tl.float32)
+    b_xi = tl.load(p_u + r_1 * L + o_t, mask=m_u & m_1, other=0.0).to(tl.float32)
+    if HAS_PRE:
+        b_xr = b_xr * tl.load(p_pre + r_0 * L + o_t, mask=m_u, other=0.0).to(tl.float32)
+        b_xi = b_xi * tl.load(p_pre + r_1 * L + o_t, mask=m_u & m_1, other=0.0).to(tl.float32)
+    b_sc = _pow2_scale(b_xr, b_xi)
+    b_ar, b_ai = _cdot(f_r, f_i, b_xr / b_sc, b_xi / b_sc, PREC)
+    b_tr = tl.load(p_tw + o_t) * b_sc
+    b_ti = tl.load(p_tw + P * Q + o_t) * b_sc
+    tl.store(p_s + o_t, b_ar * b_tr - b_ai * b_ti)
+    tl.store(p_s + P * Q + o_t, b_ar * b_ti + b_ai * b_tr)
+
+
+@triton.jit
+def _row_tile(
+    p_s, p_k, b_ks, f1r, f1i, f2r, f2i, twr, twi,
+    PQ: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr, CONJ_K: tl.constexpr,
+):
+    # one scratch row p_s [Q] (imaginary part PQ further on): FFT_Q, times the spectrum row p_k [2, Q] (times b_ks;
+    # conjugated if CONJ_K), inverse FFT_Q, in place
+    o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    kr, ki = _load_plane(p_k, N1, N2)
+    if CONJ_K:
+        ki = -ki
+    b_yr, b_yi = _conv_row(
+        tl.load(p_s + o_n), tl.load(p_s + PQ + o_n), kr, ki, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, N1, N2, False, PREC
+    )
+    tl.store(p_s + o_n, b_yr * b_ks)
+    tl.store(p_s + PQ + o_n, b_yi * b_ks)
+
+
+@triton.jit
+def _col_inv_tile(
+    p_s, p_u, p_post, p_tw, p_y, f_r, f_i, b_bias, b_skip, r_0, r_1, m_1, i_q, L, T, LO, HI,
+    P: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr,
+    HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, PREC: tl.constexpr,
+):
+    # columns [i_q BQ, i_q BQ + BQ) of rows r_0 (real part) and r_1 (imaginary part, where m_1) of y [., T] from the
+    # scratch row p_s [2, P, Q]: y[p Q + q] = sum_kp W_P^(-p k_p) W_N^(-q k_p) s[k_p, q], kept in [LO, HI], then the
+    # fused kernel's epilogue (postgate, bias, skip u * D)
+    o_n = tl.arange(0, P)[:, None] * Q + (i_q * BQ + tl.arange(0, BQ))[None, :]  # (k_p, q) in, n = p Q + q out
+    b_dr = tl.load(p_s + o_n)
+    b_di = tl.load(p_s + P * Q + o_n)
+    b_tr = tl.load(p_tw + o_n)
+    b_ti = tl.load(p_tw + P * Q + o_n)
+    b_dr, b_di = b_dr * b_tr + b_di * b_ti, b_di * b_tr - b_dr * b_ti
+    b_sc = _pow2_scale(b_dr, b_di)
+    b_yr, b_yi = _cdot(f_r, -f_i, b_dr / b_sc, b_di / b_sc, PREC)
+    m_c = (o_n >= LO) & (o_n <= HI)
+    b_yr = tl.where(m_c, b_yr * b_sc, 0.0)
+    b_yi = tl.where(m_c, b_yi * b_sc, 0.0)
+    m_t = o_n < T
+    if HAS_POST:
+        b_yr = b_yr * tl.load(p_post + r_0 * T + o_n, mask=m_t, other=0.0).to(tl.float32)
+        b_yi = b_yi * tl.load(p_post + r_1 * T + o_n, mask=m_t & m_1, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b_yr += b_bias
+        b_yi += b_bias
+    if HAS_SKIP:
+        m_u = o_n < L
+        b_yr += b_skip * tl.load(p_u + r_0 * L + o_n, mask=m_u, other=0.0).to(tl.float32)
+        b_yi += b_skip * tl.load(p_u + r_1 * L + o_n, mask=m_u & m_1, other=0.0).to(tl.float32)
+    tl.store(p_y + r_0 * T + o_n, b_yr.to(p_y.dtype.element_ty), mask=m_t)
+    tl.store(p_y + r_1 * T + o_n, b_yi.to(p_y.dtype.element_ty), mask=m_t & m_1)
+
+
+@triton.jit
 def fftconv_col_fwd_kernel(
     p_u, p_pre, p_fp, p_tw, p_s,
     B, H, L,
     P: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, NQB: tl.constexpr,
     HAS_PRE: tl.constexpr, PREC: tl.constexpr,
 ):
-    # s[pair, h, :, k_p, q] = W_N^(q k_p) * sum_p x[p Q + q] W_P^(p k_p)    (x = u[b0] + i u[b1], gated)
+    # the column pass of pair i_p = i_r // H, channel i_h into scratch row i_r: NQB programs per row, each taking
+    # every NQB-th block of BQ columns
     i_r, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_p = i_r // H
     i_h = i_r % H
-    i_b0 = 2 * i_p
-    i_b1 = i_b0 + 1
-    m_1 = i_b1 < B
-    o_p = tl.arange(0, P)
-    o_q = tl.arange(0, BQ)
+    i_b0 = 2 * (i_r // H)
     f_r, f_i = _load_plane(p_fp, P, P)
     for i_q in range(i_s, Q // BQ, NQB):
-        o_t = o_p[:, None] * Q + (i_q * BQ + o_q)[None, :]  # [P, BQ]: n = p Q + q in, (k_p, q) out
-        m_u = o_t < L
-        b_xr = tl.load(p_u + (i_b0 * H + i_h) * L + o_t, mask=m_u, other=0.0).to(tl.float32)
-        b_xi = tl.load(p_u + (i_b1 * H + i_h) * L + o_t, mask=m_u & m_1, other=0.0).to(tl.float32)
-        if HAS_PRE:
-            b_xr = b_xr * tl.load(p_pre + (i_b0 * H + i_h) * L + o_t, mask=m_u, other=0.0).to(tl.float32)
-            b_xi = b_xi * tl.load(p_pre + (i_b1 * H + i_h) * L + o_t, mask=m_u & m_1, other=0.0).to(tl.float32)
-        b_sc = _pow2_scale(b_xr, b_xi)
-        b_ar, b_ai = _cdot(f_r, f_i, b_xr / b_sc, b_xi / b_sc, PREC)
-        b_tr = tl.load(p_tw + o_t) * b_sc
-        b_ti = tl.load(p_tw + P * Q + o_t) * b_sc
-        b_ar, b_ai = b_ar * b_tr - b_ai * b_ti, b_ar * b_ti + b_ai * b_tr
-        tl.store(p_s + i_r * 2 * P * Q + o_t, b_ar)
-        tl.store(p_s + i_r * 2 * P * Q + P * Q + o_t, b_ai)
+        _col_fwd_tile(p_u, p_pre, p_tw, p_s + i_r * 2 * P * Q, f_r, f_i, i_b0 * H + i_h, (i_b0 + 1) * H + i_h,
+                      i_b0 + 1 < B, i_q, L, P, Q, BQ, HAS_PRE, PREC)
 
 
 @triton.jit
@@ -566,22 +625,14 @@ def fftconv_row_kernel(
     i_h = i_c // NP
     i_r = (i_c % NP) * H + i_h  # scratch row (pair, channel)
     Q: tl.constexpr = N1 * N2
-    o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     f1r, f1i = _load_plane(p_f1, N1, N1)
     f2r, f2i = _load_plane(p_f2, N2, N2)
     twr, twi = _load_plane(p_tw, N1, N2)
     b_ks = tl.load(p_ks + i_h)
     for i_j in range(R):
         i_kp = i_k * R + i_j
-        kr, ki = _load_plane(p_kf + (i_h * P + i_kp) * 2 * Q, N1, N2)
-        if CONJ_K:
-            ki = -ki
-        p_row = p_s + i_r * 2 * P * Q + i_kp * Q + o_n
-        b_yr, b_yi = _conv_row(
-            tl.load(p_row), tl.load(p_row + P * Q), kr, ki, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, N1, N2, False, PREC
-        )
-        tl.store(p_row, b_yr * b_ks)
-        tl.store(p_row + P * Q, b_yi * b_ks)
+        _row_tile(p_s + i_r * 2 * P * Q + i_kp * Q, p_kf + (i_h * P + i_kp) * 2 * Q, b_ks, f1r, f1i, f2r, f2i, twr,
+                  twi, P * Q, N1, N2, PREC, CONJ_K)
 
 
 @triton.jit
@@ -591,45 +642,60 @@ def fftconv_col_inv_kernel(
     P: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, NQB: tl.constexpr,
     HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, PREC: tl.constexpr,
 ):
-    # y[p Q + q] = sum_kp W_P^(-p k_p) W_N^(-q k_p) s[k_p, q], then the epilogue of the fused kernel
+    # the inverse column pass of scratch row i_r and the epilogue, NQB programs per row as in the forward one
     i_r, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_p = i_r // H
     i_h = i_r % H
-    i_b0 = 2 * i_p
-    i_b1 = i_b0 + 1
-    m_1 = i_b1 < B
-    o_p = tl.arange(0, P)
-    o_q = tl.arange(0, BQ)
+    i_b0 = 2 * (i_r // H)
     f_r, f_i = _load_plane(p_fp, P, P)
-    if HAS_BIAS:
-        b_bias = tl.load(p_bias + i_h).to(tl.float32)
-    if HAS_SKIP:
-        b_skip = tl.load(p_skip + i_h).to(tl.float32)
+    b_bias = tl.load(p_bias + i_h).to(tl.float32) if HAS_BIAS else 0.0
+    b_skip = tl.load(p_skip + i_h).to(tl.float32) if HAS_SKIP else 0.0
     for i_q in range(i_s, Q // BQ, NQB):
-        o_n = o_p[:, None] * Q + (i_q * BQ + o_q)[None, :]  # [P, BQ]: (k_p, q) in, n = p Q + q out
-        b_dr = tl.load(p_s + i_r * 2 * P * Q + o_n)
-        b_di = tl.load(p_s + i_r * 2 * P * Q + P * Q + o_n)
-        b_tr = tl.load(p_tw + o_n)
-        b_ti = tl.load(p_tw + P * Q + o_n)
-        b_dr, b_di = b_dr * b_tr + b_di * b_ti, b_di * b_tr - b_dr * b_ti
-        b_sc = _pow2_scale(b_dr, b_di)
-        b_yr, b_yi = _cdot(f_r, -f_i, b_dr / b_sc, b_di / b_sc, PREC)
-        m_c = (o_n >= LO) & (o_n <= HI)
-        b_yr = tl.where(m_c, b_yr * b_sc, 0.0)
-        b_yi = tl.where(m_c, b_yi * b_sc, 0.0)
-        m_t = o_n < T
-        if HAS_POST:
-            b_yr = b_yr * tl.load(p_post + (i_b0 * H + i_h) * T + o_n, mask=m_t, other=0.0).to(tl.float32)
-            b_yi = b_yi * tl.load(p_post + (i_b1 * H + i_h) * T + o_n, mask=m_t & m_1, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b_yr += b_bias
-            b_yi += b_bias
-        if HAS_SKIP:
-            m_u = o_n < L
-            b_yr += b_skip * tl.load(p_u + (i_b0 * H + i_h) * L + o_n, mask=m_u, other=0.0).to(tl.float32)
-            b_yi += b_skip * tl.load(p_u + (i_b1 * H + i_h) * L + o_n, mask=m_u & m_1, other=0.0).to(tl.float32)
-        tl.store(p_y + (i_b0 * H + i_h) * T + o_n, b_yr.to(p_y.dtype.element_ty), mask=m_t)
-        tl.store(p_y + (i_b1 * H + i_h) * T + o_n, b_yi.to(p_y.dtype.element_ty), mask=m_t & m_1)
+        _col_inv_tile(p_s + i_r * 2 * P * Q, p_u, p_post, p_tw, p_y, f_r, f_i, b_bias, b_skip, i_b0 * H + i_h,
+                      (i_b0 + 1) * H + i_h, i_b0 + 1 < B, i_q, L, T, LO, HI, P, Q, BQ, HAS_POST, HAS_BIAS, HAS_SKIP,
+                      PREC)
+
+
+@triton.jit
+def fftconv_four_step_kernel(
+    p_u, p_pre, p_post, p_bias, p_skip, p_kf, p_ks, p_fp, p_tw, p_f1, p_f2, p_twq, p_s, p_y,
+    B, H, L, T, LO, HI, NP,
+    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, BQ: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
+    PREC: tl.constexpr, CONJ_K: tl.constexpr,
+):
+    # The three four-step passes in one persistent program: for each (channel, pair) item i = h NP + pair it owns
+    # (every num_programs-th), the column pass into its own scratch slot [2, P, Q], the row pass on the slot's P
+    # rows, and the inverse column pass with the epilogue. A block barrier between the passes makes one thread's
+    # stores visible to the others; the slot is rewritten by the next item, so it stays in L2 instead of going
+    # through HBM (the three-kernel path writes and reads a scratch of the whole batch).
+    i_g, n_g = tl.program_id(0), tl.num_programs(0)
+    Q: tl.constexpr = N1 * N2
+    p_slot = p_s + i_g.to(tl.int64) * 2 * P * Q
+    for i_c in range(i_g, H * NP, n_g):
+        i_h = (i_c // NP).to(tl.int64)
+        i_b0 = 2 * (i_c % NP).to(tl.int64)
+        r_0 = i_b0 * H + i_h
+        r_1 = r_0 + H
+        m_1 = i_b0 + 1 < B
+        f_r, f_i = _load_plane(p_fp, P, P)
+        for i_q in range(Q // BQ):
+            _col_fwd_tile(p_u, p_pre, p_tw, p_slot, f_r, f_i, r_0, r_1, m_1, i_q, L, P, Q, BQ, HAS_PRE, PREC)
+        tl.debug_barrier()
+        f1r, f1i = _load_plane(p_f1, N1, N1)
+        f2r, f2i = _load_plane(p_f2, N2, N2)
+        twr, twi = _load_plane(p_twq, N1, N2)
+        b_ks = tl.load(p_ks + i_h)
+        for i_kp in range(P):
+            _row_tile(p_slot + i_kp * Q, p_kf + (i_h * P + i_kp) * 2 * Q, b_ks, f1r, f1i, f2r, f2i, twr, twi, P * Q,
+                      N1, N2, PREC, CONJ_K)
+        tl.debug_barrier()
+        f_r, f_i = _load_plane(p_fp, P, P)
+        b_bias = tl.load(p_bias + i_h).to(tl.float32) if HAS_BIAS else 0.0
+        b_skip = tl.load(p_skip + i_h).to(tl.float32) if HAS_SKIP else 0.0
+        for i_q in range(Q // BQ):
+            _col_inv_tile(p_slot, p_u, p_post, p_tw, p_y, f_r, f_i, b_bias, b_skip, r_0, r_1, m_1, i_q, L, T, LO, HI,
+                          P, Q, BQ, HAS_POST, HAS_BIAS, HAS_SKIP, PREC)
+        tl.debug_barrier()
 
 
 # -------------------------------------------------------------------------------------------------- dk kernel
@@ -919,6 +985,7 @@ def _candidates(N: int, prec: str) -> list[FusedConfig]:
 
 _FUSED_KERNELS = dict(loop=fftconv_fwd_kernel, stacked=fftconv_fwd_stacked_kernel, t=fftconv_fwd_t_kernel)
 _CHOICE: dict = {}
+_PROGRAMS_PER_SM = 2  # persistent four-step kernel: its scratch slots (8 N bytes each) should stay in L2
 _MIN_TUNE_WORK = 2048  # pairs of rows x channels below which the static choice is used
 
 
@@ -958,6 +1025,7 @@ def fftconv_fwd(
     gauss: Optional[bool] = None,
     half_tables: Optional[bool] = None,
     num_warps: Optional[int] = None,
+    programs: Optional[int] = None,
     out: Optional[Tensor] = None,
 ) -> Tensor:
     """The fftconv contract (see hhfft.lowering.fftconv.fftconv) by the Monarch kernels.
@@ -972,7 +1040,10 @@ def fftconv_fwd(
         gauss: fused kernel's complex products by 3 real dots instead of 4 (default: _fused_config)
         half_tables: fused kernel reads its DFT tables in fp16; only with precision "fp16" (default: _fused_config,
             which applies only to the fp16 dots)
-        num_warps: override the fused kernel's warp count (for tuning)
+        num_warps: override the fused or the persistent four-step kernel's warp count (for tuning)
+        programs: four-step sizes: the persistent kernel's program count (default on CUDA: _PROGRAMS_PER_SM per
+            SM); 0 runs the three-kernel path (a column pass, the row pass and the inverse column pass through an
+            fp32 scratch of the whole batch), which is the default off CUDA
         out: optional contiguous [B, H, out_len] floating buffer to write y into (any float dtype)
     Returns:
         y: [B, H, out_len] in u's dtype (or out)
@@ -1031,6 +1102,17 @@ def fftconv_fwd(
         return y
     fs = _FourStep.make(N, max_fused, u)
     kf, ks, conj_k = _spectrum_for(k, shift, N, (fs.P, fs.q1, fs.q2))
+    if programs is None and u.is_cuda:
+        programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(u.device).multi_processor_count
+    if programs:  # one persistent kernel, a scratch slot per program
+        G = min(programs, pairs * H)
+        slots = torch.empty(G, 2, fs.P, fs.Q, device=u.device, dtype=torch.float32)
+        _launch(
+            fftconv_four_step_kernel, (G,), u, **common, p_pre=_empty_if_none(pregate, u), p_kf=kf, p_ks=ks / fs.P,
+            p_fp=fs.fp, p_tw=fs.tw, p_f1=fs.fq1, p_f2=fs.fq2, p_twq=fs.twq, p_s=slots, NP=pairs, P=fs.P, N1=fs.q1,
+            N2=fs.q2, BQ=fs.bq, HAS_PRE=pregate is not None, CONJ_K=conj_k, **flags, num_warps=num_warps or 4,
+        )
+        return y
     s = _col_fwd(fs, u, B, H, prec, pregate)
     _row_pass(fs, s, kf, ks, conj_k, pairs, H, prec)
     _col_inv(fs, s, **common, **flags)
