@@ -64,11 +64,13 @@ def variants(L: int):
 def four_step_variants(L: int):
     """The four-step path above the fused sizes: the three kernels through a whole-batch scratch (programs=0) against
     the persistent kernel at 1, 2 and 4 programs per SM and 4 or 8 warps, each at the default split N = P Q and at
-    the next smaller Q."""
+    the next smaller Q; above the four-step limit, the nested path at 1 or 2 programs per SM and 4 or 8 warps."""
     N = m.plan(L, L, L)
     if N <= 4096:
         return []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if N > m.MAX_FOURSTEP_N:  # the nested path (fftconv_fwd only; the op still takes torch.fft there)
+        return [dict(precision="fp16", programs=c * sms, num_warps=nw) for c in (1, 2) for nw in (4, 8)]
     qs = sorted({min(mf, N // 16) for mf in (2048, 4096) if N // min(mf, N // 16) <= 128}, reverse=True)
     out = []
     for q in qs:

@@ -112,6 +112,24 @@ def test_four_step_persistent(dtype, programs):
     assert_within_torch_error(y.to(dtype).cpu(), ref, y_torch.cpu(), f"persistent four-step, {programs} programs")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-fp16dots"])
+def test_nested_four_step(dtype):
+    """Above the four-step limit (max_fused_n * P_max = 8192 for the "ieee" dots, 32768 for "fp16"): N = 65536 as an
+    outer column pass of P_o = 16, the persistent kernel on the 16 rows of 4096 of every (pair, channel) (P_i = 16 x
+    Q_i = 256, each row with its own spectrum row) and the outer inverse column pass; odd batch, gates. Reference:
+    the torch.fft path in fp64 (naive.py's direct sum is O(L K))."""
+    B, H, L, K, shift, T = 3, 2, 40000, 25000, 11, 39990
+    assert plan(L, K, T) == 65536
+    u, k, extra = _inputs(B, H, L, K, T, True, seed=4)
+    ref = _fftconv_torch(u, k, shift, T, extra["bias"], extra["skip"], extra["pregate"], extra["postgate"])
+    u_d, k_d, extra_d = u.to(DEVICE, dtype), k.to(DEVICE, torch.float32), _cast(extra, dtype)
+    y = torch.full((B, H, T), float("nan"), device=DEVICE, dtype=STORE[dtype])
+    fftconv_fwd(u_d, k_d, shift, T, **extra_d, precision=PREC[dtype], max_fused_n=256, programs=5, out=y)
+    y_torch = _fftconv_torch(u_d, k_d, shift, T, extra_d.get("bias"), extra_d.get("skip"),
+                             extra_d.get("pregate"), extra_d.get("postgate"))
+    assert_within_torch_error(y.to(dtype).cpu(), ref, y_torch.cpu(), "nested four-step")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,H,L,K,shift,T,max_fused_n,R,gates", CASES)
 def test_backward(B, H, L, K, shift, T, max_fused_n, R, gates, dtype):

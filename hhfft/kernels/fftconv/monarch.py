@@ -45,6 +45,7 @@ from torch import Tensor
 __all__ = [
     "MAX_FUSED_N",
     "MAX_FOURSTEP_N",
+    "MAX_NESTED_N",
     "MIN_N",
     "plan",
     "precision_for",
@@ -63,6 +64,7 @@ _MAX_FUSED = {"fp16": 4096, "tf32": 4096, "tf32x3": 2048, "ieee": 2048}
 _MAX_P = {"fp16": 128, "tf32": 64, "tf32x3": 32, "ieee": 32}
 MAX_FUSED_N = _MAX_FUSED["fp16"]
 MAX_FOURSTEP_N = MAX_FUSED_N * _MAX_P["fp16"]
+MAX_NESTED_N = MAX_FOURSTEP_N * _MAX_P["fp16"]  # fftconv_fwd's nested four-step (not yet the op's route: untimed)
 
 _INTERPRET = triton.runtime.interpreter.InterpretedFunction if hasattr(triton.runtime, "interpreter") else ()
 
@@ -658,7 +660,7 @@ def fftconv_col_inv_kernel(
 @triton.jit
 def fftconv_four_step_kernel(
     p_u, p_pre, p_post, p_bias, p_skip, p_kf, p_ks, p_fp, p_tw, p_f1, p_f2, p_twq, p_s, p_y,
-    B, H, L, T, LO, HI, NP,
+    B, H, L, T, LO, HI, NP, SH,
     P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, BQ: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
     PREC: tl.constexpr, CONJ_K: tl.constexpr,
@@ -667,13 +669,16 @@ def fftconv_four_step_kernel(
     # (every num_programs-th), the column pass into its own scratch slot [2, P, Q], the row pass on the slot's P
     # rows, and the inverse column pass with the epilogue. A block barrier between the passes makes one thread's
     # stores visible to the others; the slot is rewritten by the next item, so it stays in L2 instead of going
-    # through HBM (the three-kernel path writes and reads a scratch of the whole batch).
+    # through HBM (the three-kernel path writes and reads a scratch of the whole batch). The spectrum row and scale
+    # of an item are those of channel (pair % SH) H + h: SH = 1 normally; the nested four-step's inner call (rows of
+    # its scratch as the pairs) sets SH to the number of channels.
     i_g, n_g = tl.program_id(0), tl.num_programs(0)
     Q: tl.constexpr = N1 * N2
     p_slot = p_s + i_g.to(tl.int64) * 2 * P * Q
     for i_c in range(i_g, H * NP, n_g):
         i_h = (i_c // NP).to(tl.int64)
         i_b0 = 2 * (i_c % NP).to(tl.int64)
+        i_k = (i_c % NP % SH).to(tl.int64) * H + i_h  # spectrum channel
         r_0 = i_b0 * H + i_h
         r_1 = r_0 + H
         m_1 = i_b0 + 1 < B
@@ -684,9 +689,9 @@ def fftconv_four_step_kernel(
         f1r, f1i = _load_plane(p_f1, N1, N1)
         f2r, f2i = _load_plane(p_f2, N2, N2)
         twr, twi = _load_plane(p_twq, N1, N2)
-        b_ks = tl.load(p_ks + i_h)
+        b_ks = tl.load(p_ks + i_k)
         for i_kp in range(P):
-            _row_tile(p_slot + i_kp * Q, p_kf + (i_h * P + i_kp) * 2 * Q, b_ks, f1r, f1i, f2r, f2i, twr, twi, P * Q,
+            _row_tile(p_slot + i_kp * Q, p_kf + (i_k * P + i_kp) * 2 * Q, b_ks, f1r, f1i, f2r, f2i, twr, twi, P * Q,
                       N1, N2, PREC, CONJ_K)
         tl.debug_barrier()
         f_r, f_i = _load_plane(p_fp, P, P)
@@ -806,8 +811,9 @@ def fftconv_corr_col_kernel(
 
 
 @triton.jit
-def fftconv_spectrum_kernel(p_r, p_lo, p_hi, p_ks, p_kf, N, P, Q1, Q2, BLOCK: tl.constexpr):
+def fftconv_spectrum_kernel(p_r, p_lo, p_hi, p_ks, p_kf, N, P, P2, Q1, Q2, BLOCK: tl.constexpr):
     # kf[h, k_p, :, k1, k2] = f[k_p + P (k1 + Q1 k2)] / ks[h] from the rfft half r of a real row (f[N - m] = conj(f[m]));
+    # with P2 > 1 (the nested four-step: k_p = k_o P2 + k_i), f[k_o + (P / P2) (k_i + P2 (k1 + Q1 k2))] instead.
     # ks[h] = the power of two >= max |re|, |im| of the row (from its min p_lo and max p_hi), written by one program
     i_hp, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_h = i_hp // P
@@ -815,7 +821,7 @@ def fftconv_spectrum_kernel(p_r, p_lo, p_hi, p_ks, p_kf, N, P, Q1, Q2, BLOCK: tl
     Q = Q1 * Q2
     o = i_b * BLOCK + tl.arange(0, BLOCK)
     m = o < Q
-    o_f = i_p + P * (o // Q2 + Q1 * (o % Q2))
+    o_f = i_p // P2 + (P // P2) * (i_p % P2 + P2 * (o // Q2 + Q1 * (o % Q2)))
     m_lo = o_f <= N // 2
     p = p_r + (i_h * (N // 2 + 1) + tl.where(m_lo, o_f, N - o_f)) * 2
     b_m = tl.maximum(tl.load(p_hi + i_h), -tl.load(p_lo + i_h))
@@ -829,17 +835,19 @@ def fftconv_spectrum_kernel(p_r, p_lo, p_hi, p_ks, p_kf, N, P, Q1, Q2, BLOCK: tl
 
 
 # ---------------------------------------------------------------------------------------------------- host side
-def _spectrum(k: Tensor, shift: int, N: int, layout: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+def _spectrum(k: Tensor, shift: int, N: int, layout: tuple) -> tuple[Tensor, Tensor]:
     """fft(k') in the kernels' order as fp32 planes scaled into [-1, 1], and the per-channel power-of-two scales.
 
     k'[m] = k[m + shift] circularly (taps before 0 wrap), so the kernels compute a plain circular convolution.
     layout = (P, Q1, Q2): [H, P, 2, Q1, Q2] with [kp, k1, k2] = f[kp + P (k1 + Q1 k2)] (four-step); P = 1 is the
-    fused kernels' [H, 2, N1, N2] with [k1, k2] = f[k1 + N1 k2].
+    fused kernels' [H, 2, N1, N2] with [k1, k2] = f[k1 + N1 k2]. layout = (Po, Pi, Q1, Q2) (nested four-step):
+    [H, Po, Pi, 2, Q1, Q2] with [ko, ki, k1, k2] = f[ko + Po (ki + Pi (k1 + Q1 k2))].
     Passes: the rolled, zero-padded k' (one write), its rfft, one min/max reduction, one kernel that takes the scale
     from the min/max, mirrors the half spectrum (f[N - m] = conj(f[m])), scales and permutes.
     """
     H, K = k.shape
-    P, q1, q2 = layout
+    P, P2, q1, q2 = layout if len(layout) == 4 else (layout[0], 1, *layout[1:])
+    P *= P2
     kp = torch.zeros(H, N, device=k.device, dtype=torch.float32)
     a0 = (-shift) % N  # tap j lands at (j - shift) mod N: a run of K slots that wraps at most once
     n0 = min(K, N - a0)
@@ -852,7 +860,7 @@ def _spectrum(k: Tensor, shift: int, N: int, layout: tuple[int, int, int]) -> tu
     kf = torch.empty(H, P, 2, q1 * q2, device=k.device, dtype=torch.float32)
     block = min(1024, q1 * q2)
     _launch(fftconv_spectrum_kernel, (H * P, triton.cdiv(q1 * q2, block)), k, p_r=r, p_lo=lo, p_hi=hi, p_ks=scale,
-            p_kf=kf, N=N, P=P, Q1=q1, Q2=q2, BLOCK=block)
+            p_kf=kf, N=N, P=P, P2=P2, Q1=q1, Q2=q2, BLOCK=block)
     return kf, scale
 
 
@@ -918,7 +926,7 @@ def _live(entry, x: Tensor) -> bool:
     return entry is not None and entry[0]() is x and entry[1] == x._version
 
 
-def _spectrum_for(k: Tensor, shift: int, N: int, layout: tuple[int, int, int]) -> tuple[Tensor, Tensor, bool]:
+def _spectrum_for(k: Tensor, shift: int, N: int, layout: tuple) -> tuple[Tensor, Tensor, bool]:
     """(kf, ks, conj): k's spectrum for the kernels; conj=True when it is the kept spectrum of flip(k)."""
     if not _caching(k):
         return (*_spectrum(k, shift, N, layout), False)
@@ -1043,7 +1051,10 @@ def fftconv_fwd(
         num_warps: override the fused or the persistent four-step kernel's warp count (for tuning)
         programs: four-step sizes: the persistent kernel's program count (default on CUDA: _PROGRAMS_PER_SM per
             SM); 0 runs the three-kernel path (a column pass, the row pass and the inverse column pass through an
-            fp32 scratch of the whole batch), which is the default off CUDA
+            fp32 scratch of the whole batch), which is the default off CUDA. Above the four-step limit
+            (max_fused * P_max) the nested path runs: an outer column pass of P_o <= P_max into an fp32 scratch,
+            the persistent kernel on each of its rows (a circular convolution of length N / P_o with that row's
+            spectrum; at least 4 programs off CUDA) and the outer inverse column pass with the epilogue
         out: optional contiguous [B, H, out_len] floating buffer to write y into (any float dtype)
     Returns:
         y: [B, H, out_len] in u's dtype (or out)
@@ -1053,9 +1064,9 @@ def fftconv_fwd(
     N = plan(L, K, out_len)
     prec = precision or precision_for(u.dtype)
     max_fused = max_fused_n or _MAX_FUSED[prec]
-    if u.dtype not in (torch.float16, torch.bfloat16, torch.float32) or N > max_fused * _MAX_P[prec]:
+    if u.dtype not in (torch.float16, torch.bfloat16, torch.float32) or N > max_fused * _MAX_P[prec] ** 2:
         raise ValueError(
-            f"fftconv_fwd: expected u in fp16/bf16/fp32 and FFT size <= {max_fused * _MAX_P[prec]} at precision "
+            f"fftconv_fwd: expected u in fp16/bf16/fp32 and FFT size <= {max_fused * _MAX_P[prec] ** 2} at precision "
             f"{prec}, got {u.dtype} and N={N}; use hhfft.lowering.fftconv.fftconv, which falls back to torch.fft"
         )
     u = u.contiguous()
@@ -1100,18 +1111,27 @@ def fftconv_fwd(
             cfg = _choose(N, prec, pairs, H, u, run)
         run(cfg)
         return y
+    if programs is None:
+        programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 0
+    cap = max_fused * _MAX_P[prec]
+    if N > cap:  # nested: an outer column pass, the persistent kernel on each row of its scratch, the outer inverse
+        fo = _FourStep.make(N, cap, u, rows=False)
+        fi = _FourStep.make(fo.Q, max_fused, u)
+        kf, ks, conj_k = _spectrum_for(k, shift, N, (fo.P, fi.P, fi.q1, fi.q2))
+        s = _col_fwd(fo, u, B, H, prec, pregate)
+        n = s.shape[0]  # rows (pair, channel) of s; as the inner call's pairs, each row's P_o sub-rows its channels
+        _persistent(
+            fi, kf, (ks / (fo.P * fi.P)).repeat_interleave(fo.P), conj_k, programs or 4, num_warps, NP=n, SH=H,
+            p_u=s, p_pre=s, p_post=s, p_bias=s, p_skip=s, p_y=s, B=2 * n, H=fo.P, L=fo.Q, T=fo.Q, LO=0, HI=fo.Q - 1,
+            HAS_PRE=False, HAS_POST=False, HAS_BIAS=False, HAS_SKIP=False, PREC=prec,
+        )
+        _col_inv(fo, s, **common, **flags)
+        return y
     fs = _FourStep.make(N, max_fused, u)
     kf, ks, conj_k = _spectrum_for(k, shift, N, (fs.P, fs.q1, fs.q2))
-    if programs is None and u.is_cuda:
-        programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(u.device).multi_processor_count
     if programs:  # one persistent kernel, a scratch slot per program
-        G = min(programs, pairs * H)
-        slots = torch.empty(G, 2, fs.P, fs.Q, device=u.device, dtype=torch.float32)
-        _launch(
-            fftconv_four_step_kernel, (G,), u, **common, p_pre=_empty_if_none(pregate, u), p_kf=kf, p_ks=ks / fs.P,
-            p_fp=fs.fp, p_tw=fs.tw, p_f1=fs.fq1, p_f2=fs.fq2, p_twq=fs.twq, p_s=slots, NP=pairs, P=fs.P, N1=fs.q1,
-            N2=fs.q2, BQ=fs.bq, HAS_PRE=pregate is not None, CONJ_K=conj_k, **flags, num_warps=num_warps or 4,
-        )
+        _persistent(fs, kf, ks / fs.P, conj_k, programs, num_warps, NP=pairs, **common,
+                    p_pre=_empty_if_none(pregate, u), HAS_PRE=pregate is not None, **flags)
         return y
     s = _col_fwd(fs, u, B, H, prec, pregate)
     _row_pass(fs, s, kf, ks, conj_k, pairs, H, prec)
@@ -1150,14 +1170,28 @@ class _FourStep(NamedTuple):
         return 4 if self.Q <= 512 else 1
 
     @staticmethod
-    def make(N: int, max_fused: int, like: Tensor) -> "_FourStep":
+    def make(N: int, max_fused: int, like: Tensor, rows: bool = True) -> "_FourStep":
+        """rows=False: the column passes' tables only (the nested path's outer split, whose rows are four-step)."""
         P, Q, bq, nqb, nw = _four_step(N, max_fused)
         q1, q2 = _split(Q)
         dev = like.device
-        fq1, fq2, twq = _tables(q1, q2, dev, like)
+        fq1, fq2, twq = _tables(q1, q2, dev, like) if rows else (like.new_empty(0),) * 3
         fp = _tables(P, P, dev, like)[0]
         tw = _cached(("tw", P, Q, str(dev)), like, lambda: _twiddles(P, Q, N, -1.0, dev))
         return _FourStep(P, Q, q1, q2, bq, nqb, nw, fp, tw, fq1, fq2, twq)
+
+
+def _persistent(fs: _FourStep, kf: Tensor, ks: Tensor, conj_k: bool, programs: int, num_warps: Optional[int], *,
+                NP: int, SH: int = 1, **kw) -> None:
+    """fftconv_four_step_kernel on the NP pairs x H channels of kw (its p_u, p_pre, p_post, p_bias, p_skip, p_y, B, H,
+    L, T, LO, HI and flags), at most ``programs`` programs with a scratch slot each; ks already holds the 1/P."""
+    G = min(programs, NP * kw["H"])
+    slots = torch.empty(G, 2, fs.P, fs.Q, device=kf.device, dtype=torch.float32)
+    _launch(
+        fftconv_four_step_kernel, (G,), kf, **kw, p_kf=kf, p_ks=ks, p_fp=fs.fp, p_tw=fs.tw, p_f1=fs.fq1, p_f2=fs.fq2,
+        p_twq=fs.twq, p_s=slots, NP=NP, SH=SH, P=fs.P, N1=fs.q1, N2=fs.q2, BQ=fs.bq, CONJ_K=conj_k,
+        num_warps=num_warps or 4,
+    )
 
 
 def _col_fwd(fs: _FourStep, x: Tensor, B: int, H: int, prec: str, pregate: Optional[Tensor] = None) -> Tensor:
