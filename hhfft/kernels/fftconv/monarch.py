@@ -993,7 +993,14 @@ def _candidates(N: int, prec: str) -> list[FusedConfig]:
 
 _FUSED_KERNELS = dict(loop=fftconv_fwd_kernel, stacked=fftconv_fwd_stacked_kernel, t=fftconv_fwd_t_kernel)
 _CHOICE: dict = {}
-_PROGRAMS_PER_SM = 2  # persistent four-step kernel: its scratch slots (8 N bytes each) should stay in L2
+# The persistent four-step kernel: its program count per SM (2 x 4 warps fit an SM's registers at Q = 2048), and the
+# smallest N it is the default for. H100, fwd at 2^27 bf16 elements (benchmarks/RESULTS.md, tenth session): three
+# kernels 2.48 / 3.11 / 5.06 ms at N = 8K / 32K / 128K, persistent 2.77 / 3.14 / 4.77 ms.
+_PROGRAMS_PER_SM = 2
+_PERSISTENT_MIN_N = 1 << 17
+# Largest row of the four-step path where N / P_max allows a shorter one: at N = 128K, Q = 4096 rows spill (186
+# bytes) and take 5.50 ms against 5.06 ms for Q = 2048 (H100, same run)
+_ROW_Q = 2048
 _MIN_TUNE_WORK = 2048  # pairs of rows x channels below which the static choice is used
 
 
@@ -1049,9 +1056,9 @@ def fftconv_fwd(
         half_tables: fused kernel reads its DFT tables in fp16; only with precision "fp16" (default: _fused_config,
             which applies only to the fp16 dots)
         num_warps: override the fused or the persistent four-step kernel's warp count (for tuning)
-        programs: four-step sizes: the persistent kernel's program count (default on CUDA: _PROGRAMS_PER_SM per
-            SM); 0 runs the three-kernel path (a column pass, the row pass and the inverse column pass through an
-            fp32 scratch of the whole batch), which is the default off CUDA. Above the four-step limit
+        programs: four-step sizes: the persistent kernel's program count (default on CUDA from N = 128K:
+            _PROGRAMS_PER_SM per SM); 0 runs the three-kernel path (a column pass, the row pass and the inverse column
+            pass through an fp32 scratch of the whole batch), the default below 128K and off CUDA. Above the four-step limit
             (max_fused * P_max) the nested path runs: an outer column pass of P_o <= P_max into an fp32 scratch,
             the persistent kernel on each of its rows (a circular convolution of length N / P_o with that row's
             spectrum; at least 4 programs off CUDA) and the outer inverse column pass with the epilogue
@@ -1111,9 +1118,9 @@ def fftconv_fwd(
             cfg = _choose(N, prec, pairs, H, u, run)
         run(cfg)
         return y
-    if programs is None:
-        programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 0
     cap = max_fused * _MAX_P[prec]
+    if programs is None:
+        programs = _default_programs(u) if N >= _PERSISTENT_MIN_N or N > cap else 0
     if N > cap:  # nested: an outer column pass, the persistent kernel on each row of its scratch, the outer inverse
         fo = _FourStep.make(N, cap, u, rows=False)
         fi = _FourStep.make(fo.Q, max_fused, u)
@@ -1171,14 +1178,20 @@ class _FourStep(NamedTuple):
 
     @staticmethod
     def make(N: int, max_fused: int, like: Tensor, rows: bool = True) -> "_FourStep":
-        """rows=False: the column passes' tables only (the nested path's outer split, whose rows are four-step)."""
-        P, Q, bq, nqb, nw = _four_step(N, max_fused)
+        """rows=False: the column passes' tables only (the nested path's outer split, whose rows are four-step);
+        rows=True keeps the rows at _ROW_Q or shorter where P <= 128 allows it."""
+        P, Q, bq, nqb, nw = _four_step(N, min(max_fused, max(_ROW_Q, N // _MAX_P["fp16"])) if rows else max_fused)
         q1, q2 = _split(Q)
         dev = like.device
         fq1, fq2, twq = _tables(q1, q2, dev, like) if rows else (like.new_empty(0),) * 3
         fp = _tables(P, P, dev, like)[0]
         tw = _cached(("tw", P, Q, str(dev)), like, lambda: _twiddles(P, Q, N, -1.0, dev))
         return _FourStep(P, Q, q1, q2, bq, nqb, nw, fp, tw, fq1, fq2, twq)
+
+
+def _default_programs(x: Tensor) -> int:
+    """The persistent kernel's program count on x's device (0 off CUDA: the three kernels)."""
+    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 0
 
 
 def _persistent(fs: _FourStep, kf: Tensor, ks: Tensor, conj_k: bool, programs: int, num_warps: Optional[int], *,
