@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue #8, seventh run: a wider window (128 bytes, about 30 BPE tokens: LoLCATs uses 64 tokens) fine-tuned and from
-# scratch, and the pure-Hedgehog fine-tuning row beside them in the same run, on ONE GPU (two lanes share it; rows
-# are compared on tokens, not time).
+# Issue #8, seventh run (ran 2026-12-08: run7/ and RESULTS.md): a wider window (128 bytes, about 30 BPE tokens:
+# LoLCATs uses 64 tokens) fine-tuned and from scratch, and the pure-Hedgehog fine-tuning row beside them in the same
+# run, on ONE GPU (two lanes share it; rows are compared on tokens, not time).
 #
 #   bash benchmarks/gpt_conversion/run7.sh RUNS [SECONDS]     # repo root, .data/pydocs carried; SECONDS: budget (560)
 #

@@ -563,6 +563,21 @@ _ROWS = (("scratch_softmax", "softmax, from scratch (the checkpoint)"),
          ("scratch_hedgehog", "Hedgehog, from scratch (maps trained jointly)"))
 
 
+def _rows(runs: str, suffix: str) -> list:
+    """_ROWS, then the sliding-window rows found under ``runs`` (``ft_<kind>_w<W><suffix>``, ``scratch_<kind>_w<W>``
+    for the maps hedgehog, elu1 and t2r; ``--window W``), by window, fine-tuned before from scratch."""
+    labels = {"hedgehog": "Hedgehog", "elu1": "1+ELU", "t2r": "T2R (ReLU)"}
+    found: dict = {}
+    for entry in os.listdir(runs) if os.path.isdir(runs) else ():
+        m = re.fullmatch(r"(ft|scratch)_(hedgehog|elu1|t2r)_w(\d+)(.*)", entry)
+        if m and m.group(4) == (suffix if m.group(1) == "ft" else "") and os.path.isdir(os.path.join(runs, entry)):
+            stage, kind, w = m.group(1), m.group(2), int(m.group(3))
+            what = "convert -> distill -> fine-tune" if stage == "ft" else "from scratch"
+            found[(w, stage == "scratch", list(labels).index(kind))] = (
+                f"{stage}_{kind}_w{w}", f"{labels[kind]} + {w}-byte softmax window: {what}")
+    return list(_ROWS) + [found[key] for key in sorted(found)]
+
+
 def _folder(name: str, suffix: str) -> str:
     """A row's folder: fine-tuning rows of a variant carry its suffix (``ft_hedgehog_lr1e-3``); the from-scratch
     rows, the checkpoint among them, are shared by every variant of a run."""
@@ -604,7 +619,7 @@ def _partial_from_log(runs: str, name: str) -> dict | None:
 
 def _load_results(runs: str, suffix: str = "") -> dict:
     out = {}
-    for name, _ in _ROWS:
+    for name, _ in _rows(runs, suffix):
         path = os.path.join(runs, _folder(name, suffix), "result.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -639,8 +654,8 @@ def _rel(x: float | None, ref: float | None) -> str:
 
 
 def table(runs: str, suffix: str = "") -> str:
-    """The markdown table of the runs under ``runs`` (folders named as in ``_ROWS``, the fine-tuning ones followed by
-    ``suffix``). Two comparisons: the final held-out perplexity (every window), and the curve's value at the largest
+    """The markdown table of the runs under ``runs`` (folders named as in ``_ROWS`` and the window rows of ``_rows``, the
+    fine-tuning ones followed by ``suffix``). Two comparisons: the final held-out perplexity (every window), and the curve's value at the largest
     token count that every run of the same stage reached (the curve's evenly spaced subset of windows; the only
     comparison for a run stopped early)."""
     res = _load_results(runs, suffix)
@@ -660,7 +675,7 @@ def table(runs: str, suffix: str = "") -> str:
         return None if v is None else math.exp(v)
 
     ref = {"finetune": res.get("ft_softmax"), "train": res.get("scratch_softmax")}
-    for name, label in _ROWS:
+    for name, label in _rows(runs, suffix):
         r = res.get(name)
         if r is None:
             lines.append(f"| {label} | not run |" + " |" * 7)

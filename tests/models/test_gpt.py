@@ -167,6 +167,19 @@ def test_table_suffix_reads_one_variants_fine_tuning_rows_and_the_shared_checkpo
     assert rows["Hedgehog, from scratch (maps trained jointly)"].endswith("not run |" + " |" * 7)
 
 
+def test_table_has_the_window_rows_of_a_run():
+    """Run 7's committed results (benchmarks/RESULTS.md quotes these rows): the --window rows come after the fixed
+    ones, fine-tuned against the fine-tuned softmax row, from scratch against the checkpoint."""
+    lines = table(os.path.join(GPT_RUNS, "run7"), "_lr1e-3").splitlines()
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in lines}
+    ft = "Hedgehog + 128-byte softmax window: convert -> distill -> fine-tune"
+    scratch = "Hedgehog + 128-byte softmax window: from scratch"
+    assert "| 2.4780 | +2.95% |" in rows[ft] and "--window 128 --out /tmp/run7/ft_hedgehog_w128_lr1e-3`" in rows[ft]
+    assert "| 2.6634 | +5.82% |" in rows[scratch]
+    assert "| 2.5040 | +4.02% |" in rows["Hedgehog: convert -> distill -> fine-tune"]
+    assert [ln.split(" | ")[0].lstrip("| ") for ln in lines[-2:]] == [ft, scratch]
+
+
 def test_table_without_rows_names_the_suffixed_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"expected folders scratch_softmax, ft_softmax_v2, ft_hedgehog_v2"):
         table(str(tmp_path), "_v2")
@@ -228,8 +241,14 @@ def test_tiny_pipeline_end_to_end(corpus, tmp_path, capsys):
     # the sliding-window hybrid: the window reaches every site and the result; softmax has none to take
     assert main(["finetune", *ft, "--attention", "hedgehog", "--window", "8", "--distill-steps", "2",
                  "--distill-context", "16", "--out", str(runs / "ft_hedgehog_w8")]) == 0
-    res = json.loads((runs / "ft_hedgehog_w8" / "result.json").read_text())
-    assert res["window"] == 8 and res["distill"]["after"] and math.isfinite(res["val_ce"])
+    assert main(["finetune", *ft, "--attention", "elu1", "--window", "8", "--distill-steps", "2",
+                 "--distill-context", "16", "--out", str(runs / "ft_elu1_w8")]) == 0
+    for name in ("ft_hedgehog_w8", "ft_elu1_w8"):
+        res = json.loads((runs / name / "result.json").read_text())
+        assert res["window"] == 8 and res["distill"]["after"] and math.isfinite(res["val_ce"]), name
+    labels = [ln.split(" | ")[0].lstrip("| ") for ln in table(str(runs)).splitlines()[-2:]]
+    assert labels == ["Hedgehog + 8-byte softmax window: convert -> distill -> fine-tune",
+                      "1+ELU + 8-byte softmax window: convert -> distill -> fine-tune"]
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["train", *common, *tiny, "--window", "8", "--out", str(runs / "bad")])
