@@ -8,7 +8,7 @@ hhfft/kernels/fftconv/monarch.py (_fused_config).
     PYTHONPATH=. python benchmarks/fftconv_tune.py --dots --lengths 256 1024 --out /tmp/tune
         # the fused kernel's dot options (4 dots / Gauss x fp32 / fp16 tables) on the static variant of each size
     PYTHONPATH=. python benchmarks/fftconv_tune.py --four-step --lengths 4096 16384 65536 --out /tmp/tune
-        # four-step sizes: the persistent kernel (programs per SM, warps, split) against the three kernels
+        # four-step sizes: the persistent kernel (programs per SM, warps) against the three kernels
     python benchmarks/fftconv_tune.py --sm90-offline --lengths 256 1024
         # no GPU: compile the fused kernels for sm_90 and print cuobjdump's registers/stack per configuration
 """
@@ -62,21 +62,18 @@ def variants(L: int):
 
 
 def four_step_variants(L: int):
-    """The four-step path above the fused sizes: the three kernels through a whole-batch scratch (programs=0) against
-    the persistent kernel at 1, 2 and 4 programs per SM and 4 or 8 warps, each at the default split N = P Q and at
-    the next smaller Q; above the four-step limit, the nested path at 1 or 2 programs per SM and 4 or 8 warps."""
+    """The four-step path above the fused sizes, at the op's split N = P Q (rows of Q <= 2048 where P <= 128 allows):
+    the three kernels through a whole-batch scratch (programs=0) against the persistent kernel at 1, 2 and 4 programs
+    per SM and 4 or 8 warps; above the four-step limit, the nested path at 1 or 2 programs per SM and 4 or 8 warps."""
     N = m.plan(L, L, L)
     if N <= 4096:
         return []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if N > m.MAX_FOURSTEP_N:  # the nested path (fftconv_fwd only; the op still takes torch.fft there)
         return [dict(precision="fp16", programs=c * sms, num_warps=nw) for c in (1, 2) for nw in (4, 8)]
-    qs = sorted({min(mf, N // 16) for mf in (2048, 4096) if N // min(mf, N // 16) <= 128}, reverse=True)
-    out = []
-    for q in qs:
-        out.append(dict(precision="fp16", max_fused_n=q, programs=0))
-        out += [dict(precision="fp16", max_fused_n=q, programs=c * sms, num_warps=nw) for c in (1, 2, 4) for nw in (4, 8)]
-    return out
+    return [dict(precision="fp16", programs=0)] + [
+        dict(precision="fp16", programs=c * sms, num_warps=nw) for c in (1, 2, 4) for nw in (4, 8)
+    ]
 
 
 def dot_bases(N: int) -> list:

@@ -654,10 +654,10 @@ def _rel(x: float | None, ref: float | None) -> str:
 
 
 def table(runs: str, suffix: str = "") -> str:
-    """The markdown table of the runs under ``runs`` (folders named as in ``_ROWS`` and the window rows of ``_rows``, the
-    fine-tuning ones followed by ``suffix``). Two comparisons: the final held-out perplexity (every window), and the curve's value at the largest
-    token count that every run of the same stage reached (the curve's evenly spaced subset of windows; the only
-    comparison for a run stopped early)."""
+    """The markdown table of the runs under ``runs`` (folders named as in ``_ROWS`` and the window rows of ``_rows``,
+    the fine-tuning ones followed by ``suffix``). Two comparisons: the final held-out perplexity (every window), and
+    the curve's value at the largest token count that every run of the same stage reached (the curve's evenly spaced
+    subset of windows; the only comparison for a run stopped early)."""
     res = _load_results(runs, suffix)
     if not res:
         raise FileNotFoundError(f"table: no result.json under {runs}/<run>/ (expected folders "

@@ -668,8 +668,9 @@ def fftconv_four_step_kernel(
     # The three four-step passes in one persistent program: for each (channel, pair) item i = h NP + pair it owns
     # (every num_programs-th), the column pass into its own scratch slot [2, P, Q], the row pass on the slot's P
     # rows, and the inverse column pass with the epilogue. A block barrier between the passes makes one thread's
-    # stores visible to the others; the slot is rewritten by the next item, so it stays in L2 instead of going
-    # through HBM (the three-kernel path writes and reads a scratch of the whole batch). The spectrum row and scale
+    # stores visible to the others; the slot is rewritten by the next item, so its traffic mostly stays in L2 (the
+    # three kernels write and read a scratch of the whole batch through HBM; they are still faster below N = 128K,
+    # where the rows' products, not that traffic, set the time: README.md). The spectrum row and scale
     # of an item are those of channel (pair % SH) H + h: SH = 1 normally; the nested four-step's inner call (rows of
     # its scratch as the pairs) sets SH to the number of channels.
     i_g, n_g = tl.program_id(0), tl.num_programs(0)
@@ -1057,11 +1058,11 @@ def fftconv_fwd(
             which applies only to the fp16 dots)
         num_warps: override the fused or the persistent four-step kernel's warp count (for tuning)
         programs: four-step sizes: the persistent kernel's program count (default on CUDA from N = 128K:
-            _PROGRAMS_PER_SM per SM); 0 runs the three-kernel path (a column pass, the row pass and the inverse column
-            pass through an fp32 scratch of the whole batch), the default below 128K and off CUDA. Above the four-step limit
-            (max_fused * P_max) the nested path runs: an outer column pass of P_o <= P_max into an fp32 scratch,
-            the persistent kernel on each of its rows (a circular convolution of length N / P_o with that row's
-            spectrum; at least 4 programs off CUDA) and the outer inverse column pass with the epilogue
+            _PROGRAMS_PER_SM per SM); 0 runs the three-kernel path (a column pass, the row pass and the inverse
+            column pass through an fp32 scratch of the whole batch), the default below 128K and off CUDA. Above the
+            four-step limit (max_fused * P_max) the nested path runs: an outer column pass of P_o <= P_max into an
+            fp32 scratch, the persistent kernel on each of its rows (a circular convolution of length N / P_o with
+            that row's spectrum; programs=0 means 4 there) and the outer inverse column pass with the epilogue
         out: optional contiguous [B, H, out_len] floating buffer to write y into (any float dtype)
     Returns:
         y: [B, H, out_len] in u's dtype (or out)
