@@ -9,6 +9,8 @@ hhfft/kernels/fftconv/monarch.py (_fused_config).
         # the fused kernel's dot options (4 dots / Gauss x fp32 / fp16 tables) on the static variant of each size
     PYTHONPATH=. python benchmarks/fftconv_tune.py --four-step --lengths 4096 16384 65536 --out /tmp/tune
         # four-step sizes: the persistent kernel (programs per SM, warps) against the three kernels
+    PYTHONPATH=. python benchmarks/fftconv_tune.py --dv-dk --lengths 4096 16384 65536 --out /tmp/tune
+        # the backward's du and dk at one four-step size: fftconv_dv_dk against the two separate calls
     python benchmarks/fftconv_tune.py --sm90-offline --lengths 256 1024
         # no GPU: compile the fused kernels for sm_90 and print cuobjdump's registers/stack per configuration
 """
@@ -143,6 +145,39 @@ def sm90_offline(lengths) -> None:
             print(json.dumps(row), flush=True)
 
 
+def dv_dk(lengths, out: str) -> int:
+    """fftconv_dv_dk (g's column pass and row transforms shared by du and dk) against fftconv_fwd + fftconv_corr_fwd
+    on the same g, v and flipped kernel (K = L, the four-step sizes), with the relative difference of their results."""
+    rows = []
+    for L in lengths:
+        N = m.plan(L, L, L)
+        if not m.MAX_FUSED_N < N <= m.MAX_FOURSTEP_N:
+            continue
+        H = 768 if L <= 65536 else 64
+        B = max(1, TOTAL // (H * L))
+        g, v = (torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        kf = torch.randn(H, L, device="cuda") / math.sqrt(L)
+
+        def apart():
+            return m.fftconv_fwd(g, kf, L - 1, L), m.fftconv_corr_fwd(g, v, 0, L)
+
+        (dv0, dk0), (dv1, dk1) = m.fftconv_dv_dk(g, v, kf, 0), apart()
+        row = dict(L=L, N=N, B=B, H=H,
+                   dv_rel_diff=((dv0.float() - dv1.float()).norm() / dv1.float().norm()).item(),
+                   dk_rel_diff=((dk0 - dk1).norm() / dk1.norm()).item())
+        for name, fn in (("dv_dk_ms", lambda: m.fftconv_dv_dk(g, v, kf, 0)), ("apart_ms", apart)):
+            row[name] = round(triton.testing.do_bench(fn, rep=50, return_mode="median"), 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del g, v, kf
+        torch.cuda.empty_cache()
+    print("fftconv_dv_dk_row_kernel", [c[1:] for c in _compiled(m.fftconv_dv_dk_row_kernel)], flush=True)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "fftconv_tune_dv_dk.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="*", default=[256, 1024, 2048, 4096, 16384, 65536])
@@ -150,10 +185,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dots", action="store_true", help="only the dot options of the fused kernel (L <= 2K)")
     ap.add_argument("--sm90-offline", action="store_true", help="no GPU: registers/stack of the fused kernels")
     ap.add_argument("--four-step", action="store_true", help="only the four-step path: persistent kernel vs three")
+    ap.add_argument("--dv-dk", action="store_true",
+                    help="only the backward's four-step products: fftconv_dv_dk against the two separate calls")
     args = ap.parse_args(argv)
     if args.sm90_offline:
         sm90_offline(args.lengths)
         return 0
+    if args.dv_dk:
+        return dv_dk(args.lengths, args.out)
     rows = []
     for L in args.lengths:
         H = 768 if L <= 65536 else 64

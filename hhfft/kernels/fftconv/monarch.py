@@ -783,6 +783,51 @@ def fftconv_corr_row_kernel(
 
 
 @triton.jit
+def fftconv_dv_dk_row_kernel(
+    p_sg, p_sv, p_kf, p_ks, p_f1, p_f2, p_tw, p_c,
+    H, NP,
+    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
+    CONJ_K: tl.constexpr,
+):
+    # fftconv_corr_row_kernel and fftconv_row_kernel on the same rows at once (fftconv_dv_dk): the FFT of each of g's
+    # scratch rows serves dk's accumulation conj(G) V and dv's product G K_f, whose inverse is written over the row
+    # (the row kernel's arithmetic, step for step), so it is computed and read once instead of twice
+    i_h, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    Q: tl.constexpr = N1 * N2
+    o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    f1r, f1i = _load_plane(p_f1, N1, N1)
+    f2r, f2i = _load_plane(p_f2, N2, N2)
+    twr, twi = _load_plane(p_tw, N1, N2)
+    b_ks = tl.load(p_ks + i_h)
+    for i_j in range(R):
+        i_kp = i_k * R + i_j
+        kr, ki = _load_plane(p_kf + (i_h * P + i_kp) * 2 * Q, N1, N2)
+        if CONJ_K:
+            ki = -ki
+        b_sr = tl.zeros([N1, N2], dtype=tl.float32)
+        b_si = tl.zeros([N1, N2], dtype=tl.float32)
+        for i_p in range(NP):
+            o_row = (i_p * H + i_h) * 2 * P * Q + i_kp * Q + o_n
+            b_gr, b_gi, b_sg = _fft_scaled(tl.load(p_sg + o_row), tl.load(p_sg + o_row + P * Q), f1r, f1i, twr, twi,
+                                           f2r, f2i, PREC)
+            b_vr, b_vi, b_sv = _fft_scaled(tl.load(p_sv + o_row), tl.load(p_sv + o_row + P * Q), f1r, f1i, twr, twi,
+                                           f2r, f2i, PREC)
+            b_w = b_sg * b_sv
+            b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
+            b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
+            b_cr, b_ci = b_gr * (1.0 / (N1 * N2)), b_gi * (1.0 / (N1 * N2))  # _conv_row from here on
+            b_cr, b_ci = b_cr * kr - b_ci * ki, b_cr * ki + b_ci * kr
+            b_yr, b_yi = _monarch_inv(b_cr, b_ci, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+            tl.store(p_sg + o_row, b_yr * b_sg * b_ks)
+            tl.store(p_sg + o_row + P * Q, b_yi * b_sg * b_ks)
+        b_sc = _pow2_scale(b_sr, b_si)
+        b_cr, b_ci = _monarch_inv(b_sr / b_sc, b_si / b_sc, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+        o_c = i_h * 2 * P * Q + i_kp * Q + o_n
+        tl.store(p_c + o_c, b_cr * b_sc)
+        tl.store(p_c + o_c + P * Q, b_ci * b_sc)
+
+
+@triton.jit
 def fftconv_corr_col_kernel(
     p_c, p_fp, p_tw, p_dk,
     T, L, K, SHIFT,
@@ -1248,9 +1293,15 @@ def _corr_four_step(fs: _FourStep, sg: Tensor, sv: Tensor, H: int, T: int, L: in
         p_c=c, H=H, NP=sg.shape[0] // H, P=fs.P, N1=fs.q1, N2=fs.q2, R=fs.rr, PREC=prec,
         num_warps=_num_warps(fs.q1, fs.q2),
     )
-    dk = torch.zeros(H, K, device=sg.device, dtype=torch.float32)  # lags outside the correlation stay 0
+    return _corr_col(fs, c, T, L, K, shift, prec)
+
+
+def _corr_col(fs: _FourStep, c: Tensor, T: int, L: int, K: int, shift: int, prec: str) -> Tensor:
+    """dk [H, K] fp32 from the rows' inverse transforms c [H, 2, P, Q] (the correlation's inverse column pass)."""
+    H = c.shape[0]
+    dk = torch.zeros(H, K, device=c.device, dtype=torch.float32)  # lags outside the correlation stay 0
     _launch(
-        fftconv_corr_col_kernel, (H, fs.nqb), sg, p_c=c, p_fp=fs.fp, p_tw=fs.tw, p_dk=dk, T=T, L=L, K=K,
+        fftconv_corr_col_kernel, (H, fs.nqb), c, p_c=c, p_fp=fs.fp, p_tw=fs.tw, p_dk=dk, T=T, L=L, K=K,
         SHIFT=shift, P=fs.P, Q=fs.Q, BQ=fs.bq, NQB=fs.nqb, PREC=prec, num_warps=fs.nw,
     )
     return dk
@@ -1317,8 +1368,10 @@ def fftconv_dv_dk(
     """The backward's two long products by the four-step kernels, g's column pass shared:
     dv = fftconv(g, k_flipped, K-1-shift, out_len=L) and dk = fftconv_corr(g, v, shift, K).
 
-    Order: column passes of g and v, dk's correlation kernels (which only read them), then dv's row pass in place on
-    g's scratch and its inverse column pass. Saves one column pass (a read of g and a write of the fp32 scratch).
+    Order: column passes of g and v; one row kernel (fftconv_dv_dk_row_kernel) that transforms each row of both
+    once, accumulates dk's conj(G) V over the pairs and writes dv's inverse G K_f over g's row; dk's inverse column
+    pass; dv's inverse column pass. Saves, against the two ops, one column pass of g (a read of g and a write of the
+    fp32 scratch), one transform of each of g's rows and one read of them.
 
     Args:
         g: [B, H, T], v: [B, H, L] (one dtype: fp16/bf16, or fp32 with an explicit precision), k_flipped: [H, K]
@@ -1343,11 +1396,17 @@ def fftconv_dv_dk(
         )
     g, v = g.contiguous(), v.contiguous()
     fs = _FourStep.make(N, max_fused, g)
-    sg = _col_fwd(fs, g, B, H, prec)
-    dk = _corr_four_step(fs, sg, _col_fwd(fs, v, B, H, prec), H, T, L, K, shift, prec)
+    sg, sv = _col_fwd(fs, g, B, H, prec), _col_fwd(fs, v, B, H, prec)
     shift_dv = K - 1 - shift
     kf, ks, conj_k = _spectrum_for(k_flipped, shift_dv, N, (fs.P, fs.q1, fs.q2))
-    _row_pass(fs, sg, kf, ks, conj_k, (B + 1) // 2, H, prec)
+    c = torch.empty(H, 2, fs.P, fs.Q, device=g.device, dtype=torch.float32)
+    _launch(
+        fftconv_dv_dk_row_kernel, (H, fs.P // fs.rr), g, p_sg=sg, p_sv=sv, p_kf=kf, p_ks=ks / fs.P, p_f1=fs.fq1,
+        p_f2=fs.fq2, p_tw=fs.twq, p_c=c, H=H, NP=(B + 1) // 2, P=fs.P, N1=fs.q1, N2=fs.q2, R=fs.rr, PREC=prec,
+        CONJ_K=conj_k, num_warps=_num_warps(fs.q1, fs.q2),
+    )
+    del sv
+    dk = _corr_col(fs, c, T, L, K, shift, prec)
     dv = torch.empty(B, H, L, device=g.device, dtype=g.dtype)
     _col_inv(
         fs, sg, p_u=g, p_post=g, p_bias=g, p_skip=g, p_y=dv, B=B, H=H, L=T, T=L, LO=-shift_dv,
