@@ -9,7 +9,7 @@ hhfft/kernels/fftconv/monarch.py (_fused_config).
         # the fused kernel's dot options (4 dots / Gauss x fp32 / fp16 tables) on the static variant of each size
     PYTHONPATH=. python benchmarks/fftconv_tune.py --four-step --lengths 4096 16384 65536 --out /tmp/tune
         # four-step sizes: the persistent kernel (programs per SM, warps) against the three kernels
-    PYTHONPATH=. python benchmarks/fftconv_tune.py --dv-dk --lengths 4096 16384 65536 --out /tmp/tune
+    PYTHONPATH=. python benchmarks/fftconv_tune.py --dv-dk --lengths 256 1024 4096 16384 65536 --out /tmp/tune
         # the backward's du and dk at one four-step size: fftconv_dv_dk against the two separate calls
     python benchmarks/fftconv_tune.py --sm90-offline --lengths 256 1024
         # no GPU: compile the fused kernels for sm_90 and print cuobjdump's registers/stack per configuration
@@ -147,11 +147,12 @@ def sm90_offline(lengths) -> None:
 
 def dv_dk(lengths, out: str) -> int:
     """fftconv_dv_dk (g's column pass and row transforms shared by du and dk) against fftconv_fwd + fftconv_corr_fwd
-    on the same g, v and flipped kernel (K = L, the four-step sizes), with the relative difference of their results."""
+    on the same g, v and flipped kernel (K = L; fused and four-step sizes), with the relative difference of their
+    results."""
     rows = []
     for L in lengths:
         N = m.plan(L, L, L)
-        if not m.MAX_FUSED_N < N <= m.MAX_FOURSTEP_N:
+        if N > m.MAX_FOURSTEP_N:
             continue
         H = 768 if L <= 65536 else 64
         B = max(1, TOTAL // (H * L))
@@ -171,7 +172,8 @@ def dv_dk(lengths, out: str) -> int:
         print(json.dumps(row), flush=True)
         del g, v, kf
         torch.cuda.empty_cache()
-    print("fftconv_dv_dk_row_kernel", [c[1:] for c in _compiled(m.fftconv_dv_dk_row_kernel)], flush=True)
+    for kern in (m.fftconv_dv_dk_kernel, m.fftconv_dv_dk_row_kernel):
+        print(kern.fn.__name__, [c[1:] for c in _compiled(kern)], flush=True)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "fftconv_tune_dv_dk.json"), "w") as f:
         json.dump(rows, f, indent=1)

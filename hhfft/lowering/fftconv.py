@@ -154,9 +154,9 @@ def _(g, v, shift, K):
 @torch.library.triton_op("hhfft::fftconv_dv_dk", mutates_args=())
 def _fftconv_dv_dk_op(g: Tensor, v: Tensor, k_flipped: Tensor, shift: int) -> tuple[Tensor, Tensor]:
     """The backward's dv = fftconv(g, k_flipped, K-1-shift, out_len=L) and dk = fftconv_corr(g, v, shift, K) in one
-    call, so that the four-step kernels do g's column pass once (the backward uses it when shares_column_pass)."""
+    call, so that the kernels read and transform g once for both (the backward uses it when dv_dk_shared)."""
     K, L = k_flipped.shape[-1], v.shape[-1]
-    if _use_kernels(g, v, k_flipped) and _monarch.shares_column_pass(g, v, K):
+    if _use_kernels(g, v, k_flipped) and _monarch.dv_dk_shared(g, v, K):
         return _monarch.fftconv_dv_dk(g, v, k_flipped, shift)
     dv = _fftconv_torch(g, k_flipped, K - 1 - shift, L, None, None, None, None)
     return dv, _fftconv_corr_torch(g, v, shift, K)
@@ -212,7 +212,7 @@ class _FFTConv(torch.autograd.Function):
                 need[1]
                 and not torch.is_grad_enabled()  # no double backward through this step: one op for dv and dk
                 and _use_kernels(g, v, k)
-                and _monarch.shares_column_pass(g, v, K)
+                and _monarch.dv_dk_shared(g, v, K)
             ):
                 dv, dk = torch.ops.hhfft.fftconv_dv_dk(g, v, k_flipped, shift)
                 dk = dk.to(k.dtype)

@@ -117,6 +117,31 @@ def test_four_step_persistent_kernel(N, dtype, programs, nan_memory):
         assert _err(y, ref) <= 2 * _err(y_t, ref), f"programs={progs}: {_err(y, ref):.3e} > 2 x {_err(y_t, ref):.3e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("N", [512, 2048, 4096, 16384])
+def test_dv_dk_against_fp64(N, dtype, nan_memory):
+    """fftconv_dv_dk, the backward's du and dk in one call when their FFT sizes agree (K = L), at fused sizes (one
+    kernel) and a four-step size (one row kernel): against the fp64 torch.fft reference by the 2x rule; odd batch,
+    NaN-poisoned buffers."""
+    from hhfft.kernels.fftconv.monarch import fftconv_dv_dk
+    from hhfft.lowering.fftconv import _fftconv_corr_torch, _fftconv_torch
+
+    B, H, L = 5, 3, N // 2 - 5
+    gen = torch.Generator(device="cuda").manual_seed(N)
+    g, v = (torch.randn(B, H, L, device="cuda", dtype=torch.float64, generator=gen) for _ in range(2))
+    kf = torch.randn(H, L, device="cuda", dtype=torch.float64, generator=gen) / L**0.5
+    shift = 3
+    dv_ref = _fftconv_torch(g, kf, L - 1 - shift, L, None, None, None, None)
+    dk_ref = _fftconv_corr_torch(g, v, shift, L)
+    c = lambda x: x.to(dtype)  # noqa: E731
+    dv_t = _fftconv_torch(c(g), kf.float(), L - 1 - shift, L, None, None, None, None)
+    dk_t = _fftconv_corr_torch(c(g), c(v), shift, L)
+    dv, dk = fftconv_dv_dk(c(g), c(v), kf.float(), shift)
+    for name, a, a_t, ref in (("dv", dv, dv_t, dv_ref), ("dk", dk, dk_t, dk_ref)):
+        assert not torch.isnan(a).any(), name
+        assert _err(a, ref) <= 2 * _err(a_t, ref), f"{name}: {_err(a, ref):.3e} > 2 x torch {_err(a_t, ref):.3e}"
+
+
 # fused kernel's dot options: (gauss, half_tables)
 DOTS = {"4dots": (False, False), "gauss": (True, False), "half16": (False, True), "gauss-half16": (True, True)}
 FUSED = [("loop", 4, 512), ("loop", 1, 2048), ("stacked", 4, 512), ("stacked", 2, 2048), ("t", 4, 512), ("t", 2, 2048),
@@ -209,21 +234,25 @@ def _compile_fx_step(B, H, L, K, check):
         assert rel <= 2 ** -7, f"{name}: compiled vs eager relative error {rel:.2e}"
 
 
-def test_compile_fx_backward_calls_the_kernels():
-    """The compiled forward and backward both call the Triton kernels (du through the same conv kernel, dk through
-    the correlation kernel)."""
+@pytest.mark.parametrize("K", [100, 300], ids=["K100-du-N1024-dk-N2048-apart", "K300-N2048-fftconv_dv_dk"])
+def test_compile_fx_backward_calls_the_kernels(K):
+    """The compiled backward calls the Triton kernels at the fused sizes: du through the conv kernel and dk through
+    the correlation kernel when their FFT sizes differ, one kernel for both (fftconv_dv_dk_kernel) when they agree."""
     def check(code):
-        assert "fftconv_fwd_" in code and "fftconv_corr_kernel" in code
+        if K == 300:
+            assert "fftconv_dv_dk_kernel" in code and "fftconv_corr_kernel" not in code
+        else:
+            assert "fftconv_fwd_" in code and "fftconv_corr_kernel" in code and "fftconv_dv_dk_kernel" not in code
 
-    _compile_fx_step(4, 16, 777, 300, check)
+    _compile_fx_step(4, 16, 777, K, check)
 
 
 @pytest.mark.parametrize("L", [5000, 20000], ids=["N16384-P16-Q1024", "N65536-P32-Q2048"])
 def test_four_step_backward_reuses_the_spectrum_and_runs_dk_in_the_kernels(L, nan_memory, monkeypatch):
     """Eager forward+backward at four-step sizes (bf16 u, fp32 k, K = L as in the benchmark): y's spectrum is built
-    once and du reads it conjugated; du and dk come from fftconv_dv_dk (g's column pass and row transforms shared, dk
-    by the four-step correlation kernels, not torch.fft). y, du, dk against fp64 by the 2x rule (test_fftconv_all_sizes, whose K < L
-    gives dk twice du's N, covers the separate ops)."""
+    once and du reads it conjugated; du and dk come from fftconv_dv_dk (g's column pass and row transforms shared,
+    dk by the four-step correlation kernels, not torch.fft). y, du, dk against fp64 by the 2x rule
+    (test_fftconv_all_sizes, whose K < L gives dk twice du's N, covers the separate ops)."""
     from hhfft.kernels.fftconv import monarch
 
     B, H = 3, 4
@@ -261,7 +290,7 @@ def test_compile_fx_four_step_backward_calls_the_kernels(K):
     from hhfft.kernels.fftconv import monarch
 
     B, H, L = 3, 4, 5000  # dk: N = plan(L, L, 0) = 16384; y, du: plan(L, K, L) = 8192 (K = 3000) or 16384
-    shared = monarch.shares_column_pass(torch.empty(B, H, L, device="cuda", dtype=torch.bfloat16),
+    shared = monarch.dv_dk_shared(torch.empty(B, H, L, device="cuda", dtype=torch.bfloat16),
                                         torch.empty(B, H, L, device="cuda", dtype=torch.bfloat16), K)
     assert shared == (K == 5000)
 

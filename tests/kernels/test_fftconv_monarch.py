@@ -161,6 +161,32 @@ def test_backward(B, H, L, K, shift, T, max_fused_n, R, gates, dtype):
     assert_within_torch_error(dk.cpu(), dk_ref, dk_torch.cpu(), f"dk N={plan(T, L, 0)}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,L,T,K,shift", [(3, 2, 600, 600, 600, 0), (4, 3, 200, 190, 70, 33)],
+                         ids=["N2048-B3-K=L", "N512-B4-T190-K70-shift33"])
+def test_dv_dk_fused_sizes_match_naive(B, H, L, T, K, shift, dtype):
+    """fftconv_dv_dk up to the fused limit: one kernel transforms each pair of g once for dv and dk; both against
+    the fp64 reference by the 2x rule (odd batch: a half-empty pair; more batch slices than one)."""
+    from hhfft.kernels.fftconv.monarch import fftconv_dv_dk
+
+    gen = torch.Generator().manual_seed(21)
+    u = torch.randn(B, H, L, dtype=torch.float64, generator=gen)
+    k = torch.randn(H, K, dtype=torch.float64, generator=gen) / K**0.5
+    dy = torch.randn(B, H, T, dtype=torch.float64, generator=gen)
+    assert plan(T, K, L) == plan(T, L, 0) <= 2048
+    u_, k_ = u.clone().requires_grad_(), k.clone().requires_grad_()
+    du_ref, dk_ref = torch.autograd.grad(fftconv_naive(u_, k_, shift, T), (u_, k_), dy)
+    g, v = dy.to(DEVICE, dtype), u.to(DEVICE, dtype)
+    kf = k.to(DEVICE, torch.float32).flip(-1)
+    dv = torch.full((B, H, L), float("nan"), device=DEVICE, dtype=STORE[dtype])
+    dv_, dk = fftconv_dv_dk(g, v, kf, shift, precision=PREC[dtype], out=dv)
+    assert dv_ is dv and dk.dtype == torch.float32
+    dv = dv.to(dtype)
+    dv_torch = _fftconv_torch(g, kf, K - 1 - shift, L, None, None, None, None)
+    assert_within_torch_error(dv.cpu(), du_ref, dv_torch.cpu(), "dv (fused sizes)")
+    assert_within_torch_error(dk.cpu(), dk_ref, _fftconv_corr_torch(g, v, shift, K).cpu(), "dk (fused sizes)")
+
+
 def test_corr_matches_naive_odd_batch():
     g = torch.randn(3, 2, 77, dtype=torch.float64)
     v = torch.randn(3, 2, 90, dtype=torch.float64)
@@ -190,10 +216,10 @@ def test_corr_four_step(B, H, T, L, shift, K, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16-fp16dots"])
-def test_dv_dk_shared_column_pass_equals_the_separate_calls(dtype):
-    """fftconv_dv_dk (g's column pass done once) gives bit for bit what fftconv_fwd (dv with flip(k)) and
-    fftconv_corr_fwd (dk) give separately: the same kernels on the same scratch values. N = 4096 for both products
-    (P16 x Q256 with max_fused_n = 256), odd batch, shift 7."""
+def test_dv_dk_four_step_equals_the_separate_calls(dtype):
+    """fftconv_dv_dk at a four-step size (g's column pass and row transforms done once) gives bit for bit what
+    fftconv_fwd (dv with flip(k)) and fftconv_corr_fwd (dk) give separately: the same arithmetic on the same scratch
+    values. N = 4096 for both products (P16 x Q256 with max_fused_n = 256), odd batch, shift 7."""
     from hhfft.kernels.fftconv.monarch import fftconv_dv_dk
 
     B, H, L, K, shift = 3, 2, 1500, 1001, 7
@@ -207,9 +233,9 @@ def test_dv_dk_shared_column_pass_equals_the_separate_calls(dtype):
     dk_ref = fftconv_corr_fwd(g, v, shift, K, **opts)
     assert dv.dtype == dtype and dk.dtype == torch.float32
     assert torch.equal(dv, dv_ref) and torch.equal(dk, dk_ref)
-    with pytest.raises(ValueError, match="one four-step FFT size for dv and dk"):
+    with pytest.raises(ValueError, match="one FFT size for dv and dk"):
         fftconv_dv_dk(g, torch.cat([v, v], -1), kf, shift, **opts)  # dv's N = plan(1500, 1001, 3000) = 4096, dk's 8192
-    with pytest.raises(ValueError, match="one four-step FFT size for dv and dk"):
+    with pytest.raises(ValueError, match="one FFT size for dv and dk"):
         fftconv_dv_dk(g, v, kf[:, :100], shift, **opts)  # dv's N = plan(1500, 100, 1500) = 2048, dk's 4096
 
 

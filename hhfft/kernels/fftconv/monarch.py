@@ -53,7 +53,7 @@ __all__ = [
     "corr_supported",
     "fftconv_fwd",
     "fftconv_corr_fwd",
-    "shares_column_pass",
+    "dv_dk_shared",
     "fftconv_dv_dk",
 ]
 
@@ -747,6 +747,59 @@ def fftconv_corr_kernel(
 
 
 @triton.jit
+def fftconv_dv_dk_kernel(
+    p_g, p_v, p_kf, p_ks, p_f1, p_f2, p_tw, p_dv, p_dk,
+    B, H, T, L, K, SHIFT, LO, HI, NS,
+    N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr, CONJ_K: tl.constexpr,
+):
+    # fftconv_corr_kernel (dk of the pairs in slice i_s) that also writes dv = conv(g, k_flipped) for every pair it
+    # transforms: G serves dk's conj(G) V and dv's G K_f (the fused kernel's _conv_row, 4 dots), so each of g's rows
+    # is read and transformed once for both (fftconv_dv_dk at the fused sizes)
+    i_h, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    N: tl.constexpr = N1 * N2
+    o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    f1r, f1i = _load_plane(p_f1, N1, N1)
+    f2r, f2i = _load_plane(p_f2, N2, N2)
+    twr, twi = _load_plane(p_tw, N1, N2)
+    kr, ki = _load_plane(p_kf + i_h * 2 * N, N1, N2)
+    if CONJ_K:
+        ki = -ki
+    b_ks = tl.load(p_ks + i_h)
+    m_g = o_n < T
+    m_v = o_n < L
+    m_c = (o_n >= LO) & (o_n <= HI)
+    b_sr = tl.zeros([N1, N2], dtype=tl.float32)
+    b_si = tl.zeros([N1, N2], dtype=tl.float32)
+    for i_p in range(i_s, (B + 1) // 2, NS):
+        i_b0 = 2 * i_p
+        i_b1 = i_b0 + 1
+        m_1 = i_b1 < B
+        b_gr = tl.load(p_g + (i_b0 * H + i_h) * T + o_n, mask=m_g, other=0.0).to(tl.float32)
+        b_gi = tl.load(p_g + (i_b1 * H + i_h) * T + o_n, mask=m_g & m_1, other=0.0).to(tl.float32)
+        b_gr, b_gi, b_sg = _fft_scaled(b_gr, b_gi, f1r, f1i, twr, twi, f2r, f2i, PREC)
+        b_vr = tl.load(p_v + (i_b0 * H + i_h) * L + o_n, mask=m_v, other=0.0).to(tl.float32)
+        b_vi = tl.load(p_v + (i_b1 * H + i_h) * L + o_n, mask=m_v & m_1, other=0.0).to(tl.float32)
+        b_vr, b_vi, b_sv = _fft_scaled(b_vr, b_vi, f1r, f1i, twr, twi, f2r, f2i, PREC)
+        b_w = b_sg * b_sv
+        b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
+        b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
+        b_cr, b_ci = b_gr * (1.0 / N), b_gi * (1.0 / N)
+        b_cr, b_ci = b_cr * kr - b_ci * ki, b_cr * ki + b_ci * kr
+        b_yr, b_yi = _monarch_inv(b_cr, b_ci, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+        b_yr = tl.where(m_c, b_yr * b_sg * b_ks, 0.0)
+        b_yi = tl.where(m_c, b_yi * b_sg * b_ks, 0.0)
+        tl.store(p_dv + (i_b0 * H + i_h) * L + o_n, b_yr.to(p_dv.dtype.element_ty), mask=m_v)
+        tl.store(p_dv + (i_b1 * H + i_h) * L + o_n, b_yi.to(p_dv.dtype.element_ty), mask=m_v & m_1)
+    b_sc = _pow2_scale(b_sr, b_si)
+    b_cr, b_ci = _monarch_inv(b_sr / b_sc, b_si / b_sc, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+    o_m = tl.where(o_n < L, o_n, o_n - N)  # as fftconv_corr_kernel
+    m_lag = (o_n < L) | (o_n > N - T)
+    o_j = SHIFT - o_m
+    m_j = m_lag & (o_j >= 0) & (o_j < K)
+    tl.store(p_dk + (i_s * H + i_h) * K + o_j, b_cr * (b_sc / N), mask=m_j)
+
+
+@triton.jit
 def fftconv_corr_row_kernel(
     p_sg, p_sv, p_f1, p_f2, p_tw, p_c,
     H, NP,
@@ -1307,6 +1360,12 @@ def _corr_col(fs: _FourStep, c: Tensor, T: int, L: int, K: int, shift: int, prec
     return dk
 
 
+def _corr_slices(pairs: int, H: int) -> int:
+    """Batch slices of the fused-size dk kernels: enough programs (H x slices >= 264) to fill the GPU, each summing
+    its pairs in registers (the slices' partial sums are added on the host)."""
+    return max(1, min(pairs, -(-264 // H)))
+
+
 def fftconv_corr_fwd(
     g: Tensor, v: Tensor, shift: int, K: int, *, precision: Optional[str] = None, max_fused_n: Optional[int] = None
 ) -> Tensor:
@@ -1340,7 +1399,7 @@ def fftconv_corr_fwd(
         return _corr_four_step(fs, _col_fwd(fs, g, B, H, prec), _col_fwd(fs, v, B, H, prec), H, T, L, K, shift, prec)
     n1, n2 = _split(N)
     f1, f2, tw = _tables(n1, n2, g.device, g)
-    ns = max(1, min(pairs, -(-264 // H)))
+    ns = _corr_slices(pairs, H)
     part = torch.zeros(ns, H, K, device=g.device, dtype=torch.float32)
     _launch(
         fftconv_corr_kernel, (H, ns), g, p_g=g, p_v=v, p_f1=f1, p_f2=f2, p_tw=tw,
@@ -1350,36 +1409,39 @@ def fftconv_corr_fwd(
     return part.sum(0)
 
 
-def shares_column_pass(g: Tensor, v: Tensor, K: int) -> bool:
-    """Whether the backward's dv = conv(g, flip(k); K-1-shift) and dk = corr(g, v; shift) both take the four-step
-    kernels at one FFT size, so that fftconv_dv_dk can do g's column pass once for both (bf16/fp16, same dtypes)."""
+def dv_dk_shared(g: Tensor, v: Tensor, K: int) -> bool:
+    """Whether the backward's dv = conv(g, flip(k); K-1-shift) and dk = corr(g, v; shift) take the kernels at one FFT
+    size, so that fftconv_dv_dk can read and transform g once for both (bf16/fp16, same dtypes)."""
     if g.dtype not in (torch.float16, torch.bfloat16) or v.dtype != g.dtype:
         return False
     T, L = g.shape[-1], v.shape[-1]
     N = plan(T, K, L)
     prec = precision_for(g.dtype)
-    return N == plan(T, L, 0) and _MAX_FUSED[prec] < N <= _MAX_FUSED[prec] * _MAX_P[prec]
+    return N == plan(T, L, 0) and N <= _MAX_FUSED[prec] * _MAX_P[prec]
 
 
 def fftconv_dv_dk(
     g: Tensor, v: Tensor, k_flipped: Tensor, shift: int, *, precision: Optional[str] = None,
-    max_fused_n: Optional[int] = None,
+    max_fused_n: Optional[int] = None, out: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """The backward's two long products by the four-step kernels, g's column pass shared:
+    """The backward's two long products, each of g's rows read and transformed once for both:
     dv = fftconv(g, k_flipped, K-1-shift, out_len=L) and dk = fftconv_corr(g, v, shift, K).
 
-    Order: column passes of g and v; one row kernel (fftconv_dv_dk_row_kernel) that transforms each row of both
-    once, accumulates dk's conj(G) V over the pairs and writes dv's inverse G K_f over g's row; dk's inverse column
-    pass; dv's inverse column pass. Saves, against the two ops, one column pass of g (a read of g and a write of the
-    fp32 scratch), one transform of each of g's rows and one read of them.
+    Up to the fused limit: one kernel (fftconv_dv_dk_kernel), fftconv_corr_kernel writing dv for every pair it
+    transforms. Above it (four-step): column passes of g and v; one row kernel (fftconv_dv_dk_row_kernel) that
+    transforms each row of both once, accumulates dk's conj(G) V over the pairs and writes dv's inverse G K_f over
+    g's row; dk's inverse column pass; dv's inverse column pass. Saves, against the two ops, one read and one
+    transform of each of g's rows (and at the four-step sizes g's second column pass: a read of g and a write of the
+    fp32 scratch).
 
     Args:
         g: [B, H, T], v: [B, H, L] (one dtype: fp16/bf16, or fp32 with an explicit precision), k_flipped: [H, K]
             (flip(k); its spectrum is the conjugate of k's kept one when note_flip declared it)
-        precision, max_fused_n: as in fftconv_fwd; N = plan(T, K, L) must equal plan(T, L, 0) and be above the fused
-            limit and within the four-step one (shares_column_pass)
+        precision, max_fused_n: as in fftconv_fwd; N = plan(T, K, L) must equal plan(T, L, 0) and be within the
+            four-step limit (dv_dk_shared)
+        out: optional contiguous [B, H, L] floating buffer to write dv into (any float dtype)
     Returns:
-        dv: [B, H, L] in g's dtype; dk: [H, K] fp32
+        dv: [B, H, L] in g's dtype (or out); dk: [H, K] fp32
     """
     B, H, T = g.shape
     L = v.shape[-1]
@@ -1387,17 +1449,33 @@ def fftconv_dv_dk(
     N = plan(T, K, L)
     prec = precision or precision_for(g.dtype)
     max_fused = max_fused_n or _MAX_FUSED[prec]
-    if (N != plan(T, L, 0) or not max_fused < N <= max_fused * _MAX_P[prec] or v.dtype != g.dtype
+    if (N != plan(T, L, 0) or N > max_fused * _MAX_P[prec] or v.dtype != g.dtype
             or g.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
         raise ValueError(
-            f"fftconv_dv_dk: expected g and v of one fp16/bf16/fp32 dtype and one four-step FFT size for dv and dk "
-            f"({max_fused} < N <= {max_fused * _MAX_P[prec]}), got {g.dtype}/{v.dtype}, N = {N} (dv) and "
+            f"fftconv_dv_dk: expected g and v of one fp16/bf16/fp32 dtype and one FFT size for dv and dk within the "
+            f"four-step limit (N <= {max_fused * _MAX_P[prec]}), got {g.dtype}/{v.dtype}, N = {N} (dv) and "
             f"{plan(T, L, 0)} (dk); call fftconv_fwd and fftconv_corr_fwd separately"
         )
     g, v = g.contiguous(), v.contiguous()
+    shift_dv = K - 1 - shift
+    dv = torch.empty(B, H, L, device=g.device, dtype=g.dtype) if out is None else out
+    if tuple(dv.shape) != (B, H, L) or not dv.is_floating_point() or not dv.is_contiguous():
+        raise ValueError(f"fftconv_dv_dk: out must be a contiguous floating {(B, H, L)} tensor, got "
+                         f"{tuple(dv.shape)} {dv.dtype}")
+    if N <= max_fused:
+        n1, n2 = _split(N)
+        f1, f2, tw = _tables(n1, n2, g.device, g)
+        kf, ks, conj_k = _spectrum_for(k_flipped, shift_dv, N, (1, n1, n2))
+        ns = _corr_slices((B + 1) // 2, H)
+        part = torch.zeros(ns, H, K, device=g.device, dtype=torch.float32)
+        _launch(
+            fftconv_dv_dk_kernel, (H, ns), g, p_g=g, p_v=v, p_kf=kf, p_ks=ks, p_f1=f1, p_f2=f2, p_tw=tw, p_dv=dv,
+            p_dk=part, B=B, H=H, T=T, L=L, K=K, SHIFT=shift, LO=-shift_dv, HI=T + K - 2 - shift_dv, NS=ns, N1=n1,
+            N2=n2, PREC=prec, CONJ_K=conj_k, num_warps=_num_warps(n1, n2),
+        )
+        return dv, part.sum(0)
     fs = _FourStep.make(N, max_fused, g)
     sg, sv = _col_fwd(fs, g, B, H, prec), _col_fwd(fs, v, B, H, prec)
-    shift_dv = K - 1 - shift
     kf, ks, conj_k = _spectrum_for(k_flipped, shift_dv, N, (fs.P, fs.q1, fs.q2))
     c = torch.empty(H, 2, fs.P, fs.Q, device=g.device, dtype=torch.float32)
     _launch(
@@ -1407,7 +1485,6 @@ def fftconv_dv_dk(
     )
     del sv
     dk = _corr_col(fs, c, T, L, K, shift, prec)
-    dv = torch.empty(B, H, L, device=g.device, dtype=g.dtype)
     _col_inv(
         fs, sg, p_u=g, p_post=g, p_bias=g, p_skip=g, p_y=dv, B=B, H=H, L=T, T=L, LO=-shift_dv,
         HI=T + K - 2 - shift_dv, HAS_POST=False, HAS_BIAS=False, HAS_SKIP=False, PREC=prec,
