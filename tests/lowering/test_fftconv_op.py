@@ -186,12 +186,13 @@ def _max_err(x, ref):
     return (x.double() - ref).abs().max().item()
 
 
-# (B, H, L, K, shift, gates): y's and du's N = 256 (fused) and 4096 (four-step, P16 x Q256); dk's N = plan(L, L, 0):
-# 512 (fused), 4096 (four-step: one op for du and dk, with and without gates) and 8192 (four-step, P16 x Q512, du and
-# dk apart); odd batch (a half-empty pair). With T = 4000 > L du's N is 8192 (no spectrum to share) and dk's too (one
-# op for both).
+# (B, H, L, K, shift, gates): y's and du's N = 256 and 512 (fused) and 4096 (four-step, P16 x Q256); dk's N =
+# plan(L, L, 0): 512 (fused: apart from du, or one op and one kernel for both), 4096 (four-step: one op for du and dk,
+# with and without gates) and 8192 (four-step, P16 x Q512, du and dk apart); odd batch (a half-empty pair). With
+# T = 4000 > L du's N is 8192 (no spectrum to share) and dk's too (one op for both).
 KERNEL_CASES = [
     pytest.param(3, 2, 129, 100, 0, 129, True, id="N256-fused-B3-H2-L129-K100-causal-gates"),
+    pytest.param(3, 2, 200, 200, 5, 200, True, id="N512-fused-dv-dk-B3-H2-L200-K200-shift5-gates"),
     pytest.param(3, 2, 1500, 1001, 0, 1500, False, id="N4096-fourstep-B3-H2-L1500-K1001-causal"),
     pytest.param(3, 1, 2049, 1500, 7, 2049, True, id="N4096-fourstep-B3-H1-L2049-K1500-shift7-gates"),
     pytest.param(3, 1, 1500, 1001, 7, 1500, True, id="N4096-fourstep-B3-H1-L1500-K1001-shift7-gates"),
@@ -224,11 +225,12 @@ def test_kernel_branch_forward_and_all_gradients(B, H, L, K, shift, T, gates, ke
     monkeypatch.setattr(monarch, "_launch", lambda kernel, *a, **kw: launched.append(kernel) or launch(kernel, *a, **kw))
     outs = run()
     counts = dict(monarch.SPECTRUM_COUNTS)
-    corr = monarch.fftconv_corr_col_kernel if L > 256 else monarch.fftconv_corr_kernel
+    shared = monarch.plan(T, K, L) == monarch.plan(T, L, 0)  # du and dk by one op (fftconv_dv_dk)
+    four_step = monarch.plan(T, L, 0) > 512
+    corr = (monarch.fftconv_corr_col_kernel if four_step
+            else monarch.fftconv_dv_dk_kernel if shared else monarch.fftconv_corr_kernel)
     assert corr in launched, [getattr(x, "__name__", x) for x in launched]
-    if L > 256:  # column passes: u, g, v (+ v again for the postgate gradient's y); g's is shared by dv and dk when
-        # both products have one N (fftconv_dv_dk)
-        shared = monarch.plan(T, K, L) == monarch.plan(T, L, 0)
+    if four_step:  # column passes: u, g, v (+ v again for the postgate gradient's y); g's is shared by dv and dk
         assert launched.count(monarch.fftconv_col_fwd_kernel) == (3 if shared else 4) + gates
     monkeypatch.setattr(op_mod, "_monarch", None)  # the same computation by torch.fft at fp16
     outs_t = run()
