@@ -234,17 +234,19 @@ def _compile_fx_step(B, H, L, K, check):
         assert rel <= 2 ** -7, f"{name}: compiled vs eager relative error {rel:.2e}"
 
 
-@pytest.mark.parametrize("K", [100, 300], ids=["K100-du-N1024-dk-N2048-apart", "K300-N2048-fftconv_dv_dk"])
-def test_compile_fx_backward_calls_the_kernels(K):
+@pytest.mark.parametrize("L,K,shared", [(777, 100, False), (777, 300, False), (200, 200, True)],
+                         ids=["du-N1024-dk-N2048", "N2048-apart", "N512-fftconv_dv_dk"])
+def test_compile_fx_backward_calls_the_kernels(L, K, shared):
     """The compiled backward calls the Triton kernels at the fused sizes: du through the conv kernel and dk through
-    the correlation kernel when their FFT sizes differ, one kernel for both (fftconv_dv_dk_kernel) when they agree."""
+    the correlation kernel, or one kernel for both (fftconv_dv_dk_kernel) where their FFT sizes agree, up to
+    _DV_DK_MAX_FUSED."""
     def check(code):
-        if K == 300:
+        if shared:
             assert "fftconv_dv_dk_kernel" in code and "fftconv_corr_kernel" not in code
         else:
             assert "fftconv_fwd_" in code and "fftconv_corr_kernel" in code and "fftconv_dv_dk_kernel" not in code
 
-    _compile_fx_step(4, 16, 777, K, check)
+    _compile_fx_step(4, 16, L, K, check)
 
 
 @pytest.mark.parametrize("L", [5000, 20000], ids=["N16384-P16-Q1024", "N65536-P32-Q2048"])

@@ -282,16 +282,25 @@ def _fft_scaled(xr, xi, f1r, f1i, twr, twi, f2r, f2i, PREC: tl.constexpr):
 
 
 @triton.jit
+def _times_spectrum_inv(
+    cr, ci, kr, ki, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s,
+    N1: tl.constexpr, N2: tl.constexpr, GAUSS: tl.constexpr, PREC: tl.constexpr,
+):
+    # N ifft(c / N * k_f) for c = fft(x / s) (|c| <= N) and a spectrum k_f = kr + i ki with |k_f| <= 1
+    cr, ci = cr * (1.0 / (N1 * N2)), ci * (1.0 / (N1 * N2))
+    cr, ci = cr * kr - ci * ki, cr * ki + ci * kr  # |.| <= 1
+    return _monarch_inv(cr, ci, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s, GAUSS, PREC)
+
+
+@triton.jit
 def _conv_row(
     xr, xi, kr, ki, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s,
     N1: tl.constexpr, N2: tl.constexpr, GAUSS: tl.constexpr, PREC: tl.constexpr,
 ):
     # ifft(fft(x) * k_f) for a spectrum k_f = kr + i ki with |k_f| <= 1 (its scale is applied by the caller)
     s = _pow2_scale(xr, xi)
-    cr, ci = _monarch_fwd(xr / s, xi / s, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s, GAUSS, PREC)  # |c| <= N
-    cr, ci = cr * (1.0 / (N1 * N2)), ci * (1.0 / (N1 * N2))
-    cr, ci = cr * kr - ci * ki, cr * ki + ci * kr  # |.| <= 1
-    yr, yi = _monarch_inv(cr, ci, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s, GAUSS, PREC)
+    cr, ci = _monarch_fwd(xr / s, xi / s, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s, GAUSS, PREC)
+    yr, yi = _times_spectrum_inv(cr, ci, kr, ki, f1r, f1i, f1s, twr, twi, f2r, f2i, f2s, N1, N2, GAUSS, PREC)
     return yr * s, yi * s
 
 
@@ -706,6 +715,22 @@ def fftconv_four_step_kernel(
 
 # -------------------------------------------------------------------------------------------------- dk kernel
 @triton.jit
+def _store_lags(p_dk, b_sr, b_si, f1r, f1i, twr, twi, f2r, f2i, T, L, K, SHIFT,
+                N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
+    # dk[j] (the row p_dk [K]) = Re ifft(S)[m] at lag m = shift - j, for a summed spectrum S of conj(G) V
+    N: tl.constexpr = N1 * N2
+    o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    b_sc = _pow2_scale(b_sr, b_si)
+    b_cr, b_ci = _monarch_inv(b_sr / b_sc, b_si / b_sc, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+    # lag m of circular index n: n (n < L) or n - N (n > N - T); dk index j = shift - m
+    o_m = tl.where(o_n < L, o_n, o_n - N)
+    m_lag = (o_n < L) | (o_n > N - T)
+    o_j = SHIFT - o_m
+    m_j = m_lag & (o_j >= 0) & (o_j < K)
+    tl.store(p_dk + o_j, b_cr * (b_sc / N), mask=m_j)
+
+
+@triton.jit
 def fftconv_corr_kernel(
     p_g, p_v, p_f1, p_f2, p_tw, p_dk,
     B, H, T, L, K, SHIFT, NS,
@@ -736,14 +761,7 @@ def fftconv_corr_kernel(
         b_w = b_sg * b_sv
         b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
         b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
-    b_sc = _pow2_scale(b_sr, b_si)
-    b_cr, b_ci = _monarch_inv(b_sr / b_sc, b_si / b_sc, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
-    # lag m of circular index n: n (n < L) or n - N (n > N - T); dk index j = shift - m
-    o_m = tl.where(o_n < L, o_n, o_n - N)
-    m_lag = (o_n < L) | (o_n > N - T)
-    o_j = SHIFT - o_m
-    m_j = m_lag & (o_j >= 0) & (o_j < K)
-    tl.store(p_dk + (i_s * H + i_h) * K + o_j, b_cr * (b_sc / N), mask=m_j)
+    _store_lags(p_dk + (i_s * H + i_h) * K, b_sr, b_si, f1r, f1i, twr, twi, f2r, f2i, T, L, K, SHIFT, N1, N2, PREC)
 
 
 @triton.jit
@@ -783,20 +801,13 @@ def fftconv_dv_dk_kernel(
         b_w = b_sg * b_sv
         b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
         b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
-        b_cr, b_ci = b_gr * (1.0 / N), b_gi * (1.0 / N)
-        b_cr, b_ci = b_cr * kr - b_ci * ki, b_cr * ki + b_ci * kr
-        b_yr, b_yi = _monarch_inv(b_cr, b_ci, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+        b_yr, b_yi = _times_spectrum_inv(b_gr, b_gi, kr, ki, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, N1, N2, False,
+                                         PREC)  # as _conv_row
         b_yr = tl.where(m_c, b_yr * b_sg * b_ks, 0.0)
         b_yi = tl.where(m_c, b_yi * b_sg * b_ks, 0.0)
         tl.store(p_dv + (i_b0 * H + i_h) * L + o_n, b_yr.to(p_dv.dtype.element_ty), mask=m_v)
         tl.store(p_dv + (i_b1 * H + i_h) * L + o_n, b_yi.to(p_dv.dtype.element_ty), mask=m_v & m_1)
-    b_sc = _pow2_scale(b_sr, b_si)
-    b_cr, b_ci = _monarch_inv(b_sr / b_sc, b_si / b_sc, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
-    o_m = tl.where(o_n < L, o_n, o_n - N)  # as fftconv_corr_kernel
-    m_lag = (o_n < L) | (o_n > N - T)
-    o_j = SHIFT - o_m
-    m_j = m_lag & (o_j >= 0) & (o_j < K)
-    tl.store(p_dk + (i_s * H + i_h) * K + o_j, b_cr * (b_sc / N), mask=m_j)
+    _store_lags(p_dk + (i_s * H + i_h) * K, b_sr, b_si, f1r, f1i, twr, twi, f2r, f2i, T, L, K, SHIFT, N1, N2, PREC)
 
 
 @triton.jit
@@ -868,9 +879,8 @@ def fftconv_dv_dk_row_kernel(
             b_w = b_sg * b_sv
             b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
             b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
-            b_cr, b_ci = b_gr * (1.0 / (N1 * N2)), b_gi * (1.0 / (N1 * N2))  # _conv_row from here on
-            b_cr, b_ci = b_cr * kr - b_ci * ki, b_cr * ki + b_ci * kr
-            b_yr, b_yi = _monarch_inv(b_cr, b_ci, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
+            b_yr, b_yi = _times_spectrum_inv(b_gr, b_gi, kr, ki, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, N1, N2, False,
+                                             PREC)  # as _conv_row
             tl.store(p_sg + o_row, b_yr * b_sg * b_ks)
             tl.store(p_sg + o_row + P * Q, b_yi * b_sg * b_ks)
         b_sc = _pow2_scale(b_sr, b_si)
@@ -1101,6 +1111,11 @@ _PERSISTENT_MIN_N = 1 << 17
 # bytes) and take 5.50 ms against 5.06 ms for Q = 2048 (H100, same run)
 _ROW_Q = 2048
 _MIN_TUNE_WORK = 2048  # pairs of rows x channels below which the static choice is used
+# Largest fused size where the backward takes fftconv_dv_dk_kernel by default. Compiled for sm_90 (bf16, 4 warps), it
+# spills nothing at N = 512 and 416 / 760 / 2176 bytes at 1K / 2K / 4K, where the fused and dk kernels it replaces
+# spill 16 + 112 / 248 + 280 / 1424 + 1400: untimed, so the larger sizes keep the two kernels until
+# `fftconv_tune.py --dv-dk` says otherwise
+_DV_DK_MAX_FUSED = 512
 
 
 def _choose(N: int, prec: str, pairs: int, H: int, u: Tensor, run) -> FusedConfig:
@@ -1411,13 +1426,15 @@ def fftconv_corr_fwd(
 
 def dv_dk_shared(g: Tensor, v: Tensor, K: int) -> bool:
     """Whether the backward's dv = conv(g, flip(k); K-1-shift) and dk = corr(g, v; shift) take the kernels at one FFT
-    size, so that fftconv_dv_dk can read and transform g once for both (bf16/fp16, same dtypes)."""
+    size, so that fftconv_dv_dk can read and transform g once for both (bf16/fp16, same dtypes): every four-step size,
+    and the fused sizes up to _DV_DK_MAX_FUSED."""
     if g.dtype not in (torch.float16, torch.bfloat16) or v.dtype != g.dtype:
         return False
     T, L = g.shape[-1], v.shape[-1]
     N = plan(T, K, L)
     prec = precision_for(g.dtype)
-    return N == plan(T, L, 0) and N <= _MAX_FUSED[prec] * _MAX_P[prec]
+    return N == plan(T, L, 0) and (N <= min(_DV_DK_MAX_FUSED, _MAX_FUSED[prec])
+                                   or _MAX_FUSED[prec] < N <= _MAX_FUSED[prec] * _MAX_P[prec])
 
 
 def fftconv_dv_dk(
