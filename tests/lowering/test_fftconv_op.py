@@ -220,16 +220,23 @@ def test_kernel_branch_forward_and_all_gradients(B, H, L, K, shift, T, gates, ke
         y = fftconv(xs[0], xs[1], shift=shift, out_len=T, **dict(zip(names[2:], xs[2:])))
         return [x.cpu() for x in (y.detach(), *torch.autograd.grad(y, xs, dy.to(dev, torch.float16)))]
 
-    launched = []
+    launched, with_dv = [], []
     launch = monarch._launch
-    monkeypatch.setattr(monarch, "_launch", lambda kernel, *a, **kw: launched.append(kernel) or launch(kernel, *a, **kw))
+
+    def spy(kernel, *a, **kw):
+        launched.append(kernel)
+        with_dv.append(kw.get("HAS_DV"))
+        return launch(kernel, *a, **kw)
+
+    monkeypatch.setattr(monarch, "_launch", spy)
     outs = run()
     counts = dict(monarch.SPECTRUM_COUNTS)
     shared = monarch.plan(T, K, L) == monarch.plan(T, L, 0)  # du and dk by one op (fftconv_dv_dk)
     four_step = monarch.plan(T, L, 0) > 512
-    corr = (monarch.fftconv_corr_col_kernel if four_step
-            else monarch.fftconv_dv_dk_kernel if shared else monarch.fftconv_corr_kernel)
+    corr = monarch.fftconv_corr_col_kernel if four_step else monarch.fftconv_corr_kernel
     assert corr in launched, [getattr(x, "__name__", x) for x in launched]
+    if not four_step:  # the fused-size dk kernel writes du too (HAS_DV) exactly when both have one N
+        assert [d for x, d in zip(launched, with_dv) if x is corr] == [shared]
     if four_step:  # column passes: u, g, v (+ v again for the postgate gradient's y); g's is shared by dv and dk
         assert launched.count(monarch.fftconv_col_fwd_kernel) == (3 if shared else 4) + gates
     monkeypatch.setattr(op_mod, "_monarch", None)  # the same computation by torch.fft at fp16

@@ -715,11 +715,52 @@ def fftconv_four_step_kernel(
 
 # -------------------------------------------------------------------------------------------------- dk kernel
 @triton.jit
-def _store_lags(p_dk, b_sr, b_si, f1r, f1i, twr, twi, f2r, f2i, T, L, K, SHIFT,
-                N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
-    # dk[j] (the row p_dk [K]) = Re ifft(S)[m] at lag m = shift - j, for a summed spectrum S of conj(G) V
+def fftconv_corr_kernel(
+    p_g, p_v, p_kf, p_ks, p_f1, p_f2, p_tw, p_dv, p_dk,
+    B, H, T, L, K, SHIFT, LO, HI, NS,
+    N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr, HAS_DV: tl.constexpr, CONJ_K: tl.constexpr,
+):
+    # dk_s[h, j] = sum_{pairs in slice s} Re ifft(conj(G) V)[shift - j]  (conj(G0 + iG1)(V0 + iV1) has real
+    # inverse transform corr(g0, v0) + corr(g1, v1): the cross terms are purely imaginary in time).
+    # HAS_DV (fftconv_dv_dk): also dv = conv(g, k_flipped) of every pair it transforms, kept in [LO, HI] as the fused
+    # kernel does (its _conv_row with 4 dots): G serves dk's conj(G) V and dv's G K_f, so each of g's rows is read
+    # and transformed once for both
+    i_h, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     N: tl.constexpr = N1 * N2
     o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+    f1r, f1i = _load_plane(p_f1, N1, N1)
+    f2r, f2i = _load_plane(p_f2, N2, N2)
+    twr, twi = _load_plane(p_tw, N1, N2)
+    m_g = o_n < T
+    m_v = o_n < L
+    if HAS_DV:
+        kr, ki = _load_plane(p_kf + i_h * 2 * N, N1, N2)
+        if CONJ_K:
+            ki = -ki
+        b_ks = tl.load(p_ks + i_h)
+        m_c = (o_n >= LO) & (o_n <= HI)
+    b_sr = tl.zeros([N1, N2], dtype=tl.float32)
+    b_si = tl.zeros([N1, N2], dtype=tl.float32)
+    for i_p in range(i_s, (B + 1) // 2, NS):
+        i_b0 = 2 * i_p
+        i_b1 = i_b0 + 1
+        m_1 = i_b1 < B
+        b_gr = tl.load(p_g + (i_b0 * H + i_h) * T + o_n, mask=m_g, other=0.0).to(tl.float32)
+        b_gi = tl.load(p_g + (i_b1 * H + i_h) * T + o_n, mask=m_g & m_1, other=0.0).to(tl.float32)
+        b_gr, b_gi, b_sg = _fft_scaled(b_gr, b_gi, f1r, f1i, twr, twi, f2r, f2i, PREC)
+        b_vr = tl.load(p_v + (i_b0 * H + i_h) * L + o_n, mask=m_v, other=0.0).to(tl.float32)
+        b_vi = tl.load(p_v + (i_b1 * H + i_h) * L + o_n, mask=m_v & m_1, other=0.0).to(tl.float32)
+        b_vr, b_vi, b_sv = _fft_scaled(b_vr, b_vi, f1r, f1i, twr, twi, f2r, f2i, PREC)
+        b_w = b_sg * b_sv
+        b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
+        b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
+        if HAS_DV:
+            b_yr, b_yi = _times_spectrum_inv(b_gr, b_gi, kr, ki, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, N1, N2,
+                                             False, PREC)  # as _conv_row
+            b_yr = tl.where(m_c, b_yr * b_sg * b_ks, 0.0)
+            b_yi = tl.where(m_c, b_yi * b_sg * b_ks, 0.0)
+            tl.store(p_dv + (i_b0 * H + i_h) * L + o_n, b_yr.to(p_dv.dtype.element_ty), mask=m_v)
+            tl.store(p_dv + (i_b1 * H + i_h) * L + o_n, b_yi.to(p_dv.dtype.element_ty), mask=m_v & m_1)
     b_sc = _pow2_scale(b_sr, b_si)
     b_cr, b_ci = _monarch_inv(b_sr / b_sc, b_si / b_sc, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
     # lag m of circular index n: n (n < L) or n - N (n > N - T); dk index j = shift - m
@@ -727,87 +768,7 @@ def _store_lags(p_dk, b_sr, b_si, f1r, f1i, twr, twi, f2r, f2i, T, L, K, SHIFT,
     m_lag = (o_n < L) | (o_n > N - T)
     o_j = SHIFT - o_m
     m_j = m_lag & (o_j >= 0) & (o_j < K)
-    tl.store(p_dk + o_j, b_cr * (b_sc / N), mask=m_j)
-
-
-@triton.jit
-def fftconv_corr_kernel(
-    p_g, p_v, p_f1, p_f2, p_tw, p_dk,
-    B, H, T, L, K, SHIFT, NS,
-    N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr,
-):
-    # dk_s[h, j] = sum_{pairs in slice s} Re ifft(conj(G) V)[shift - j]  (conj(G0 + iG1)(V0 + iV1) has real
-    # inverse transform corr(g0, v0) + corr(g1, v1): the cross terms are purely imaginary in time)
-    i_h, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    N: tl.constexpr = N1 * N2
-    o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
-    f1r, f1i = _load_plane(p_f1, N1, N1)
-    f2r, f2i = _load_plane(p_f2, N2, N2)
-    twr, twi = _load_plane(p_tw, N1, N2)
-    m_g = o_n < T
-    m_v = o_n < L
-    b_sr = tl.zeros([N1, N2], dtype=tl.float32)
-    b_si = tl.zeros([N1, N2], dtype=tl.float32)
-    for i_p in range(i_s, (B + 1) // 2, NS):
-        i_b0 = 2 * i_p
-        i_b1 = i_b0 + 1
-        m_1 = i_b1 < B
-        b_gr = tl.load(p_g + (i_b0 * H + i_h) * T + o_n, mask=m_g, other=0.0).to(tl.float32)
-        b_gi = tl.load(p_g + (i_b1 * H + i_h) * T + o_n, mask=m_g & m_1, other=0.0).to(tl.float32)
-        b_gr, b_gi, b_sg = _fft_scaled(b_gr, b_gi, f1r, f1i, twr, twi, f2r, f2i, PREC)
-        b_vr = tl.load(p_v + (i_b0 * H + i_h) * L + o_n, mask=m_v, other=0.0).to(tl.float32)
-        b_vi = tl.load(p_v + (i_b1 * H + i_h) * L + o_n, mask=m_v & m_1, other=0.0).to(tl.float32)
-        b_vr, b_vi, b_sv = _fft_scaled(b_vr, b_vi, f1r, f1i, twr, twi, f2r, f2i, PREC)
-        b_w = b_sg * b_sv
-        b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
-        b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
-    _store_lags(p_dk + (i_s * H + i_h) * K, b_sr, b_si, f1r, f1i, twr, twi, f2r, f2i, T, L, K, SHIFT, N1, N2, PREC)
-
-
-@triton.jit
-def fftconv_dv_dk_kernel(
-    p_g, p_v, p_kf, p_ks, p_f1, p_f2, p_tw, p_dv, p_dk,
-    B, H, T, L, K, SHIFT, LO, HI, NS,
-    N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr, CONJ_K: tl.constexpr,
-):
-    # fftconv_corr_kernel (dk of the pairs in slice i_s) that also writes dv = conv(g, k_flipped) for every pair it
-    # transforms: G serves dk's conj(G) V and dv's G K_f (the fused kernel's _conv_row, 4 dots), so each of g's rows
-    # is read and transformed once for both (fftconv_dv_dk at the fused sizes)
-    i_h, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    N: tl.constexpr = N1 * N2
-    o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
-    f1r, f1i = _load_plane(p_f1, N1, N1)
-    f2r, f2i = _load_plane(p_f2, N2, N2)
-    twr, twi = _load_plane(p_tw, N1, N2)
-    kr, ki = _load_plane(p_kf + i_h * 2 * N, N1, N2)
-    if CONJ_K:
-        ki = -ki
-    b_ks = tl.load(p_ks + i_h)
-    m_g = o_n < T
-    m_v = o_n < L
-    m_c = (o_n >= LO) & (o_n <= HI)
-    b_sr = tl.zeros([N1, N2], dtype=tl.float32)
-    b_si = tl.zeros([N1, N2], dtype=tl.float32)
-    for i_p in range(i_s, (B + 1) // 2, NS):
-        i_b0 = 2 * i_p
-        i_b1 = i_b0 + 1
-        m_1 = i_b1 < B
-        b_gr = tl.load(p_g + (i_b0 * H + i_h) * T + o_n, mask=m_g, other=0.0).to(tl.float32)
-        b_gi = tl.load(p_g + (i_b1 * H + i_h) * T + o_n, mask=m_g & m_1, other=0.0).to(tl.float32)
-        b_gr, b_gi, b_sg = _fft_scaled(b_gr, b_gi, f1r, f1i, twr, twi, f2r, f2i, PREC)
-        b_vr = tl.load(p_v + (i_b0 * H + i_h) * L + o_n, mask=m_v, other=0.0).to(tl.float32)
-        b_vi = tl.load(p_v + (i_b1 * H + i_h) * L + o_n, mask=m_v & m_1, other=0.0).to(tl.float32)
-        b_vr, b_vi, b_sv = _fft_scaled(b_vr, b_vi, f1r, f1i, twr, twi, f2r, f2i, PREC)
-        b_w = b_sg * b_sv
-        b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
-        b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
-        b_yr, b_yi = _times_spectrum_inv(b_gr, b_gi, kr, ki, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, N1, N2, False,
-                                         PREC)  # as _conv_row
-        b_yr = tl.where(m_c, b_yr * b_sg * b_ks, 0.0)
-        b_yi = tl.where(m_c, b_yi * b_sg * b_ks, 0.0)
-        tl.store(p_dv + (i_b0 * H + i_h) * L + o_n, b_yr.to(p_dv.dtype.element_ty), mask=m_v)
-        tl.store(p_dv + (i_b1 * H + i_h) * L + o_n, b_yi.to(p_dv.dtype.element_ty), mask=m_v & m_1)
-    _store_lags(p_dk + (i_s * H + i_h) * K, b_sr, b_si, f1r, f1i, twr, twi, f2r, f2i, T, L, K, SHIFT, N1, N2, PREC)
+    tl.store(p_dk + (i_s * H + i_h) * K + o_j, b_cr * (b_sc / N), mask=m_j)
 
 
 @triton.jit
@@ -1111,10 +1072,10 @@ _PERSISTENT_MIN_N = 1 << 17
 # bytes) and take 5.50 ms against 5.06 ms for Q = 2048 (H100, same run)
 _ROW_Q = 2048
 _MIN_TUNE_WORK = 2048  # pairs of rows x channels below which the static choice is used
-# Largest fused size where the backward takes fftconv_dv_dk_kernel by default. Compiled for sm_90 (bf16, 4 warps), it
-# spills nothing at N = 512 and 416 / 760 / 2176 bytes at 1K / 2K / 4K, where the fused and dk kernels it replaces
-# spill 16 + 112 / 248 + 280 / 1424 + 1400: untimed, so the larger sizes keep the two kernels until
-# `fftconv_tune.py --dv-dk` says otherwise
+# Largest fused size where the backward takes fftconv_dv_dk (fftconv_corr_kernel with HAS_DV) by default. Compiled for
+# sm_90 (bf16, 4 warps) that kernel spills nothing at N = 512 and 416 / 760 / 2176 bytes at 1K / 2K / 4K, where the
+# fused and dk kernels it replaces spill 16 + 112 / 248 + 280 / 1424 + 1400: untimed, so the larger sizes keep the two
+# kernels until `fftconv_tune.py --dv-dk` says otherwise
 _DV_DK_MAX_FUSED = 512
 
 
@@ -1417,9 +1378,9 @@ def fftconv_corr_fwd(
     ns = _corr_slices(pairs, H)
     part = torch.zeros(ns, H, K, device=g.device, dtype=torch.float32)
     _launch(
-        fftconv_corr_kernel, (H, ns), g, p_g=g, p_v=v, p_f1=f1, p_f2=f2, p_tw=tw,
-        p_dk=part, B=B, H=H, T=T, L=L, K=K, SHIFT=shift, NS=ns, N1=n1, N2=n2, PREC=prec,
-        num_warps=_num_warps(n1, n2),
+        fftconv_corr_kernel, (H, ns), g, p_g=g, p_v=v, p_kf=g, p_ks=g, p_f1=f1, p_f2=f2, p_tw=tw, p_dv=g,
+        p_dk=part, B=B, H=H, T=T, L=L, K=K, SHIFT=shift, LO=0, HI=0, NS=ns, N1=n1, N2=n2, PREC=prec, HAS_DV=False,
+        CONJ_K=False, num_warps=_num_warps(n1, n2),
     )
     return part.sum(0)
 
@@ -1444,8 +1405,7 @@ def fftconv_dv_dk(
     """The backward's two long products, each of g's rows read and transformed once for both:
     dv = fftconv(g, k_flipped, K-1-shift, out_len=L) and dk = fftconv_corr(g, v, shift, K).
 
-    Up to the fused limit: one kernel (fftconv_dv_dk_kernel), fftconv_corr_kernel writing dv for every pair it
-    transforms. Above it (four-step): column passes of g and v; one row kernel (fftconv_dv_dk_row_kernel) that
+    Up to the fused limit: one kernel, fftconv_corr_kernel writing dv for every pair it transforms (HAS_DV). Above it (four-step): column passes of g and v; one row kernel (fftconv_dv_dk_row_kernel) that
     transforms each row of both once, accumulates dk's conj(G) V over the pairs and writes dv's inverse G K_f over
     g's row; dk's inverse column pass; dv's inverse column pass. Saves, against the two ops, one read and one
     transform of each of g's rows (and at the four-step sizes g's second column pass: a read of g and a write of the
@@ -1486,9 +1446,9 @@ def fftconv_dv_dk(
         ns = _corr_slices((B + 1) // 2, H)
         part = torch.zeros(ns, H, K, device=g.device, dtype=torch.float32)
         _launch(
-            fftconv_dv_dk_kernel, (H, ns), g, p_g=g, p_v=v, p_kf=kf, p_ks=ks, p_f1=f1, p_f2=f2, p_tw=tw, p_dv=dv,
+            fftconv_corr_kernel, (H, ns), g, p_g=g, p_v=v, p_kf=kf, p_ks=ks, p_f1=f1, p_f2=f2, p_tw=tw, p_dv=dv,
             p_dk=part, B=B, H=H, T=T, L=L, K=K, SHIFT=shift, LO=-shift_dv, HI=T + K - 2 - shift_dv, NS=ns, N1=n1,
-            N2=n2, PREC=prec, CONJ_K=conj_k, num_warps=_num_warps(n1, n2),
+            N2=n2, PREC=prec, HAS_DV=True, CONJ_K=conj_k, num_warps=_num_warps(n1, n2),
         )
         return dv, part.sum(0)
     fs = _FourStep.make(N, max_fused, g)
