@@ -1405,9 +1405,10 @@ def fftconv_dv_dk(
     """The backward's two long products, each of g's rows read and transformed once for both:
     dv = fftconv(g, k_flipped, K-1-shift, out_len=L) and dk = fftconv_corr(g, v, shift, K).
 
-    Up to the fused limit: one kernel, fftconv_corr_kernel writing dv for every pair it transforms (HAS_DV). Above it (four-step): column passes of g and v; one row kernel (fftconv_dv_dk_row_kernel) that
-    transforms each row of both once, accumulates dk's conj(G) V over the pairs and writes dv's inverse G K_f over
-    g's row; dk's inverse column pass; dv's inverse column pass. Saves, against the two ops, one read and one
+    Up to the fused limit: one kernel, fftconv_corr_kernel writing dv for every pair it transforms (HAS_DV). Above
+    it (four-step): column passes of g and v; one row kernel (fftconv_dv_dk_row_kernel) that transforms each row of
+    both once, accumulates dk's conj(G) V over the pairs and writes dv's inverse G K_f over g's row; dk's inverse
+    column pass; dv's inverse column pass. Saves, against the two ops, one read and one
     transform of each of g's rows (and at the four-step sizes g's second column pass: a read of g and a write of the
     fp32 scratch).
 
