@@ -172,7 +172,7 @@ def dv_dk(lengths, out: str) -> int:
         print(json.dumps(row), flush=True)
         del g, v, kf
         torch.cuda.empty_cache()
-    for kern in (m.fftconv_corr_kernel, m.fftconv_dv_dk_row_kernel):
+    for kern in (m.fftconv_corr_kernel, m.fftconv_corr_row_kernel):
         print(kern.fn.__name__, [c[1:] for c in _compiled(kern)], flush=True)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "fftconv_tune_dv_dk.json"), "w") as f:

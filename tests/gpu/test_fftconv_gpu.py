@@ -269,7 +269,7 @@ def test_four_step_backward_reuses_the_spectrum_and_runs_dk_in_the_kernels(L, na
     monarch.SPECTRUM_COUNTS.clear()
     y, grads = _run(u.to(torch.bfloat16), k.float(), {}, 0, L, dy)
     assert dict(monarch.SPECTRUM_COUNTS) == {"built": 1, "reused": 1}
-    assert monarch.fftconv_dv_dk_row_kernel in launched and monarch.fftconv_corr_col_kernel in launched
+    assert monarch.fftconv_corr_row_kernel in launched and monarch.fftconv_corr_col_kernel in launched
     assert launched.count(monarch.fftconv_col_fwd_kernel) == 3  # u, g (shared by du and dk: fftconv_dv_dk), v
     assert not monarch._KEPT and not monarch._FLIPS
     with monkeypatch.context() as m:
@@ -298,10 +298,10 @@ def test_compile_fx_four_step_backward_calls_the_kernels(K):
 
     def check(code):
         for name in ("fftconv_spectrum_kernel", "fftconv_col_fwd_kernel", "fftconv_col_inv_kernel",
-                     "fftconv_corr_col_kernel"):
+                     "fftconv_corr_row_kernel", "fftconv_corr_col_kernel"):
             assert name in code, name
-        # apart: du's row pass and dk's correlation rows; shared: one kernel for both
-        assert ("fftconv_dv_dk_row_kernel" in code) == shared and ("fftconv_corr_row_kernel" in code) != shared
+        # apart: du's row pass and dk's correlation rows; shared: the correlation rows write du too (HAS_DV)
+        assert ("fftconv_row_kernel" in code) != shared
         col_fwd = re.findall(r"\bfftconv_col_fwd_kernel\w*\.run\(", code)  # one line per launch: name_<i>.run(...)
         assert len(col_fwd) == (2 if shared else 3), len(col_fwd)
         assert not monarch._KEPT

@@ -773,62 +773,29 @@ def fftconv_corr_kernel(
 
 @triton.jit
 def fftconv_corr_row_kernel(
-    p_sg, p_sv, p_f1, p_f2, p_tw, p_c,
-    H, NP,
-    P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
-):
-    # c[h, :, k_p, :] = Q ifft_Q(sum over the NP pairs of conj(fft_Q(sg[pair, h, k_p])) fft_Q(sv[pair, h, k_p])) for
-    # the rows k_p in [R i_k, R i_k + R): fftconv_corr_kernel's accumulation on the rows of the four-step scratch
-    i_h, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    Q: tl.constexpr = N1 * N2
-    o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
-    f1r, f1i = _load_plane(p_f1, N1, N1)
-    f2r, f2i = _load_plane(p_f2, N2, N2)
-    twr, twi = _load_plane(p_tw, N1, N2)
-    for i_j in range(R):
-        i_kp = i_k * R + i_j
-        b_sr = tl.zeros([N1, N2], dtype=tl.float32)
-        b_si = tl.zeros([N1, N2], dtype=tl.float32)
-        for i_p in range(NP):
-            o_row = (i_p * H + i_h) * 2 * P * Q + i_kp * Q + o_n
-            b_gr = tl.load(p_sg + o_row)
-            b_gi = tl.load(p_sg + o_row + P * Q)
-            b_gr, b_gi, b_sg = _fft_scaled(b_gr, b_gi, f1r, f1i, twr, twi, f2r, f2i, PREC)
-            b_vr = tl.load(p_sv + o_row)
-            b_vi = tl.load(p_sv + o_row + P * Q)
-            b_vr, b_vi, b_sv = _fft_scaled(b_vr, b_vi, f1r, f1i, twr, twi, f2r, f2i, PREC)
-            b_w = b_sg * b_sv
-            b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
-            b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
-        b_sc = _pow2_scale(b_sr, b_si)
-        b_cr, b_ci = _monarch_inv(b_sr / b_sc, b_si / b_sc, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
-        o_c = i_h * 2 * P * Q + i_kp * Q + o_n
-        tl.store(p_c + o_c, b_cr * b_sc)
-        tl.store(p_c + o_c + P * Q, b_ci * b_sc)
-
-
-@triton.jit
-def fftconv_dv_dk_row_kernel(
     p_sg, p_sv, p_kf, p_ks, p_f1, p_f2, p_tw, p_c,
     H, NP,
     P: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr,
-    CONJ_K: tl.constexpr,
+    HAS_DV: tl.constexpr, CONJ_K: tl.constexpr,
 ):
-    # fftconv_corr_row_kernel and fftconv_row_kernel on the same rows at once (fftconv_dv_dk): the FFT of each of g's
-    # scratch rows serves dk's accumulation conj(G) V and dv's product G K_f, whose inverse is written over the row
-    # (the row kernel's arithmetic, step for step), so it is computed and read once instead of twice
+    # c[h, :, k_p, :] = Q ifft_Q(sum over the NP pairs of conj(fft_Q(sg[pair, h, k_p])) fft_Q(sv[pair, h, k_p])) for
+    # the rows k_p in [R i_k, R i_k + R): fftconv_corr_kernel's accumulation on the rows of the four-step scratch.
+    # HAS_DV (fftconv_dv_dk): also fftconv_row_kernel's work on sg, step for step: the same fft_Q of each of g's rows
+    # times the spectrum row (conjugated if CONJ_K), inverse, written over the row; so it is read and transformed once
     i_h, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     Q: tl.constexpr = N1 * N2
     o_n = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     f1r, f1i = _load_plane(p_f1, N1, N1)
     f2r, f2i = _load_plane(p_f2, N2, N2)
     twr, twi = _load_plane(p_tw, N1, N2)
-    b_ks = tl.load(p_ks + i_h)
+    if HAS_DV:
+        b_ks = tl.load(p_ks + i_h)
     for i_j in range(R):
         i_kp = i_k * R + i_j
-        kr, ki = _load_plane(p_kf + (i_h * P + i_kp) * 2 * Q, N1, N2)
-        if CONJ_K:
-            ki = -ki
+        if HAS_DV:
+            kr, ki = _load_plane(p_kf + (i_h * P + i_kp) * 2 * Q, N1, N2)
+            if CONJ_K:
+                ki = -ki
         b_sr = tl.zeros([N1, N2], dtype=tl.float32)
         b_si = tl.zeros([N1, N2], dtype=tl.float32)
         for i_p in range(NP):
@@ -840,10 +807,11 @@ def fftconv_dv_dk_row_kernel(
             b_w = b_sg * b_sv
             b_sr += (b_gr * b_vr + b_gi * b_vi) * b_w
             b_si += (b_gr * b_vi - b_gi * b_vr) * b_w
-            b_yr, b_yi = _times_spectrum_inv(b_gr, b_gi, kr, ki, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, N1, N2, False,
-                                             PREC)  # as _conv_row
-            tl.store(p_sg + o_row, b_yr * b_sg * b_ks)
-            tl.store(p_sg + o_row + P * Q, b_yi * b_sg * b_ks)
+            if HAS_DV:
+                b_yr, b_yi = _times_spectrum_inv(b_gr, b_gi, kr, ki, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, N1, N2,
+                                                 False, PREC)  # as _conv_row
+                tl.store(p_sg + o_row, b_yr * b_sg * b_ks)
+                tl.store(p_sg + o_row + P * Q, b_yi * b_sg * b_ks)
         b_sc = _pow2_scale(b_sr, b_si)
         b_cr, b_ci = _monarch_inv(b_sr / b_sc, b_si / b_sc, f1r, f1i, f1i, twr, twi, f2r, f2i, f2i, False, PREC)
         o_c = i_h * 2 * P * Q + i_kp * Q + o_n
@@ -1318,9 +1286,9 @@ def _corr_four_step(fs: _FourStep, sg: Tensor, sv: Tensor, H: int, T: int, L: in
     """dk [H, K] fp32 from the column passes of g [B, H, T] and v [B, H, L] (read only)."""
     c = torch.empty(H, 2, fs.P, fs.Q, device=sg.device, dtype=torch.float32)
     _launch(
-        fftconv_corr_row_kernel, (H, fs.P // fs.rr), sg, p_sg=sg, p_sv=sv, p_f1=fs.fq1, p_f2=fs.fq2, p_tw=fs.twq,
-        p_c=c, H=H, NP=sg.shape[0] // H, P=fs.P, N1=fs.q1, N2=fs.q2, R=fs.rr, PREC=prec,
-        num_warps=_num_warps(fs.q1, fs.q2),
+        fftconv_corr_row_kernel, (H, fs.P // fs.rr), sg, p_sg=sg, p_sv=sv, p_kf=sg, p_ks=sg, p_f1=fs.fq1,
+        p_f2=fs.fq2, p_tw=fs.twq, p_c=c, H=H, NP=sg.shape[0] // H, P=fs.P, N1=fs.q1, N2=fs.q2, R=fs.rr, PREC=prec,
+        HAS_DV=False, CONJ_K=False, num_warps=_num_warps(fs.q1, fs.q2),
     )
     return _corr_col(fs, c, T, L, K, shift, prec)
 
@@ -1406,8 +1374,8 @@ def fftconv_dv_dk(
     dv = fftconv(g, k_flipped, K-1-shift, out_len=L) and dk = fftconv_corr(g, v, shift, K).
 
     Up to the fused limit: one kernel, fftconv_corr_kernel writing dv for every pair it transforms (HAS_DV). Above
-    it (four-step): column passes of g and v; one row kernel (fftconv_dv_dk_row_kernel) that transforms each row of
-    both once, accumulates dk's conj(G) V over the pairs and writes dv's inverse G K_f over g's row; dk's inverse
+    it (four-step): column passes of g and v; one row kernel (fftconv_corr_row_kernel with HAS_DV) that transforms
+    each row of both once, accumulates dk's conj(G) V over the pairs and writes dv's inverse G K_f over g's row; dk's inverse
     column pass; dv's inverse column pass. Saves, against the two ops, one read and one
     transform of each of g's rows (and at the four-step sizes g's second column pass: a read of g and a write of the
     fp32 scratch).
@@ -1457,9 +1425,9 @@ def fftconv_dv_dk(
     kf, ks, conj_k = _spectrum_for(k_flipped, shift_dv, N, (fs.P, fs.q1, fs.q2))
     c = torch.empty(H, 2, fs.P, fs.Q, device=g.device, dtype=torch.float32)
     _launch(
-        fftconv_dv_dk_row_kernel, (H, fs.P // fs.rr), g, p_sg=sg, p_sv=sv, p_kf=kf, p_ks=ks / fs.P, p_f1=fs.fq1,
+        fftconv_corr_row_kernel, (H, fs.P // fs.rr), g, p_sg=sg, p_sv=sv, p_kf=kf, p_ks=ks / fs.P, p_f1=fs.fq1,
         p_f2=fs.fq2, p_tw=fs.twq, p_c=c, H=H, NP=(B + 1) // 2, P=fs.P, N1=fs.q1, N2=fs.q2, R=fs.rr, PREC=prec,
-        CONJ_K=conj_k, num_warps=_num_warps(fs.q1, fs.q2),
+        HAS_DV=True, CONJ_K=conj_k, num_warps=_num_warps(fs.q1, fs.q2),
     )
     del sv
     dk = _corr_col(fs, c, T, L, K, shift, prec)
