@@ -45,7 +45,6 @@ from torch import Tensor
 __all__ = [
     "MAX_FUSED_N",
     "MAX_FOURSTEP_N",
-    "MAX_NESTED_N",
     "MIN_N",
     "plan",
     "precision_for",
@@ -64,7 +63,6 @@ _MAX_FUSED = {"fp16": 4096, "tf32": 4096, "tf32x3": 2048, "ieee": 2048}
 _MAX_P = {"fp16": 128, "tf32": 64, "tf32x3": 32, "ieee": 32}
 MAX_FUSED_N = _MAX_FUSED["fp16"]
 MAX_FOURSTEP_N = MAX_FUSED_N * _MAX_P["fp16"]
-MAX_NESTED_N = MAX_FOURSTEP_N * _MAX_P["fp16"]  # fftconv_fwd's nested four-step (not yet the op's route: untimed)
 
 _INTERPRET = triton.runtime.interpreter.InterpretedFunction if hasattr(triton.runtime, "interpreter") else ()
 
