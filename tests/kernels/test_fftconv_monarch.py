@@ -99,7 +99,7 @@ def test_forward(B, H, L, K, shift, T, max_fused_n, R, gates, dtype, dots):
 @pytest.mark.parametrize("programs", [1, 4])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_four_step_persistent(dtype, programs):
-    """The four-step passes in one persistent kernel (the CUDA default): 5 x 2 rows make 6 (channel, pair) items, so
+    """The four-step passes in one persistent kernel (on CUDA the default from N = 128K): 5 x 2 rows make 6 items, so
     4 programs take 2, 2, 1 and 1 items, reusing their scratch slots; odd batch (a half-empty pair), gates."""
     B, H, L, K, shift, T = 5, 2, 3001, 1001, 7, 2990
     u, k, extra = _inputs(B, H, L, K, T, True, seed=3)
