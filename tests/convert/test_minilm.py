@@ -132,3 +132,14 @@ def test_pack_carries_texts_and_weights_that_give_the_original_embeddings(tmp_pa
         assert torch.equal(e0, e1)  # exact for the packed texts: only unused embedding rows were dropped
     w = packed.embeddings.word_embeddings.weight
     assert w.shape == original.embeddings.word_embeddings.weight.shape and (w == 0).all(-1).sum() > 20000
+
+
+def test_packages_calibration_text_shares_no_paragraph_with_the_held_out_set():
+    """scipy re-exports numpy docstrings: the "packages" calibration source must drop them, or the held-out
+    agreement would be measured partly on calibration text."""
+    ex = _example()
+    calib = ex.calibration_text("packages", 10**9)
+    held = ex.held_out_sentences(10**9)
+    heads = {" ".join(p.split()[:8]) for p in held}
+    assert len(calib) > 2000
+    assert not [p for p in calib if " ".join(p.split()[:8]) in heads]
