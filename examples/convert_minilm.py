@@ -117,6 +117,14 @@ def calibration_text(source: str, limit: int, pydocs: str = ".data/pydocs") -> l
     if source == "stdlib":
         return stdlib_docstrings(limit=limit)
     if source == "packages":
+        import importlib.util
+
+        missing = sorted({m.split(".")[0] for m in PACKAGES if importlib.util.find_spec(m.split(".")[0]) is None})
+        if missing:
+            raise ModuleNotFoundError(f"--calibration-source packages reads the docstrings of {', '.join(missing)}, "
+                                      f"which are not installed: pip install scipy scikit-learn networkx sympy "
+                                      f"matplotlib (the test extra has them)")
+
         def head(p):
             return " ".join(p.split()[:8])
         held = {head(p) for p in held_out_sentences(10**9)}
