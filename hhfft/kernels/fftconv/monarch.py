@@ -848,7 +848,8 @@ def fftconv_corr_col_kernel(
 
 @triton.jit
 def fftconv_spectrum_kernel(p_r, p_lo, p_hi, p_ks, p_kf, N, P, P2, Q1, Q2, BLOCK: tl.constexpr):
-    # kf[h, k_p, :, k1, k2] = f[k_p + P (k1 + Q1 k2)] / ks[h] from the rfft half r of a real row (f[N - m] = conj(f[m]));
+    # kf[h, k_p, :, k1, k2] = f[k_p + P (k1 + Q1 k2)] / ks[h] from the rfft half r of a real row
+    # (f[N - m] = conj(f[m]));
     # with P2 > 1 (the nested four-step: k_p = k_o P2 + k_i), f[k_o + (P / P2) (k_i + P2 (k1 + Q1 k2))] instead.
     # ks[h] = the power of two >= max |re|, |im| of the row (from its min p_lo and max p_hi), written by one program
     i_hp, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -1279,16 +1280,18 @@ def _col_inv(fs: _FourStep, s: Tensor, **epilogue) -> None:
     )
 
 
-def _corr_four_step(fs: _FourStep, sg: Tensor, sv: Tensor, H: int, T: int, L: int, K: int, shift: int,
-                    prec: str) -> Tensor:
-    """dk [H, K] fp32 from the column passes of g [B, H, T] and v [B, H, L] (read only)."""
+def _corr_rows(fs: _FourStep, sg: Tensor, sv: Tensor, H: int, prec: str,
+               dv_spectrum: Optional[tuple] = None) -> Tensor:
+    """The correlation's row pass on the column passes sg, sv of g and v: c [H, 2, P, Q] (sv read only). With
+    dv_spectrum = (kf, ks, conj_k) (fftconv_dv_dk) the same kernel also writes dv's rows over sg (HAS_DV)."""
     c = torch.empty(H, 2, fs.P, fs.Q, device=sg.device, dtype=torch.float32)
+    kf, ks, conj_k = dv_spectrum or (sg, sg, False)
     _launch(
-        fftconv_corr_row_kernel, (H, fs.P // fs.rr), sg, p_sg=sg, p_sv=sv, p_kf=sg, p_ks=sg, p_f1=fs.fq1,
+        fftconv_corr_row_kernel, (H, fs.P // fs.rr), sg, p_sg=sg, p_sv=sv, p_kf=kf, p_ks=ks, p_f1=fs.fq1,
         p_f2=fs.fq2, p_tw=fs.twq, p_c=c, H=H, NP=sg.shape[0] // H, P=fs.P, N1=fs.q1, N2=fs.q2, R=fs.rr, PREC=prec,
-        HAS_DV=False, CONJ_K=False, num_warps=_num_warps(fs.q1, fs.q2),
+        HAS_DV=dv_spectrum is not None, CONJ_K=conj_k, num_warps=_num_warps(fs.q1, fs.q2),
     )
-    return _corr_col(fs, c, T, L, K, shift, prec)
+    return c
 
 
 def _corr_col(fs: _FourStep, c: Tensor, T: int, L: int, K: int, shift: int, prec: str) -> Tensor:
@@ -1302,10 +1305,24 @@ def _corr_col(fs: _FourStep, c: Tensor, T: int, L: int, K: int, shift: int, prec
     return dk
 
 
-def _corr_slices(pairs: int, H: int) -> int:
-    """Batch slices of the fused-size dk kernels: enough programs (H x slices >= 264) to fill the GPU, each summing
-    its pairs in registers (the slices' partial sums are added on the host)."""
-    return max(1, min(pairs, -(-264 // H)))
+def _corr_fused(g: Tensor, v: Tensor, K: int, shift: int, prec: str, dv: Optional[tuple] = None) -> Tensor:
+    """dk [H, K] fp32 by fftconv_corr_kernel at a fused size N = plan(T, L, 0), over enough batch slices (H x slices
+    >= 264) to fill the GPU, each summing its pairs in registers (the slices' partial sums are added here). With
+    dv = (out, kf, ks, conj_k, shift_dv) (fftconv_dv_dk) it also writes dv = conv(g, k_flipped) into out (HAS_DV)."""
+    B, H, T = g.shape
+    L = v.shape[-1]
+    n1, n2 = _split(plan(T, L, 0))
+    f1, f2, tw = _tables(n1, n2, g.device, g)
+    ns = max(1, min((B + 1) // 2, -(-264 // H)))
+    part = torch.zeros(ns, H, K, device=g.device, dtype=torch.float32)
+    out, kf, ks, conj_k, shift_dv = dv or (g, g, g, False, None)
+    lo, hi = (0, 0) if dv is None else (-shift_dv, T + K - 2 - shift_dv)  # dv's support, as fftconv_fwd's
+    _launch(
+        fftconv_corr_kernel, (H, ns), g, p_g=g, p_v=v, p_kf=kf, p_ks=ks, p_f1=f1, p_f2=f2, p_tw=tw, p_dv=out,
+        p_dk=part, B=B, H=H, T=T, L=L, K=K, SHIFT=shift, LO=lo, HI=hi, NS=ns, N1=n1, N2=n2,
+        PREC=prec, HAS_DV=dv is not None, CONJ_K=conj_k, num_warps=_num_warps(n1, n2),
+    )
+    return part.sum(0)
 
 
 def fftconv_corr_fwd(
@@ -1335,20 +1352,11 @@ def fftconv_corr_fwd(
             "use hhfft.lowering.fftconv.fftconv_corr, which falls back to torch.fft"
         )
     g, v = g.contiguous(), v.contiguous()
-    pairs = (B + 1) // 2
     if N > max_fused:
         fs = _FourStep.make(N, max_fused, g)
-        return _corr_four_step(fs, _col_fwd(fs, g, B, H, prec), _col_fwd(fs, v, B, H, prec), H, T, L, K, shift, prec)
-    n1, n2 = _split(N)
-    f1, f2, tw = _tables(n1, n2, g.device, g)
-    ns = _corr_slices(pairs, H)
-    part = torch.zeros(ns, H, K, device=g.device, dtype=torch.float32)
-    _launch(
-        fftconv_corr_kernel, (H, ns), g, p_g=g, p_v=v, p_kf=g, p_ks=g, p_f1=f1, p_f2=f2, p_tw=tw, p_dv=g,
-        p_dk=part, B=B, H=H, T=T, L=L, K=K, SHIFT=shift, LO=0, HI=0, NS=ns, N1=n1, N2=n2, PREC=prec, HAS_DV=False,
-        CONJ_K=False, num_warps=_num_warps(n1, n2),
-    )
-    return part.sum(0)
+        c = _corr_rows(fs, _col_fwd(fs, g, B, H, prec), _col_fwd(fs, v, B, H, prec), H, prec)
+        return _corr_col(fs, c, T, L, K, shift, prec)
+    return _corr_fused(g, v, K, shift, prec)
 
 
 def dv_dk_shared(g: Tensor, v: Tensor, K: int) -> bool:
@@ -1373,10 +1381,10 @@ def fftconv_dv_dk(
 
     Up to the fused limit: one kernel, fftconv_corr_kernel writing dv for every pair it transforms (HAS_DV). Above
     it (four-step): column passes of g and v; one row kernel (fftconv_corr_row_kernel with HAS_DV) that transforms
-    each row of both once, accumulates dk's conj(G) V over the pairs and writes dv's inverse G K_f over g's row; dk's inverse
-    column pass; dv's inverse column pass. Saves, against the two ops, one read and one
-    transform of each of g's rows (and at the four-step sizes g's second column pass: a read of g and a write of the
-    fp32 scratch).
+    each row of both once, accumulates dk's conj(G) V over the pairs and writes dv's inverse G K_f over g's row;
+    dk's inverse column pass; dv's inverse column pass. Saves, against the two ops, one read and one transform of
+    each of g's rows (and at the four-step sizes g's second column pass: a read of g and a write of the fp32
+    scratch).
 
     Args:
         g: [B, H, T], v: [B, H, L] (one dtype: fp16/bf16, or fp32 with an explicit precision), k_flipped: [H, K]
@@ -1407,26 +1415,12 @@ def fftconv_dv_dk(
         raise ValueError(f"fftconv_dv_dk: out must be a contiguous floating {(B, H, L)} tensor, got "
                          f"{tuple(dv.shape)} {dv.dtype}")
     if N <= max_fused:
-        n1, n2 = _split(N)
-        f1, f2, tw = _tables(n1, n2, g.device, g)
-        kf, ks, conj_k = _spectrum_for(k_flipped, shift_dv, N, (1, n1, n2))
-        ns = _corr_slices((B + 1) // 2, H)
-        part = torch.zeros(ns, H, K, device=g.device, dtype=torch.float32)
-        _launch(
-            fftconv_corr_kernel, (H, ns), g, p_g=g, p_v=v, p_kf=kf, p_ks=ks, p_f1=f1, p_f2=f2, p_tw=tw, p_dv=dv,
-            p_dk=part, B=B, H=H, T=T, L=L, K=K, SHIFT=shift, LO=-shift_dv, HI=T + K - 2 - shift_dv, NS=ns, N1=n1,
-            N2=n2, PREC=prec, HAS_DV=True, CONJ_K=conj_k, num_warps=_num_warps(n1, n2),
-        )
-        return dv, part.sum(0)
+        kf, ks, conj_k = _spectrum_for(k_flipped, shift_dv, N, (1, *_split(N)))
+        return dv, _corr_fused(g, v, K, shift, prec, (dv, kf, ks, conj_k, shift_dv))
     fs = _FourStep.make(N, max_fused, g)
     sg, sv = _col_fwd(fs, g, B, H, prec), _col_fwd(fs, v, B, H, prec)
     kf, ks, conj_k = _spectrum_for(k_flipped, shift_dv, N, (fs.P, fs.q1, fs.q2))
-    c = torch.empty(H, 2, fs.P, fs.Q, device=g.device, dtype=torch.float32)
-    _launch(
-        fftconv_corr_row_kernel, (H, fs.P // fs.rr), g, p_sg=sg, p_sv=sv, p_kf=kf, p_ks=ks / fs.P, p_f1=fs.fq1,
-        p_f2=fs.fq2, p_tw=fs.twq, p_c=c, H=H, NP=(B + 1) // 2, P=fs.P, N1=fs.q1, N2=fs.q2, R=fs.rr, PREC=prec,
-        HAS_DV=True, CONJ_K=conj_k, num_warps=_num_warps(fs.q1, fs.q2),
-    )
+    c = _corr_rows(fs, sg, sv, H, prec, (kf, ks / fs.P, conj_k))
     del sv
     dk = _corr_col(fs, c, T, L, K, shift, prec)
     _col_inv(
