@@ -281,6 +281,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="comma-separated site indices to convert (others stay softmax)")
     p.add_argument("--window", type=int, default=0,
                    help="softmax over the keys within this many positions, Hedgehog for the rest (0: none)")
+    p.add_argument("--sinks", type=int, default=0,
+                   help="softmax over the first N keys ([CLS]), Hedgehog for the rest (0: none)")
     p.add_argument("--tune-steps", type=int, default=0, help="second stage: maps tuned on --tune-loss (0: none)")
     p.add_argument("--tune-lr", type=float, default=2e-3)
     p.add_argument("--tune-loss", choices=("embedding", "tokens", "relational"), default="embedding",
@@ -366,7 +368,8 @@ def run(ctx: Context, args, stream=sys.stdout) -> dict:
         layers = None if args.layers is None else tuple(int(i) for i in args.layers.split(","))
     except ValueError:
         raise ValueError(f"--layers takes comma-separated site indices such as 1,2,3,4; got {args.layers!r}") from None
-    cfg = HedgehogConfig(kind=args.kind, feature_dim=args.feature_dim, layers=layers, window=args.window)
+    cfg = HedgehogConfig(kind=args.kind, feature_dim=args.feature_dim, layers=layers, window=args.window,
+                         sinks=args.sinks)
     t0 = time.perf_counter()
     report = convert(model, _to(encode(ctx.tok, calib[:4], args.length), args.device), cfg)
     print(report, file=stream)
@@ -402,7 +405,7 @@ def run(ctx: Context, args, stream=sys.stdout) -> dict:
     cos1, agree1 = compare(ctx.ref, ctx.embed(model))
     print(f"after distillation: cosine {cos1:.4f}, top-1 agreement {agree1:.3f}", file=stream, flush=True)
     row = {"command": None, "kind": args.kind, "feature_dim": args.feature_dim, "layers": args.layers,
-           "window": args.window, "steps": args.steps, "sites_converted": report.count("hedgehog", "rewritten"),
+           "window": args.window, "sinks": args.sinks, "steps": args.steps, "sites_converted": report.count("hedgehog", "rewritten"),
            "cos_before": cos0, "agree_before": agree0, "cos_distilled": cos1, "agree_distilled": agree1,
            "loss_before": _mean(res.before), "loss_after": _mean(res.after),
            "convert_s": t_convert, "distill_s": t_distill}

@@ -147,7 +147,7 @@ def load_converted(model: nn.Module, directory: str) -> list:
     for owner, site in plan:
         like = next((p for p in owner.parameters() if p.is_floating_point()), None)
         hh = HedgehogAttention(site["heads"], site["kv_heads"], site["head_dim"], site["kind"], site["feature_dim"],
-                               site["bias"], site.get("window", 0),
+                               site["bias"], site.get("window", 0), site.get("sinks", 0),
                                **({} if like is None else {"device": like.device, "dtype": like.dtype}))
         prefix = f"{site['module_path']}.{site['name']}." if site["module_path"] else f"{site['name']}."
         hh.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)

@@ -150,12 +150,13 @@ def convert(model: nn.Module, example_inputs: Any, config: Optional[HedgehogConf
             continue
         row.module_path = path
         hh = HedgehogAttention(heads, kv_heads, head_dim, config.kind, config.feature_dim, config.bias,
-                               config.window, **_param_like(owner))
+                               config.window, config.sinks, **_param_like(owner))
         install(owner, idx, hh)
         installed.append(row)
         row.reason = (f"{site_name(idx)}: {config.kind} maps, heads {heads}/{kv_heads}, dim {head_dim}, "
                       f"features {config.feature_dim or head_dim}"
-                      + (f", softmax window {config.window}" if config.window else ""))
+                      + (f", softmax window {config.window}" if config.window else "")
+                      + (f", {config.sinks} softmax sink(s)" if config.sinks else ""))
     model._hhfft_config = config
     if installed:
         install_root(model)

@@ -206,6 +206,11 @@ class HedgehogCache(Cache):
                     f"HedgehogCache: the site of layer {idx} is a sliding-window hybrid (window {hh.window}); "
                     "decoding it needs the last window's keys and values besides the constant-size state, which "
                     "this cache does not keep. Generate without a cache (use_cache=False), or convert with window=0")
+            if hh is not None and hh.sinks:
+                raise ValueError(
+                    f"HedgehogCache: the site of layer {idx} has {hh.sinks} softmax sink(s), whose keys and values "
+                    "this cache does not keep besides the constant-size state. Generate without a cache "
+                    "(use_cache=False), or convert with sinks=0")
             layers.append(DynamicLayer() if hh is None else HedgehogLayer(hh.k_map.out_features, hh.k_map.num_heads))
         super().__init__(layers=layers)
 

@@ -4,7 +4,7 @@ the Hedgehog weights match the softmax weights of the original model.
 Per site, from the q and k the teacher (softmax) path computes,
     a_true = softmax(q k^T * scale + mask)                                  (exactly what SDPA computes)
     a_pred = phi_q(q) phi_k(k)^T * allowed / rowsum                         (allowed: the mask's kept positions)
-             (or the sliding-window hybrid's weights, ``HedgehogConfig(window=w)``)
+             (or the sliding-window or sink hybrid's weights, ``HedgehogConfig(window=w)`` / ``(sinks=n)``)
     loss   = mean over rows of  - sum_j a_true log a_pred                   (cross-entropy)
            [+ output_mse * mean (a_pred v - sdpa_out)^2]
 and the objective is the mean over sites. The teacher path: the model runs with softmax attention at every site
@@ -53,7 +53,7 @@ _SINK: contextvars.ContextVar = contextvars.ContextVar("hhfft_distill_sink", def
 
 def record_tap(site: str, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: Optional[Tensor], wq: Tensor,
                bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor], kind: str, is_causal: bool, scale: Any,
-               window: int = 0, mix: Optional[Tensor] = None) -> None:
+               window: int = 0, mix: Optional[Tensor] = None, sinks: int = 0, lse: Optional[Tensor] = None) -> None:
     """Called from the graph (linearize pass, tap mode) right after a site's SDPA: compute the site's loss."""
     sink = _SINK.get()
     if sink is None:
@@ -76,7 +76,7 @@ def record_tap(site: str, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: Op
     s = s.masked_fill(~allowed, float("-inf"))
     rows = allowed.any(-1).expand(s.shape[:-1])  # [B, H, L]
     a_true = torch.softmax(s, -1).nan_to_num(0.0)
-    a_pred = hedgehog_weights(q.detach(), k.detach(), wq, bq, wk, bk, kind, allowed, window, mix, scale)
+    a_pred = hedgehog_weights(q.detach(), k.detach(), wq, bq, wk, bk, kind, allowed, window, mix, scale, sinks, lse)
     tiny = torch.finfo(a_pred.dtype).tiny
     ce = -(a_true * torch.log(a_pred.clamp_min(tiny))).sum(-1)
     w = rows.to(ce.dtype)

@@ -51,6 +51,9 @@ class HedgehogConfig:
     window: 0 (default) = Hedgehog linear attention; w >= 1 = the LoLCATs hybrid: softmax over the keys within w
         positions of each query (|i - j| < w), Hedgehog linear terms for the others, balanced by a learned per-head
         weight (``hhfft/lowering/window_attention.py``). Exact softmax where the sequence is no longer than w.
+    sinks: 0 (default) = none; n >= 1 = softmax terms for the first n keys of the sequence (the attention sinks:
+        [CLS], <bos>), Hedgehog linear terms for the others, on one scale through a learned per-query log-normaliser
+        (``hhfft/lowering/sink_attention.py``). Not combined with a window.
     """
 
     kind: FeatureMapKindName = "softmax_split"
@@ -60,11 +63,11 @@ class HedgehogConfig:
     layers: Optional[tuple] = None
     exclude: tuple = field(default_factory=tuple)
     window: int = 0
+    sinks: int = 0
 
     def __post_init__(self) -> None:
         FeatureMapKind.parse(self.kind)
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
-            raise ValueError(f"HedgehogConfig: window must be an int >= 0 (0 = no softmax window), got {self.window!r}")
+        _check_hybrid("HedgehogConfig", self.window, self.sinks)
         if self.feature_dim is not None and (isinstance(self.feature_dim, bool) or not isinstance(self.feature_dim, int)
                                              or self.feature_dim < 1):
             raise ValueError(f"HedgehogConfig: feature_dim must be a positive int or None, got {self.feature_dim!r}")
@@ -81,13 +84,22 @@ class HedgehogConfig:
         return {"kind": FeatureMapKind.parse(self.kind).value, "feature_dim": self.feature_dim, "bias": self.bias,
                 "sites": None if self.sites is None else list(self.sites),
                 "layers": None if self.layers is None else list(self.layers), "exclude": list(self.exclude),
-                "window": self.window}
+                "window": self.window, "sinks": self.sinks}
 
     @classmethod
     def from_dict(cls, d: dict) -> "HedgehogConfig":
         return cls(kind=d.get("kind", "softmax_split"), feature_dim=d.get("feature_dim"), bias=d.get("bias", True),
                    sites=d.get("sites"), layers=d.get("layers"), exclude=tuple(d.get("exclude") or ()),
-                   window=d.get("window", 0))
+                   window=d.get("window", 0), sinks=d.get("sinks", 0))
+
+
+def _check_hybrid(who: str, window: Any, sinks: Any) -> None:
+    for name, x in (("window", window), ("sinks", sinks)):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise ValueError(f"{who}: {name} must be an int >= 0 (0 = none), got {x!r}")
+    if window and sinks:
+        raise ValueError(f"{who}: a softmax window ({window}) and attention sinks ({sinks}) together are not "
+                         "supported; choose one (window=0 or sinks=0)")
 
 
 class HedgehogAttention(nn.Module):
@@ -95,10 +107,11 @@ class HedgehogAttention(nn.Module):
 
     Args:
         num_heads: Hq; num_kv_heads: Hkv (Hq a multiple of Hkv); head_dim: D of q and k
-        kind, feature_dim, bias, window: as in :class:`HedgehogConfig`
+        kind, feature_dim, bias, window, sinks: as in :class:`HedgehogConfig`
 
     Parameters: ``q_map.weight`` [Hq, D, F], ``q_map.bias`` [Hq, F], ``k_map.weight`` [Hkv, D, F],
-    ``k_map.bias`` [Hkv, F]; with a window, ``mix`` [Hq] (the logit of the softmax terms' share, 0 at the start).
+    ``k_map.bias`` [Hkv, F]; with a window, ``mix`` [Hq] (the logit of the softmax terms' share, 0 at the start);
+    with sinks, ``lse`` [Hq, D + 1] (the log-normaliser's weights and bias, 0 at the start).
 
     Example:
         >>> hh = HedgehogAttention(4, 2, 8)
@@ -107,8 +120,8 @@ class HedgehogAttention(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, kind: str = "softmax_split",
-                 feature_dim: Optional[int] = None, bias: bool = True, window: int = 0, *, device=None,
-                 dtype=None) -> None:
+                 feature_dim: Optional[int] = None, bias: bool = True, window: int = 0, sinks: int = 0, *,
+                 device=None, dtype=None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"HedgehogAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads "
@@ -116,36 +129,43 @@ class HedgehogAttention(nn.Module):
         self.kind = FeatureMapKind.parse(kind).value
         self.q_map = HedgehogFeatureMap(num_heads, head_dim, feature_dim, kind, bias, device=device, dtype=dtype)
         self.k_map = HedgehogFeatureMap(num_kv_heads, head_dim, feature_dim, kind, bias, device=device, dtype=dtype)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-            raise ValueError(f"HedgehogAttention: window must be an int >= 0, got {window!r}")
-        self.window = window
+        _check_hybrid("HedgehogAttention", window, sinks)
+        self.window, self.sinks = window, sinks
         self.mix = nn.Parameter(torch.zeros(num_heads, device=device, dtype=dtype)) if window else None
+        self.lse = nn.Parameter(torch.zeros(num_heads, head_dim + 1, device=device, dtype=dtype)) if sinks else None
 
     def describe(self) -> dict:
         return {"heads": self.q_map.num_heads, "kv_heads": self.k_map.num_heads, "head_dim": self.q_map.head_dim,
                 "feature_dim": self.q_map.feature_dim, "kind": self.kind, "bias": self.q_map.bias is not None,
-                "window": self.window}
+                "window": self.window, "sinks": self.sinks}
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_mask: Optional[Tensor] = None,
                 scale: Optional[float] = None) -> Tensor:
         """q [B, Hq, L, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv], key_mask [B, L] bool -> [B, Hq, L, Dv]; ``scale``
-        (of the window's softmax terms) as SDPA's."""
+        (of the window's or sinks' softmax terms) as SDPA's."""
         return hedgehog_attention(q, k, v, self.q_map.weight, self.q_map.bias, self.k_map.weight, self.k_map.bias,
-                                  self.kind, causal, key_mask, self.window, self.mix, scale)
+                                  self.kind, causal, key_mask, self.window, self.mix, scale, self.sinks, self.lse)
 
     def weights(self, q: Tensor, k: Tensor, allowed: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
         """The normalised attention weights [B, Hq, L, S] (fp32), zero where ``allowed`` ([B or 1, H or 1, L, S]
-        bool) is False: phi(q_i).phi(k_j) / sum_j, or the window hybrid's. For distillation and pictures; quadratic
-        in L."""
+        bool) is False: phi(q_i).phi(k_j) / sum_j, or the window or sink hybrid's. For distillation and pictures;
+        quadratic in L."""
         return hedgehog_weights(q, k, self.q_map.weight, self.q_map.bias, self.k_map.weight, self.k_map.bias,
-                                self.kind, allowed, self.window, self.mix, scale)
+                                self.kind, allowed, self.window, self.mix, scale, self.sinks, self.lse)
 
 
 def hedgehog_attention(q: Tensor, k: Tensor, v: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor,
                        bk: Optional[Tensor], kind: str, causal: bool, key_mask: Optional[Tensor], window: int = 0,
-                       mix: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+                       mix: Optional[Tensor] = None, scale: Optional[float] = None, sinks: int = 0,
+                       lse: Optional[Tensor] = None) -> Tensor:
     """A converted site's attention (see :meth:`HedgehogAttention.forward`), the parameters given explicitly (graph
-    nodes in the linearize pass): Hedgehog linear attention, or the window hybrid when ``window`` > 0."""
+    nodes in the linearize pass): Hedgehog linear attention, or the window hybrid when ``window`` > 0, or the sink
+    hybrid when ``sinks`` > 0."""
+    if sinks:
+        from hhfft.lowering.sink_attention import hedgehog_sink_attention
+
+        return hedgehog_sink_attention(q, k, v, wq, bq, wk, bk, lse, kind=kind, sinks=sinks, causal=causal,
+                                       key_mask=key_mask, scale=scale)
     if window:
         from hhfft.lowering.window_attention import hedgehog_window_attention
 
@@ -158,9 +178,9 @@ def hedgehog_attention(q: Tensor, k: Tensor, v: Tensor, wq: Tensor, bq: Optional
 
 def hedgehog_weights(q: Tensor, k: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
                      kind: str, allowed: Optional[Tensor], window: int = 0, mix: Optional[Tensor] = None,
-                     scale: Optional[float] = None) -> Tensor:
+                     scale: Optional[float] = None, sinks: int = 0, lse: Optional[Tensor] = None) -> Tensor:
     """See :meth:`HedgehogAttention.weights`; the parameters given explicitly (graph nodes in the distill tap)."""
-    from hhfft.kernels.linear_attention.naive import DEN_FLOOR, window_weights_naive
+    from hhfft.kernels.linear_attention.naive import DEN_FLOOR, sink_weights_naive, window_weights_naive
     from hhfft.lowering.linear_attention import _project
 
     pq = feature_map(_project(q.float(), wq.float(), None if bq is None else bq.float()), kind)
@@ -169,12 +189,16 @@ def hedgehog_weights(q: Tensor, k: Tensor, wq: Tensor, bq: Optional[Tensor], wk:
     if g > 1:
         pk = pk.repeat_interleave(g, dim=1)
     s = pq @ pk.transpose(-1, -2)
-    if window:
+    if window or sinks:
         kr = k.float().repeat_interleave(g, dim=1) if g > 1 else k.float()
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         ok = torch.ones((), dtype=torch.bool, device=s.device) if allowed is None else allowed
-        return window_weights_naive((q.float() @ kr.transpose(-1, -2)) * scale, s, ok, torch.sigmoid(mix.float()),
-                                    window)
+        scores = (q.float() @ kr.transpose(-1, -2)) * scale
+        if sinks:
+            d = q.shape[-1]
+            lam = torch.einsum("bhld,hd->bhl", q.float(), lse[:, :d].float()) + lse[:, d].float()[None, :, None]
+            return sink_weights_naive(scores, s, ok, lam, sinks)
+        return window_weights_naive(scores, s, ok, torch.sigmoid(mix.float()), window)
     if allowed is not None:
         s = s * allowed
     return s / s.sum(-1, keepdim=True).clamp_min(DEN_FLOOR)  # what hhfft::linear_attention divides by
@@ -183,14 +207,14 @@ def hedgehog_weights(q: Tensor, k: Tensor, wq: Tensor, bq: Optional[Tensor], wk:
 # ------------------------------------------------------------------------------------------------------ the marker
 @torch.library.custom_op(SITE_OP, mutates_args=())
 def _site_marker(wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor], kind: str, index: int,
-                 window: int = 0, mix: Optional[Tensor] = None) -> None:
+                 window: int = 0, mix: Optional[Tensor] = None, sinks: int = 0, lse: Optional[Tensor] = None) -> None:
     """Marks, in a traced forward, that the owner module's attention site number ``index`` has these feature maps
-    (and this softmax window and mixing logit)."""
+    (and this softmax window and mixing logit, or these sinks and log-normaliser)."""
     return None
 
 
 @_site_marker.register_fake
-def _(wq, bq, wk, bk, kind, index, window=0, mix=None):
+def _(wq, bq, wk, bk, kind, index, window=0, mix=None, sinks=0, lse=None):
     return None
 
 
@@ -208,7 +232,7 @@ def _mark(owner: nn.Module) -> None:
     for i in getattr(owner, "_hhfft_sites", ()):
         hh = getattr(owner, site_name(i))
         torch.ops.hhfft.hedgehog_site(hh.q_map.weight, hh.q_map.bias, hh.k_map.weight, hh.k_map.bias, hh.kind, i,
-                                      hh.window, hh.mix)
+                                      hh.window, hh.mix, hh.sinks, hh.lse)
 
 
 # ---------------------------------------------------------------------------------------- the owner's eager forward

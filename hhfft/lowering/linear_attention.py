@@ -551,6 +551,7 @@ def hedgehog_linear_attention(
     causal: bool,
     key_mask: Optional[Tensor] = None,
     fused: Optional[bool] = None,
+    with_den: bool = False,
 ) -> Tensor:
     """Hedgehog attention: ``linear_attention(phi_q(q), phi_k(k), v)`` with phi_q, phi_k Hedgehog feature maps.
 
@@ -570,8 +571,10 @@ def hedgehog_linear_attention(
         kind: the feature map kind (see :class:`hhfft.nn.HedgehogFeatureMap`)
         causal, key_mask: as in :func:`linear_attention`
         fused: None = fused where available; False = never
+        with_den: also return the denominator (differentiable)
     Returns:
-        o: [B, Hq, L, D] in v's dtype
+        o: [B, Hq, L, D] in v's dtype; with ``with_den``, (o, den) with den [B, Hq, L] = sum_j phi_q_i . phi_k_j over
+        the visible keys, in fp32 (fp64 for fp64 inputs)
 
     Example:
         >>> from hhfft.nn import HedgehogFeatureMap
@@ -585,12 +588,17 @@ def hedgehog_linear_attention(
     kind = FeatureMapKind.parse(kind).value
     if fused is not False and _hh_use_triton(q, k, v, wq, kind):
         _check_inputs(q, k, v, key_mask)
-        return _HedgehogAttention.apply(q, k, v, wq, bq, wk, bk, kind, bool(causal), key_mask)[0]
+        out = _HedgehogAttention.apply(q, k, v, wq, bq, wk, bk, kind, bool(causal), key_mask)
+        return (out[0], out[1]) if with_den else out[0]
     pq = feature_map(_project(q, wq.to(q.dtype), None if bq is None else bq.to(q.dtype)).to(q.dtype), kind)
     if isinstance(key_mask, Tensor) and key_mask.shape == (k.shape[0], k.shape[2]):
         k = torch.where(key_mask[:, None, :, None], k, 0)  # a masked key is nothing: no NaN * 0 in the map's grads
     pk = feature_map(_project(k, wk.to(k.dtype), None if bk is None else bk.to(k.dtype)).to(k.dtype), kind)
-    return linear_attention(pq, pk, v, causal=causal, key_mask=key_mask)
+    if not with_den:
+        return linear_attention(pq, pk, v, causal=causal, key_mask=key_mask)
+    _check_inputs(pq, pk, v, key_mask)
+    o, den = _LinearAttention.apply(pq, pk, v, bool(causal), key_mask)
+    return o, den
 
 
 # ------------------------------------------------------------------------------------------------------- decoding

@@ -94,7 +94,7 @@ def _decode(q, k, v, wq, bq, wk, bk, kind: str, state, normalizer, keep):
 def rewrite(g: fx.Graph, site: Any, parts: dict, maps: tuple, path: str, report_fn: Any) -> bool:
     """Rewrite the SDPA of ``site`` if it reads a HedgehogCache layer; False when it does not (nothing changed).
 
-    ``parts``: the SDPA's q, k, v, mask, is_causal; ``maps``: (wq, bq, wk, bk, kind, window); ``report_fn(decision,
+    ``parts``: the SDPA's q, k, v, mask, is_causal; ``maps``: (wq, bq, wk, bk, kind, window, sinks); ``report_fn(decision,
     reason)`` records the outcome."""
     marker = cache_marker(parts["k"], parts["v"])
     if marker is None:
@@ -105,6 +105,11 @@ def rewrite(g: fx.Graph, site: Any, parts: dict, maps: tuple, path: str, report_
             "needs the last window's keys and values as well as the Hedgehog state; HedgehogCache keeps only the "
             "constant-size state. Run the full forward without a cache for this model (generate(use_cache=False)), "
             "or convert it with window=0")
+    if maps[6]:
+        raise ValueError(
+            f"hhfft decode: the attention at {path or '<root>'!r} has {maps[6]} softmax sink(s), whose keys and values "
+            "HedgehogCache does not keep besides the constant-size state. Run the full forward without a cache for "
+            "this model (generate(use_cache=False)), or convert it with sinks=0")
     n = site.sdpa
     k_new, v_new, state, normalizer = marker.args[:4]
     tq, tk = val(parts["q"]), val(k_new)
@@ -123,7 +128,7 @@ def rewrite(g: fx.Graph, site: Any, parts: dict, maps: tuple, path: str, report_
             "constant-state decoding needs causal attention (a decoder LM). Feed a prompt through a fresh cache, then "
             "one token per step; for non-causal models run the full forward without a cache")
     mask = parts["mask"]
-    wq, bq, wk, bk, kind, _ = maps
+    wq, bq, wk, bk, kind = maps[:5]
     heads_k, heads_map = tk.shape[1], val(wk).shape[0]
     km = None
     with g.inserting_before(n):

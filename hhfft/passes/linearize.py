@@ -2,14 +2,15 @@
 
 Runs after the attention pass, on the sites it recorded (every softmax attention is then one SDPA node). A
 converted owner module (``hhfft.convert``) announces its feature maps with a marker node
-``hhfft::hedgehog_site(wq, bq, wk, bk, kind, index, window, mix)`` traced from its forward; the marker's inputs
-are the maps' parameters (graph inputs under Dynamo). The pass pairs marker ``index`` of an owner with that owner's ``index``-th
+``hhfft::hedgehog_site(wq, bq, wk, bk, kind, index, window, mix, sinks, lse)`` traced from its forward; the
+marker's inputs are the maps' parameters (graph inputs under Dynamo). The pass pairs marker ``index`` of an owner with that owner's ``index``-th
 attention site (graph order) and, when the site's mask was proved to be none / causal / key padding / both and the
 query and key lengths are equal, replaces the SDPA call by
 
-    hedgehog_attention(q, k, v, wq, bq, wk, bk, kind, causal, key_mask, window, mix, scale)
+    hedgehog_attention(q, k, v, wq, bq, wk, bk, kind, causal, key_mask, window, mix, scale, sinks, lse)
 
-(``hhfft.convert.modules``: Hedgehog linear attention, or the sliding-window hybrid when the site has a window)
+(``hhfft.convert.modules``: Hedgehog linear attention, or the sliding-window or sink hybrid when the site has a
+window or sinks)
 
 with ``key_mask`` [B, S] read from the SDPA mask's last query row (the mask is proved to be 0 / -inf-like except on
 padded keys and, if causal, above the diagonal, so that row is exactly the keys' keep mask). Other sites stay
@@ -56,17 +57,18 @@ def key_mask_from_attn_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
 
 def _hedgehog(q, k, v, wq, bq, wk, bk, kind: str, causal: bool, key_mask: Optional[torch.Tensor], window: int = 0,
-              mix: Optional[torch.Tensor] = None, scale: Any = None):
+              mix: Optional[torch.Tensor] = None, scale: Any = None, sinks: int = 0,
+              lse: Optional[torch.Tensor] = None):
     from hhfft.convert.modules import hedgehog_attention
 
-    return hedgehog_attention(q, k, v, wq, bq, wk, bk, kind, causal, key_mask, window, mix, scale)
+    return hedgehog_attention(q, k, v, wq, bq, wk, bk, kind, causal, key_mask, window, mix, scale, sinks, lse)
 
 
 def _tap(q, k, v, out, mask, wq, bq, wk, bk, kind: str, is_causal: bool, scale: Any, site: str, window: int = 0,
-         mix: Optional[torch.Tensor] = None) -> None:
+         mix: Optional[torch.Tensor] = None, sinks: int = 0, lse: Optional[torch.Tensor] = None) -> None:
     from hhfft.convert.distill import record_tap
 
-    record_tap(site, q, k, v, out, mask, wq, bq, wk, bk, kind, is_causal, scale, window, mix)
+    record_tap(site, q, k, v, out, mask, wq, bq, wk, bk, kind, is_causal, scale, window, mix, sinks, lse)
 
 
 def _sdpa_parts(n: fx.Node) -> dict:
@@ -130,6 +132,7 @@ def run(gm: fx.GraphModule, opts: Any, report: Any, mode: str = "linear") -> Non
         path = module_path(m)
         wq, bq, wk, bk, kind, index = m.args[:6]
         window, mix = arg(m, 6, "window", 0), arg(m, 7, "mix", None)
+        sinks, lse = arg(m, 8, "sinks", 0), arg(m, 9, "lse", None)
         sites = by_owner.get(path, [])
         site = sites[index] if index < len(sites) else None
         g.erase_node(m)
@@ -142,7 +145,7 @@ def run(gm: fx.GraphModule, opts: Any, report: Any, mode: str = "linear") -> Non
         p = _sdpa_parts(n)
         # the site's own q, k, v and mask: not the blank-row guard's (passes/attention.py), nor k, v repeated per head
         p.update(q=site.q, k=site.k, v=site.v, mask=site.attn_mask)
-        if mode == "linear" and decode.rewrite(g, site, p, (wq, bq, wk, bk, kind, window), path,
+        if mode == "linear" and decode.rewrite(g, site, p, (wq, bq, wk, bk, kind, window, sinks), path,
                                                lambda d, r: _record(report, site, path, d, r)):
             continue  # it reads a HedgehogCache layer: constant-state decoding (passes/decode.py)
         if site.mask_kind not in LINEARIZABLE:
@@ -165,7 +168,8 @@ def run(gm: fx.GraphModule, opts: Any, report: Any, mode: str = "linear") -> Non
         with g.inserting_after(n):
             if mode == "tap":
                 tap = g.call_function(_tap, (p["q"], p["k"], p["v"], n, p["mask"], wq, bq, wk, bk, kind,
-                                             bool(p["is_causal"]), p["scale"], f"{path}#{index}", window, mix))
+                                             bool(p["is_causal"]), p["scale"], f"{path}#{index}", window, mix,
+                                             sinks, lse))
                 tap.meta.update({k: n.meta[k] for k in ("nn_module_stack", "stack_trace") if k in n.meta})
                 _record(report, site, path, "kept", "softmax teacher, distillation tap")
                 bump("hedgehog_tapped")
@@ -173,10 +177,11 @@ def run(gm: fx.GraphModule, opts: Any, report: Any, mode: str = "linear") -> Non
             km = insert_call(g, key_mask_from_attn_mask, (p["mask"], p["q"], p["k"]), like=n) if key_padding else None
         with g.inserting_after(km if km is not None else n):
             out = insert_call(g, _hedgehog, (p["q"], p["k"], p["v"], wq, bq, wk, bk, kind, bool(site.causal), km,
-                                             window, mix, p["scale"]), like=n)
+                                             window, mix, p["scale"], sinks, lse), like=n)
         site.sdpa = replace_node(g, n, out)
         drop = p["dropout"]
-        reason = ("hedgehog linear attention" if not window else f"hedgehog + softmax window {window}") + (
+        reason = (f"hedgehog + softmax window {window}" if window else
+                  f"hedgehog + {sinks} softmax sink(s)" if sinks else "hedgehog linear attention") + (
             " (causal)" if site.causal else "") + (
             " (key mask)" if key_padding else "")
         if isinstance(drop, (int, float)) and drop > 0:

@@ -19,6 +19,18 @@ window, Hedgehog terms for the rest, in one normalisation with a per-head weight
     A[i, j]    = f exp(s[i, j] - m[i])      for visible near keys
                = (1 - f) phi_q[i] . phi_k[j]  for the other visible keys
     o[i]       = sum_j A[i, j] v[j] / max(sum_j A[i, j], DEN_FLOOR)
+
+The sink hybrid (``HedgehogConfig(sinks=n)``): the first n keys (the attention sinks: [CLS], <bos>, which take a
+large share of softmax attention) get exact softmax terms, every other key Hedgehog's linear terms. A learned
+per-query log-normaliser lam[i] = q_i . u + beta (``lse`` = [u, beta] per head) puts the linear terms on the scale
+of exp(s): exp(lam[i]) phi_q[i] . phi_k[j] stands for exp(s[i, j]), so the sinks' share follows their scores:
+
+    sink[j]    = j < n                                           (visible keys as above)
+    lin[i]     = sum of phi_q[i] . phi_k[j] over the visible keys with not sink[j]
+    m[i]       = max(s[i, j] over the visible sinks, lam[i] + log lin[i])   (0 if there is no visible key)
+    A[i, j]    = exp(s[i, j] - m[i])                             for visible sinks
+               = exp(lam[i] - m[i]) phi_q[i] . phi_k[j]          for the other visible keys
+    o[i]       = sum_j A[i, j] v[j] / max(sum_j A[i, j], DEN_FLOOR)
 """
 from __future__ import annotations
 
@@ -27,7 +39,7 @@ from typing import Optional
 import torch
 
 __all__ = ["DEN_FLOOR", "linear_attention_naive", "linear_attention_weights_naive", "window_weights_naive",
-           "window_attention_naive"]
+           "window_attention_naive", "sink_weights_naive", "sink_attention_naive"]
 
 DEN_FLOOR = 1e-6
 
@@ -108,4 +120,40 @@ def window_attention_naive(
         vr = torch.where(key_mask[:, None, :, None], vr, 0)
     a = window_weights_naive((q @ kr.transpose(-1, -2)) * scale, phi_q @ pkr.transpose(-1, -2), allowed, factor,
                              window)
+    return a @ vr
+
+
+def sink_weights_naive(s: torch.Tensor, lin: torch.Tensor, allowed: torch.Tensor, lam: torch.Tensor,
+                       sinks: int) -> torch.Tensor:
+    """Normalised weights of the sink hybrid (module docstring): s (scaled q.k) and lin (phi_q.phi_k) [B, Hq, L, S],
+    allowed bool (broadcastable to them: the visible keys), lam [B, Hq, L] -> [B, Hq, L, S]."""
+    sink = torch.arange(s.shape[-1], device=s.device) < sinks
+    soft, linear = allowed & sink, allowed & ~sink
+    lin = torch.where(linear, lin, 0)
+    total = lin.sum(-1)
+    lin_logit = torch.where(total > 0, lam + torch.log(total.clamp_min(torch.finfo(total.dtype).tiny)), float("-inf"))
+    m = torch.maximum(s.masked_fill(~soft, float("-inf")).amax(-1), lin_logit)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    a = torch.where(soft, torch.exp(s - m[..., None]), 0) + torch.exp(lam - m)[..., None] * lin
+    return a / a.sum(-1, keepdim=True).clamp_min(DEN_FLOOR)
+
+
+def sink_attention_naive(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor, lse: torch.Tensor,
+    *, sinks: int, causal: bool, key_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Quadratic evaluation of the sink hybrid: q, k [B, H, L, D] (Hq and Hkv heads), v [B, Hkv, L, Dv], phi_q,
+    phi_k their features, lse [Hq, D + 1] (lam = q . lse[:, :D] + lse[:, D]) -> o [B, Hq, L, Dv]."""
+    group = q.shape[1] // k.shape[1]
+    kr, vr, pkr = (x.repeat_interleave(group, dim=1) for x in (k, v, phi_k))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    L = q.shape[-2]
+    allowed = torch.ones(1, 1, L, L, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed.tril()
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+        vr = torch.where(key_mask[:, None, :, None], vr, 0)
+    lam = torch.einsum("bhld,hd->bhl", q, lse[:, :-1]) + lse[:, -1][None, :, None]
+    a = sink_weights_naive((q @ kr.transpose(-1, -2)) * scale, phi_q @ pkr.transpose(-1, -2), allowed, lam, sinks)
     return a @ vr
