@@ -294,6 +294,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-weights-lr", type=float, default=None,
                    help="diagnostic: tune every weight too, the original ones at this rate (not a conversion)")
     p.add_argument("--save-maps", default=None, metavar="DIR", help="save the distilled maps (hhfft.save_converted)")
+    p.add_argument("--save-tuned", default=None, metavar="DIR", help="save the maps after tuning (hhfft.save_converted)")
     p.add_argument("--load-maps", default=None, metavar="DIR",
                    help="start from maps saved by --save-maps instead of distilling (--steps is ignored)")
     p.add_argument("--seed", type=int, default=0, help="order of the calibration batches")
@@ -438,6 +439,10 @@ def run(ctx: Context, args, stream=sys.stdout) -> dict:
         _sync(args.device)
         cos2, agree2 = compare(ctx.ref, ctx.embed(model))
         print(f"after tuning: cosine {cos2:.4f}, top-1 agreement {agree2:.3f}", file=stream, flush=True)
+        if args.save_tuned:
+            from hhfft.convert import save_converted
+
+            save_converted(model, args.save_tuned)
         row.update(cos_tuned=cos2, agree_tuned=agree2, tune_s=time.perf_counter() - t0, tune_loss_first=hist[0],
                    tune_loss_last=sum(hist[-20:]) / len(hist[-20:]))
     return row

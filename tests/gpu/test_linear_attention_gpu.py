@@ -227,6 +227,42 @@ def test_hedgehog_op_takes_the_map_route(compiled, states, causal, monkeypatch):
         assert_within_baseline(name, a, b, [c], dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_sink_hybrid_takes_the_fused_kernels(causal, monkeypatch):
+    """hedgehog_sink_attention on CUDA (bf16, GQA, masked, 2 sinks): the linear part and its denominator from the
+    fused kernels, the denominator's gradient entering their backward; o and every gradient (dlse included) within
+    the STYLE bound of the same function with the kernels off, against fp64."""
+    from hhfft.lowering.sink_attention import hedgehog_sink_attention
+
+    calls = []
+    fn = chunk.hedgehog_attention_bwd
+    monkeypatch.setattr(chunk, "hedgehog_attention_bwd", lambda *a, **k: calls.append(1) or fn(*a, **k))
+    g = torch.Generator(device="cuda").manual_seed(5)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    B, Hq, Hkv, L, DX, FH, D = 2, 4, 2, 700, 64, 64, 64
+    x = [r(B, Hq, L, DX), r(B, Hkv, L, DX), r(B, Hkv, L, D), torch.eye(DX, FH, device="cuda").expand(Hq, DX, FH)
+         + 0.1 * r(Hq, DX, FH), 0.1 * r(Hq, FH), torch.eye(DX, FH, device="cuda").expand(Hkv, DX, FH)
+         + 0.1 * r(Hkv, DX, FH), 0.1 * r(Hkv, FH), 0.1 * r(Hq, DX + 1) + 4.0]  # lam ~ 4: sinks and linear share
+    mask = torch.rand(B, L, device="cuda", generator=g) > 0.25
+    mask[1, 0] = False  # one row's first sink is padding
+    do = r(B, Hq, L, D)
+
+    def run(dtype):
+        xs = [t.to(dtype).clone().requires_grad_() if i < 3 else t.to(torch.float64 if dtype == torch.float64
+              else torch.float32).clone().requires_grad_() for i, t in enumerate(x)]
+        o = hedgehog_sink_attention(*xs, kind="softmax_split", sinks=2, causal=causal, key_mask=mask)
+        o.backward(do.to(o.dtype))
+        return [o.detach()] + [t.grad for t in xs]
+
+    got = run(torch.bfloat16)
+    assert calls, "the sink hybrid did not run the fused kernels"
+    monkeypatch.setenv("HHFFT_LINEAR_ATTENTION_TRITON", "0")  # the baseline is PyTorch's own computation
+    ref = run(torch.float64)
+    base = run(torch.bfloat16)
+    for name, a, b, c in zip(["o", "dq", "dk", "dv", "dWq", "dbq", "dWk", "dbk", "dlse"], got, ref, base):
+        assert_within_baseline(name, a, b, [c], dtype=torch.bfloat16)
+
+
 TF32X3 = [c for c in _cases() if c.values[7] == torch.bfloat16 and c.values[3] in (1, 64, 1000, 32768)]
 
 
