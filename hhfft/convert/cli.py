@@ -3,6 +3,10 @@
     hhfft convert MODEL_DIR --out OUT_DIR [--text FILE] [--steps N]    convert; distill first when --text is given
     hhfft distill MODEL_DIR --out OUT_DIR --text FILE [--steps N]      distill (from OUT_DIR's maps if present)
 
+Which sites and what they become: ``--layers``, ``--exclude``, ``--kind``, ``--feature-dim``, ``--window``,
+``--sinks`` (``HedgehogConfig``). With ``--text``: attention transfer (``--steps``, ``--lr``, ``--schedule``), then,
+with ``--tune-steps``, the maps tuned so that the converted model's last hidden states follow the original's on the
+same text (``tune_maps``; 1 - cosine per token; the original is loaded a second time for it).
 OUT_DIR receives ``hedgehog.safetensors`` and ``hhfft_manifest.json``; MODEL_DIR is only read.
 """
 from __future__ import annotations
@@ -30,8 +34,52 @@ def _parser(prog: str, text_required: bool) -> argparse.ArgumentParser:
     p.add_argument("--kind", default="softmax_split", choices=[k.value for k in FeatureMapKind],
                    help="feature map kind")
     p.add_argument("--feature-dim", type=_positive_int, default=None)
+    p.add_argument("--layers", type=_site_indices, default=None,
+                   help="comma-separated attention sites to convert, by index in forward order (default: all)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="module paths that stay softmax (fnmatch; repeatable)")
+    p.add_argument("--window", type=_non_negative_int, default=0,
+                   help="softmax over the keys within this many positions, Hedgehog for the rest (0: none)")
+    p.add_argument("--sinks", type=_non_negative_int, default=0,
+                   help="softmax over the first N keys, Hedgehog for the rest (0: none)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="lr schedule (with --text)")
+    p.add_argument("--tune-steps", type=_non_negative_int, default=0,
+                   help="second stage (with --text): maps tuned on the last hidden states (0: none)")
+    p.add_argument("--tune-lr", type=float, default=2e-3)
     p.add_argument("--picture", default=None, help="PNG of one head's attention before/after distillation")
     return p
+
+
+def _site_indices(text: str) -> tuple:
+    try:
+        return tuple(int(i) for i in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated site indices such as 1,2,3, got {text!r}") from None
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _hidden_state_loss(original):
+    """loss_fn of tune_maps: 1 - cosine of the converted model's last hidden state to the original's, per token,
+    averaged over the tokens the attention mask keeps."""
+    import torch
+
+    def loss_fn(model, batch):
+        with torch.no_grad():
+            ref = original(**batch).last_hidden_state
+        got = model(**batch).last_hidden_state
+        cos = torch.nn.functional.cosine_similarity(ref.float(), got.float(), dim=-1)
+        mask = batch["attention_mask"].to(cos.dtype)
+        return ((1 - cos) * mask).sum() / mask.sum().clamp_min(1)
+    return loss_fn
 
 
 def _run(argv: list, prog: str, always_distill: bool) -> int:
@@ -40,7 +88,7 @@ def _run(argv: list, prog: str, always_distill: bool) -> int:
 
     from hhfft.convert.checkpoint import MANIFEST, load_converted, save_converted
     from hhfft.convert.core import convert
-    from hhfft.convert.distill import distill
+    from hhfft.convert.distill import distill, tune_maps
     from hhfft.convert.hf import encode, load_hf_model, load_tokenizer, text_lines
     from hhfft.convert.modules import HedgehogConfig
 
@@ -53,6 +101,15 @@ def _run(argv: list, prog: str, always_distill: bool) -> int:
         return 2
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"{prog}: --out {args.out} exists and is not a directory", file=sys.stderr)
+        return 2
+    try:
+        config = HedgehogConfig(kind=args.kind, feature_dim=args.feature_dim, layers=args.layers,
+                                exclude=tuple(args.exclude), window=args.window, sinks=args.sinks)
+    except ValueError as e:  # --window with --sinks
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    if args.tune_steps and not args.text:
+        print(f"{prog}: --tune-steps needs --text (the maps are tuned on that text)", file=sys.stderr)
         return 2
     lines = None
     if args.text and not os.path.isfile(args.text):
@@ -68,11 +125,10 @@ def _run(argv: list, prog: str, always_distill: bool) -> int:
     model, inputs = load_hf_model(args.model, length=min(args.length, 64))
     if always_distill and os.path.exists(os.path.join(args.out, MANIFEST)):
         load_converted(model, args.out)
-        print(f"loaded the feature maps from {args.out} (--kind and --feature-dim apply to new conversions only; "
-              "give a new --out to convert with other maps)")
+        print(f"loaded the feature maps from {args.out} (--kind, --feature-dim, --layers, --exclude, --window and "
+              "--sinks apply to new conversions only; give a new --out to convert with other maps)")
     else:
-        report = convert(model, inputs, HedgehogConfig(kind=args.kind, feature_dim=args.feature_dim))
-        print(report)
+        print(convert(model, inputs, config))
     if args.text:
         tok = load_tokenizer(args.model)
         if tok is None:
@@ -82,8 +138,14 @@ def _run(argv: list, prog: str, always_distill: bool) -> int:
         if "use_cache" in inputs:
             for b in batches:
                 b["use_cache"] = False
-        res = distill(model, batches, steps=args.steps, lr=args.lr, stream=sys.stdout, picture=args.picture)
+        res = distill(model, batches, steps=args.steps, lr=args.lr, lr_schedule=args.schedule, stream=sys.stdout,
+                      picture=args.picture)
         print(res)
+        if args.tune_steps:
+            original, _ = load_hf_model(args.model, length=min(args.length, 64))
+            hist = tune_maps(model, batches, _hidden_state_loss(original), steps=args.tune_steps, lr=args.tune_lr,
+                             lr_schedule=args.schedule, stream=sys.stdout)
+            print(f"tuning: hidden-state loss {hist[0]:.5f} (first step) -> {hist[-1]:.5f} (last step)")
     save_converted(model, args.out)
     print(f"wrote {os.path.join(args.out, MANIFEST)}")
     return 0

@@ -26,14 +26,11 @@ def test_stdlib_docstrings_refuses_a_module_name_string():
         stdlib_docstrings("json")
 
 
-def test_cli_convert_a_gpt2_directory_whose_tokenizer_has_no_pad_token(tmp_path):
-    """GPT-2 and Llama tokenizers have no pad token: `hhfft convert --text` failed on them after converting
-    ("Asking to pad but the tokenizer does not have a padding token"). Batches are now padded with eos."""
+def _gpt2_directory(tmp_path):
+    """A tiny GPT-2 directory (1 layer, a BPE tokenizer trained on docstrings, no pad token) and a calibration file."""
     tokenizers = pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
     import torch
-
-    from hhfft.cli import main
 
     tk = tokenizers.Tokenizer(tokenizers.models.BPE())
     tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
@@ -44,22 +41,66 @@ def test_cli_convert_a_gpt2_directory_whose_tokenizer_has_no_pad_token(tmp_path)
     model_dir = tmp_path / "gpt2"
     tok.save_pretrained(model_dir)
     torch.manual_seed(0)
-    transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=64,
+    transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                                    vocab_size=len(tok))).save_pretrained(model_dir)
     text = tmp_path / "calib.txt"
     text.write_text("\n".join(stdlib_docstrings(limit=40)))
+    return model_dir, text
+
+
+def test_cli_convert_a_gpt2_directory_whose_tokenizer_has_no_pad_token(tmp_path):
+    """GPT-2 and Llama tokenizers have no pad token: `hhfft convert --text` failed on them after converting
+    ("Asking to pad but the tokenizer does not have a padding token"). Batches are now padded with eos."""
+    from hhfft.cli import main
+
+    model_dir, text = _gpt2_directory(tmp_path)
     out = tmp_path / "out"
     assert main(["convert", str(model_dir), "--out", str(out), "--text", str(text), "--steps", "1", "--batch", "4",
                  "--length", "16"]) == 0
     assert (out / "hhfft_manifest.json").is_file()
 
 
+def test_cli_convert_takes_the_config_options_and_tunes_the_maps(tmp_path, capsys):
+    """--layers, --sinks and --schedule reach the manifest; --tune-steps lowers the hidden-state loss; the checkpoint
+    loads into a fresh model, whose converted layer then computes the sink hybrid, not softmax."""
+    import json
+
+    import torch
+
+    from hhfft.cli import main
+    from hhfft.convert import hedgehog_sites, load_converted
+    from hhfft.convert.hf import load_hf_model
+
+    model_dir, text = _gpt2_directory(tmp_path)
+    out = tmp_path / "out"
+    assert main(["convert", str(model_dir), "--out", str(out), "--text", str(text), "--steps", "3", "--batch", "8",
+                 "--length", "16", "--layers", "1", "--sinks", "1", "--schedule", "cosine", "--tune-steps", "6",
+                 "--tune-lr", "1e-2"]) == 0
+    printed = capsys.readouterr().out
+    line = next(ln for ln in printed.splitlines() if ln.startswith("tuning: hidden-state loss"))
+    first, last = float(line.split()[3]), float(line.split()[7])
+    assert last < first, line
+    manifest = json.loads((out / "hhfft_manifest.json").read_text())
+    assert manifest["config"]["sinks"] == 1 and manifest["config"]["layers"] == [1]
+    assert [s["module_path"] for s in manifest["sites"]] == ["h.1.attn"]
+    fresh, inputs = load_hf_model(str(model_dir), length=16)
+    with torch.no_grad():
+        softmax = fresh(**inputs).last_hidden_state
+        load_converted(fresh, str(out))
+        converted = fresh(**inputs).last_hidden_state
+    (_, _, _, hh), = hedgehog_sites(fresh)
+    assert hh.sinks == 1 and hh.lse.abs().sum() > 0  # the log-normaliser was trained and saved
+    assert not torch.allclose(converted, softmax, atol=1e-4)
+
+
 @pytest.mark.parametrize("args, message", [
     (["convert", "/nonexistent", "--out", "o"], "has no config.json"),
     (["convert", "MODEL", "--out", "o", "--text", "/nonexistent.txt"], "is not a file"),
     (["convert", "MODEL", "--out", "FILE"], "is not a directory"),
+    (["convert", "MODEL", "--out", "o", "--window", "4", "--sinks", "1"], "together are not supported"),
+    (["convert", "MODEL", "--out", "o", "--tune-steps", "3"], "--tune-steps needs --text"),
 ])
-def test_cli_convert_bad_paths_are_usage_errors(args, message, tmp_path, capsys):
+def test_cli_convert_usage_errors(args, message, tmp_path, capsys):
     """Checked before the model loads: rc 2 and one line, not a traceback after the conversion."""
     from hhfft.cli import main
 
@@ -71,10 +112,14 @@ def test_cli_convert_bad_paths_are_usage_errors(args, message, tmp_path, capsys)
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--steps", "--batch", "--length"])
-def test_cli_convert_refuses_non_positive_sizes(flag, capsys):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--steps", "0", "expected a positive integer"), ("--batch", "0", "expected a positive integer"),
+    ("--length", "0", "expected a positive integer"), ("--sinks", "-1", "expected an integer >= 0"),
+    ("--layers", "1,a", "expected comma-separated site indices"),
+])
+def test_cli_convert_refuses_bad_numbers(flag, value, message, capsys):
     from hhfft.cli import main
 
     with pytest.raises(SystemExit):
-        main(["convert", "m", "--out", "o", flag, "0"])
-    assert "expected a positive integer" in capsys.readouterr().err
+        main(["convert", "m", "--out", "o", flag, value])
+    assert message in capsys.readouterr().err
