@@ -195,14 +195,19 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
     ap.add_argument("--no-inductor", action="store_true", help="skip the torch.compile reference")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for fftconv.json/.md/.png")
+    ap.add_argument("--scratch-mb", type=int, default=None,
+                    help="the four-step paths' scratch budget per column pass (monarch._SCRATCH_BYTES; 0: the whole "
+                         "batch at once, as before the batch slices); default: the module's")
     args = ap.parse_args(argv)
+    if args.scratch_mb is not None:
+        monarch._SCRATCH_BYTES = args.scratch_mb << 20 if args.scratch_mb > 0 else 1 << 62
     if not torch.cuda.is_available():
         print("benchmarks/fftconv.py needs a CUDA GPU", file=sys.stderr)
         return 2
     ceil = ceilings()
     meta = dict(
         date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-        triton=triton.__version__, **ceil,
+        triton=triton.__version__, scratch_MB=monarch._SCRATCH_BYTES >> 20, **ceil,
     )
     rows = []
     inductor = None if args.no_inductor else torch.compile(torch_ref, dynamic=True)  # one compile for all lengths

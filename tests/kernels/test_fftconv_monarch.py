@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hhfft.kernels.fftconv.monarch import fftconv_corr_fwd, fftconv_fwd, plan
 from hhfft.kernels.fftconv.naive import fftconv_corr_naive, fftconv_naive
@@ -237,6 +239,57 @@ def test_dv_dk_four_step_equals_the_separate_calls(dtype):
         fftconv_dv_dk(g, torch.cat([v, v], -1), kf, shift, **opts)  # dv's N = plan(1500, 1001, 3000) = 4096, dk's 8192
     with pytest.raises(ValueError, match="one FFT size for dv and dk"):
         fftconv_dv_dk(g, v, kf[:, :100], shift, **opts)  # dv's N = plan(1500, 100, 1500) = 2048, dk's 4096
+
+
+@settings(max_examples=200, deadline=None)
+@given(B=st.integers(1, 100), H=st.integers(1, 2048), logn=st.integers(8, 22), budget=st.integers(1, 1 << 32))
+def test_batch_slices_cover_the_batch_in_whole_pairs_within_the_scratch_budget(B, H, logn, budget):
+    from hhfft.kernels.fftconv import monarch
+
+    N = 1 << logn
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(monarch, "_SCRATCH_BYTES", budget)
+        slices = monarch._batch_slices(B, H, N)
+    assert [b0 for b0, _ in slices] == [0] + [b1 for _, b1 in slices[:-1]] and slices[-1][1] == B
+    for b0, b1 in slices[:-1]:
+        assert (b1 - b0) % 2 == 0
+    for b0, b1 in slices:
+        scratch = (b1 - b0 + 1) // 2 * H * 2 * N * 4
+        assert scratch <= budget or b1 - b0 <= 2, (b0, b1, scratch)  # at least one pair, whatever the budget
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-fp16dots"])
+def test_four_step_paths_take_the_batch_in_slices(dtype, monkeypatch):
+    """With a scratch budget of one pair of rows, the three-kernel forward (gates, bias, skip), dv_dk and dk run
+    slice after slice (B = 5: two whole pairs, then a half-empty one), each column pass on a scratch of one pair:
+    y and dv bit for bit what one slice gives (the same arithmetic per pair), dk within the 2x rule of the fp64
+    reference (its slices' lags are added)."""
+    from hhfft.kernels.fftconv import monarch
+    from hhfft.kernels.fftconv.monarch import fftconv_dv_dk
+
+    B, H, L, K, shift = 5, 2, 1500, 1001, 7
+    u, k, extra = _inputs(B, H, L, K, L, True, seed=4)
+    dy = torch.randn(B, H, L, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    u_d, k_d, extra_d, g = u.to(DEVICE, dtype), k.to(DEVICE, torch.float32), _cast(extra, dtype), dy.to(DEVICE, dtype)
+    opts = dict(precision=PREC[dtype], max_fused_n=256)
+    whole = (fftconv_fwd(u_d, k_d, shift, L, **extra_d, **opts), *fftconv_dv_dk(g, u_d, k_d.flip(-1), shift, **opts))
+    rows, col_fwd = [], monarch._col_fwd
+
+    def counted(*a, **kw):
+        s = col_fwd(*a, **kw)
+        rows.append(s.shape[0])
+        return s
+    monkeypatch.setattr(monarch, "_col_fwd", counted)
+    monkeypatch.setattr(monarch, "_SCRATCH_BYTES", 1)
+    y = fftconv_fwd(u_d, k_d, shift, L, **extra_d, **opts)
+    dv, dk = fftconv_dv_dk(g, u_d, k_d.flip(-1), shift, **opts)
+    dk_corr = fftconv_corr_fwd(g, u_d, shift, K, **opts)
+    assert rows == [H] * 3 * 5, rows  # 3 slices: forward 1 column pass each, dv_dk and dk 2 each
+    assert torch.equal(y, whole[0]) and torch.equal(dv, whole[1])
+    u_, k_ = u.clone().requires_grad_(), k.clone().requires_grad_()
+    dk_ref = torch.autograd.grad(fftconv_naive(u_, k_, shift, L), k_, dy)[0]
+    for got in (dk, dk_corr):
+        assert_within_torch_error(got.cpu(), dk_ref, _fftconv_corr_torch(g, u_d, shift, K).cpu(), "dk in slices")
 
 
 def test_fwd_rejects_bad_out():

@@ -17,7 +17,8 @@ Paths:
   tables (by default for the "fp16" dots); _fused_config has the timings.
 - four-step (N up to 512K for bf16): N = P * Q. A column pass does the size-P DFTs of the [P, Q] view (plus
   twiddles) into an fp32 scratch, the fused row machinery does FFT_Q, spectrum product and inverse on each of
-  the P rows, and a second column pass does the inverse size-P DFTs and the epilogue.
+  the P rows, and a second column pass does the inverse size-P DFTs and the epilogue; the batch goes through in
+  slices whose scratch fits _SCRATCH_BYTES (_batch_slices).
 - dk (``fftconv_corr``): one program per (channel, batch slice) accumulates conj(G) * V over its pairs of rows in
   registers, inverse-transforms once and writes its partial sum of lags; the slices are summed on the host. Above
   the fused limit: the four-step column pass on g and on v, one program per (channel, row) accumulating the rows'
@@ -1044,6 +1045,17 @@ _MIN_TUNE_WORK = 2048  # pairs of rows x channels below which the static choice 
 # fused and dk kernels it replaces spill 16 + 112 / 248 + 280 / 1424 + 1400: untimed, so the larger sizes keep the two
 # kernels until `fftconv_tune.py --dv-dk` says otherwise
 _DV_DK_MAX_FUSED = 512
+# The three-kernel four-step paths (fftconv_fwd below _PERSISTENT_MIN_N, dk and dv_dk at every four-step size) take
+# the batch in slices whose fp32 scratch (4 B H N bytes for the whole batch: 1 GiB at 2^27 elements and N = 2L) is at
+# most this large, so that peak memory stays near the inputs' and outputs' (#6: <= 1/3 of the torch reference's)
+_SCRATCH_BYTES = 256 << 20
+
+
+def _batch_slices(B: int, H: int, N: int) -> list[tuple[int, int]]:
+    """[b0, b1) slices of the batch, of an even size (whole pairs of rows) but the last, whose column-pass scratch
+    [(b1 - b0 + 1) // 2 H, 2, P, Q] fp32 fits _SCRATCH_BYTES; at least one pair each."""
+    step = 2 * max(1, _SCRATCH_BYTES // (H * 2 * N * 4))
+    return [(b, min(B, b + step)) for b in range(0, B, step)]
 
 
 def _choose(N: int, prec: str, pairs: int, H: int, u: Tensor, run) -> FusedConfig:
@@ -1182,9 +1194,12 @@ def fftconv_fwd(
         _persistent(fs, kf, ks / fs.P, conj_k, programs, num_warps, NP=pairs, **common,
                     p_pre=_empty_if_none(pregate, u), HAS_PRE=pregate is not None, **flags)
         return y
-    s = _col_fwd(fs, u, B, H, prec, pregate)
-    _row_pass(fs, s, kf, ks, conj_k, pairs, H, prec)
-    _col_inv(fs, s, **common, **flags)
+    for b0, b1 in _batch_slices(B, H, N):  # views along B stay contiguous; each slice has its own scratch
+        part = lambda x: x if x is None else x[b0:b1]  # noqa: E731
+        s = _col_fwd(fs, u[b0:b1], b1 - b0, H, prec, part(pregate))
+        _row_pass(fs, s, kf, ks, conj_k, (b1 - b0 + 1) // 2, H, prec)
+        _col_inv(fs, s, **dict(common, p_u=u[b0:b1], p_post=_empty_if_none(part(postgate), u), p_y=y[b0:b1],
+                                B=b1 - b0), **flags)
     return y
 
 
@@ -1354,9 +1369,17 @@ def fftconv_corr_fwd(
     g, v = g.contiguous(), v.contiguous()
     if N > max_fused:
         fs = _FourStep.make(N, max_fused, g)
-        c = _corr_rows(fs, _col_fwd(fs, g, B, H, prec), _col_fwd(fs, v, B, H, prec), H, prec)
-        return _corr_col(fs, c, T, L, K, shift, prec)
+        dk = None
+        for b0, b1 in _batch_slices(B, H, N):  # dk is linear in the pairs: the slices' lags add up
+            c = _corr_rows(fs, _col_fwd(fs, g[b0:b1], b1 - b0, H, prec), _col_fwd(fs, v[b0:b1], b1 - b0, H, prec),
+                           H, prec)
+            dk = _add(dk, _corr_col(fs, c, T, L, K, shift, prec))
+        return dk
     return _corr_fused(g, v, K, shift, prec)
+
+
+def _add(total: Optional[Tensor], part: Tensor) -> Tensor:
+    return part if total is None else total.add_(part)
 
 
 def dv_dk_shared(g: Tensor, v: Tensor, K: int) -> bool:
@@ -1418,13 +1441,16 @@ def fftconv_dv_dk(
         kf, ks, conj_k = _spectrum_for(k_flipped, shift_dv, N, (1, *_split(N)))
         return dv, _corr_fused(g, v, K, shift, prec, (dv, kf, ks, conj_k, shift_dv))
     fs = _FourStep.make(N, max_fused, g)
-    sg, sv = _col_fwd(fs, g, B, H, prec), _col_fwd(fs, v, B, H, prec)
     kf, ks, conj_k = _spectrum_for(k_flipped, shift_dv, N, (fs.P, fs.q1, fs.q2))
-    c = _corr_rows(fs, sg, sv, H, prec, (kf, ks / fs.P, conj_k))
-    del sv
-    dk = _corr_col(fs, c, T, L, K, shift, prec)
-    _col_inv(
-        fs, sg, p_u=g, p_post=g, p_bias=g, p_skip=g, p_y=dv, B=B, H=H, L=T, T=L, LO=-shift_dv,
-        HI=T + K - 2 - shift_dv, HAS_POST=False, HAS_BIAS=False, HAS_SKIP=False, PREC=prec,
-    )
+    dk = None
+    for b0, b1 in _batch_slices(B, H, N):  # each slice has its own scratches; its dv rows and dk lags are final
+        gb = g[b0:b1]
+        sg, sv = _col_fwd(fs, gb, b1 - b0, H, prec), _col_fwd(fs, v[b0:b1], b1 - b0, H, prec)
+        c = _corr_rows(fs, sg, sv, H, prec, (kf, ks / fs.P, conj_k))
+        del sv
+        dk = _add(dk, _corr_col(fs, c, T, L, K, shift, prec))
+        _col_inv(
+            fs, sg, p_u=gb, p_post=gb, p_bias=gb, p_skip=gb, p_y=dv[b0:b1], B=b1 - b0, H=H, L=T, T=L, LO=-shift_dv,
+            HI=T + K - 2 - shift_dv, HAS_POST=False, HAS_BIAS=False, HAS_SKIP=False, PREC=prec,
+        )
     return dv, dk
