@@ -41,23 +41,35 @@ def _inputs(L, seed=0):
     return torch.randn(2, L, 16, generator=g, dtype=torch.float64), keep
 
 
-def test_bidirectional_site_with_key_padding_is_the_window_hybrid_eager_and_compiled():
+# (config, report text, extra parameter, the hybrid's attention on the owner's q, k, v and key mask)
+HYBRIDS = {
+    "window": (dict(window=5), "softmax window 5", "mix",
+               lambda hh, q, k, v, keep: hedgehog_window_attention(
+                   q, k, v, hh.q_map.weight, hh.q_map.bias, hh.k_map.weight, hh.k_map.bias, hh.mix, window=5,
+                   causal=False, key_mask=keep, scale=0.4)),
+    "sinks": (dict(sinks=2), "2 softmax sink(s)", "lse",
+              lambda hh, q, k, v, keep: hedgehog_sink_attention(
+                  q, k, v, hh.q_map.weight, hh.q_map.bias, hh.k_map.weight, hh.k_map.bias, hh.lse, sinks=2,
+                  causal=False, key_mask=keep, scale=0.4)),
+}
+
+
+@pytest.mark.parametrize("hybrid", HYBRIDS)
+def test_bidirectional_site_with_key_padding_is_the_hybrid_eager_and_compiled(hybrid):
+    config, reason, _, attention = HYBRIDS[hybrid]
     torch.manual_seed(0)
     enc = Encoder().double()
     x, keep = _inputs(80)
-    report = convert(enc, (x, keep), HedgehogConfig(window=5))
+    report = convert(enc, (x, keep), HedgehogConfig(**config))
     assert report.count("hedgehog", "rewritten") == 1, str(report)
-    assert "softmax window 5" in report.sites[0].reason
+    assert reason in report.sites[0].reason
     hh = enc.hedgehog
     with torch.no_grad():
         for p in hh.parameters():
             p.add_(0.3 * torch.randn_like(p))
     for L in (80, 23, 150):  # other lengths: dynamic shapes
         x, keep = _inputs(L, seed=L)
-        q, k, v = enc.qkv_heads(x)
-        o = hedgehog_window_attention(q, k, v, hh.q_map.weight, hh.q_map.bias, hh.k_map.weight, hh.k_map.bias,
-                                      hh.mix, window=5, causal=False, key_mask=keep, scale=0.4)
-        want = enc.out(o.transpose(1, 2).flatten(2))
+        want = enc.out(attention(hh, *enc.qkv_heads(x), keep).transpose(1, 2).flatten(2))
         out = enc(x, keep)
         torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
         comp = torch.compile(enc, backend="hhfft", options={"compiler": "eager"})(x, keep)
@@ -90,68 +102,6 @@ def test_a_window_as_long_as_the_sequence_is_the_original_model_and_a_shorter_on
     assert not torch.allclose(out[:, -5:], softmax[:, -5:], atol=1e-4)
 
 
-def test_the_mix_is_distilled_saved_and_loaded(tmp_path):
-    model, x = _gpt()
-    fresh, _ = _gpt()
-    before = set(model.state_dict())
-    convert(model, (x,), HedgehogConfig(window=8, feature_dim=8))
-    assert sorted(set(model.state_dict()) - before) == sorted(
-        f"blocks.{i}.attn.hedgehog.{k}" for i in range(2)
-        for k in ("mix", "q_map.weight", "q_map.bias", "k_map.weight", "k_map.bias"))
-    res = distill(model, [(x,)], steps=15, lr=2e-2, stream=None)
-    assert all(res.after[s] < res.before[s] for s in res.before), str(res)
-    assert all(hh.mix.abs().sum() > 0 for *_, hh in hedgehog_sites(model))  # the mixing weight learns too
-    with torch.no_grad():
-        out = model(x)
-    manifest = save_converted(model, str(tmp_path))
-    assert manifest["config"]["window"] == 8 and all(s["window"] == 8 for s in manifest["sites"])
-    load_converted(fresh, str(tmp_path))
-    with torch.no_grad():
-        assert torch.equal(fresh(x), out)
-
-
-def test_decoding_with_a_constant_state_cache_refuses_a_window():
-    transformers = pytest.importorskip("transformers")
-    from hhfft.convert.decode import HedgehogCache
-
-    transformers.logging.set_verbosity_error()
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=64, vocab_size=64)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    convert(model, {"input_ids": torch.randint(0, 64, (1, 9)), "use_cache": False}, HedgehogConfig(window=4))
-    with pytest.raises(ValueError, match="sliding-window hybrid .*use_cache=False"):
-        HedgehogCache(model)
-
-
-@pytest.mark.parametrize("window", [-1, True, 2.0])
-def test_a_bad_window_is_refused(window):
-    with pytest.raises(ValueError, match="window must be an int >= 0"):
-        HedgehogConfig(window=window)
-
-
-# ------------------------------------------------------------------------------------------------------ sinks
-def test_bidirectional_site_with_key_padding_is_the_sink_hybrid_eager_and_compiled():
-    torch.manual_seed(0)
-    enc = Encoder().double()
-    x, keep = _inputs(40)
-    report = convert(enc, (x, keep), HedgehogConfig(sinks=2))
-    assert report.count("hedgehog", "rewritten") == 1, str(report)
-    assert "2 softmax sink(s)" in report.sites[0].reason
-    hh = enc.hedgehog
-    with torch.no_grad():
-        for p in hh.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    for L in (40, 23, 90):  # other lengths: dynamic shapes
-        x, keep = _inputs(L, seed=L)
-        q, k, v = enc.qkv_heads(x)
-        o = hedgehog_sink_attention(q, k, v, hh.q_map.weight, hh.q_map.bias, hh.k_map.weight, hh.k_map.bias,
-                                    hh.lse, sinks=2, causal=False, key_mask=keep, scale=0.4)
-        want = enc.out(o.transpose(1, 2).flatten(2))
-        out = enc(x, keep)
-        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-        comp = torch.compile(enc, backend="hhfft", options={"compiler": "eager"})(x, keep)
-        torch.testing.assert_close(comp, out, rtol=1e-12, atol=1e-12)
-
-
 def test_sinks_covering_the_sequence_are_the_original_model_and_fewer_are_not():
     model, x = _gpt()
     with torch.no_grad():
@@ -171,43 +121,52 @@ def test_sinks_covering_the_sequence_are_the_original_model_and_fewer_are_not():
     assert not torch.allclose(out[:, -5:], softmax[:, -5:], atol=1e-4)
 
 
-def test_the_log_normaliser_is_distilled_saved_and_loaded(tmp_path):
+@pytest.mark.parametrize("hybrid", HYBRIDS)
+def test_the_extra_parameter_is_distilled_saved_and_loaded(hybrid, tmp_path):
+    config, _, extra, _ = HYBRIDS[hybrid]
     model, x = _gpt()
     fresh, _ = _gpt()
     before = set(model.state_dict())
-    convert(model, (x,), HedgehogConfig(sinks=1, feature_dim=8))
+    convert(model, (x,), HedgehogConfig(**config, feature_dim=8))
     assert sorted(set(model.state_dict()) - before) == sorted(
         f"blocks.{i}.attn.hedgehog.{k}" for i in range(2)
-        for k in ("lse", "q_map.weight", "q_map.bias", "k_map.weight", "k_map.bias"))
+        for k in (extra, "q_map.weight", "q_map.bias", "k_map.weight", "k_map.bias"))
     res = distill(model, [(x,)], steps=15, lr=2e-2, stream=None)
     assert all(res.after[s] < res.before[s] for s in res.before), str(res)
-    assert all(hh.lse.abs().sum() > 0 for *_, hh in hedgehog_sites(model))  # the log-normaliser learns too
+    assert all(getattr(hh, extra).abs().sum() > 0 for *_, hh in hedgehog_sites(model))  # it learns too
     with torch.no_grad():
         out = model(x)
     manifest = save_converted(model, str(tmp_path))
-    assert manifest["config"]["sinks"] == 1 and all(s["sinks"] == 1 for s in manifest["sites"])
+    (name, value), = config.items()
+    assert manifest["config"][name] == value and all(s[name] == value for s in manifest["sites"])
     load_converted(fresh, str(tmp_path))
     with torch.no_grad():
         assert torch.equal(fresh(x), out)
 
 
-def test_decoding_with_a_constant_state_cache_refuses_sinks():
+@pytest.mark.parametrize("hybrid, match", [("window", "sliding-window hybrid .*use_cache=False"),
+                                           ("sinks", "softmax sink.*use_cache=False")])
+def test_decoding_with_a_constant_state_cache_refuses_the_hybrids(hybrid, match):
     transformers = pytest.importorskip("transformers")
     from hhfft.convert.decode import HedgehogCache
 
     transformers.logging.set_verbosity_error()
     cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, n_positions=64, vocab_size=64)
     model = transformers.GPT2LMHeadModel(cfg).eval()
-    convert(model, {"input_ids": torch.randint(0, 64, (1, 9)), "use_cache": False}, HedgehogConfig(sinks=1))
-    with pytest.raises(ValueError, match="softmax sink.*use_cache=False"):
+    convert(model, {"input_ids": torch.randint(0, 64, (1, 9)), "use_cache": False},
+            HedgehogConfig(**HYBRIDS[hybrid][0]))
+    with pytest.raises(ValueError, match=match):
         HedgehogCache(model)
 
 
 @pytest.mark.parametrize("kw, match", [
+    (dict(window=-1), "window must be an int >= 0"),
+    (dict(window=True), "window must be an int >= 0"),
+    (dict(window=2.0), "window must be an int >= 0"),
     (dict(sinks=-1), "sinks must be an int >= 0"),
     (dict(sinks=True), "sinks must be an int >= 0"),
     (dict(sinks=1, window=4), "a softmax window \\(4\\) and attention sinks \\(1\\) together are not supported"),
 ])
-def test_bad_sinks_are_refused(kw, match):
+def test_bad_windows_and_sinks_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         HedgehogConfig(**kw)

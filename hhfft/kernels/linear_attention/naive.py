@@ -85,6 +85,21 @@ def linear_attention_naive(
     return (a @ vv) / den.clamp_min(DEN_FLOOR)
 
 
+def _per_query_head(k: torch.Tensor, v: torch.Tensor, phi_k: torch.Tensor, Hq: int, causal: bool,
+                    key_mask: Optional[torch.Tensor]) -> tuple:
+    """(k, v (masked keys' rows zero), phi_k) repeated to the Hq query heads, and the visible keys [B or 1, 1, L, L]."""
+    group = Hq // k.shape[1]
+    kr, vr, pkr = (x.repeat_interleave(group, dim=1) for x in (k, v, phi_k))
+    L = k.shape[-2]
+    allowed = torch.ones(1, 1, L, L, dtype=torch.bool, device=k.device)
+    if causal:
+        allowed = allowed.tril()
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+        vr = torch.where(key_mask[:, None, :, None], vr, 0)
+    return kr, vr, pkr, allowed
+
+
 def window_weights_naive(s: torch.Tensor, lin: torch.Tensor, allowed: torch.Tensor, factor: torch.Tensor,
                          window: int) -> torch.Tensor:
     """Normalised weights of the sliding-window hybrid (module docstring): s (scaled q.k) and lin (phi_q.phi_k)
@@ -108,16 +123,8 @@ def window_attention_naive(
 ) -> torch.Tensor:
     """Quadratic evaluation of the sliding-window hybrid: q, k [B, H, L, D] (Hq and Hkv heads), v [B, Hkv, L, Dv],
     phi_q, phi_k their features, factor [Hq] -> o [B, Hq, L, Dv]."""
-    group = q.shape[1] // k.shape[1]
-    kr, vr, pkr = (x.repeat_interleave(group, dim=1) for x in (k, v, phi_k))
+    kr, vr, pkr, allowed = _per_query_head(k, v, phi_k, q.shape[1], causal, key_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    L = q.shape[-2]
-    allowed = torch.ones(1, 1, L, L, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = allowed.tril()
-    if key_mask is not None:
-        allowed = allowed & key_mask[:, None, None, :]
-        vr = torch.where(key_mask[:, None, :, None], vr, 0)
     a = window_weights_naive((q @ kr.transpose(-1, -2)) * scale, phi_q @ pkr.transpose(-1, -2), allowed, factor,
                              window)
     return a @ vr
@@ -144,16 +151,8 @@ def sink_attention_naive(
 ) -> torch.Tensor:
     """Quadratic evaluation of the sink hybrid: q, k [B, H, L, D] (Hq and Hkv heads), v [B, Hkv, L, Dv], phi_q,
     phi_k their features, lse [Hq, D + 1] (lam = q . lse[:, :D] + lse[:, D]) -> o [B, Hq, L, Dv]."""
-    group = q.shape[1] // k.shape[1]
-    kr, vr, pkr = (x.repeat_interleave(group, dim=1) for x in (k, v, phi_k))
+    kr, vr, pkr, allowed = _per_query_head(k, v, phi_k, q.shape[1], causal, key_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    L = q.shape[-2]
-    allowed = torch.ones(1, 1, L, L, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = allowed.tril()
-    if key_mask is not None:
-        allowed = allowed & key_mask[:, None, None, :]
-        vr = torch.where(key_mask[:, None, :, None], vr, 0)
     lam = torch.einsum("bhld,hd->bhl", q, lse[:, :-1]) + lse[:, -1][None, :, None]
     a = sink_weights_naive((q @ kr.transpose(-1, -2)) * scale, phi_q @ pkr.transpose(-1, -2), allowed, lam, sinks)
     return a @ vr
