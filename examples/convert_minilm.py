@@ -192,6 +192,28 @@ def agreement_ceiling(ref: torch.Tensor, cosines=(0.97, 0.98, 0.99, 0.995, 0.999
     return out
 
 
+@torch.no_grad()
+def sink_mass(model, tok, texts: list, length: int) -> list:
+    """Per layer: the mean softmax weight that a query puts on [CLS] (the first key) and on [SEP] (the last kept
+    key), over the held-out sentences' queries; the case for ``--sinks``."""
+    from hhfft.convert.hf import encode
+
+    enc = encode(tok, texts, length)
+    model.set_attn_implementation("eager")  # SDPA does not return the weights
+    try:
+        attentions = model(**enc, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    keep = enc["attention_mask"].bool()
+    last = (keep.sum(1) - 1).view(-1, 1, 1, 1)
+    out = []
+    for a in attentions:  # [B, H, L, L]
+        rows = keep[:, None, :].expand(a.shape[:3])
+        sep = a.gather(-1, last.expand(*a.shape[:3], 1))[..., 0]
+        out.append({"cls": a[..., 0][rows].mean().item(), "sep": sep[rows].mean().item()})
+    return out
+
+
 def _to(batch: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -306,6 +328,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the row's figures here")
     p.add_argument("--pack", default=None, metavar="DIR", help="write texts and weights for another machine; exit")
     p.add_argument("--ceiling", action="store_true", help="print the agreement of random errors at given cosines; exit")
+    p.add_argument("--sink-mass", action="store_true",
+                   help="print each layer's mean attention on [CLS] and [SEP] over the held-out sentences; exit")
     p.add_argument("--sweep", action="store_true", help="run every row of ROWS after these options")
     p.add_argument("--out", default=None, help="sweep: directory for minilm_sweep.json / .md (written per row)")
     p.add_argument("--rows", default=None, help="sweep: comma-separated indices into ROWS (default: all)")
@@ -507,6 +531,11 @@ def main(argv=None) -> dict:
     if args.ceiling:
         res = agreement_ceiling(ctx.ref.cpu())
         print(json.dumps({str(k): v for k, v in res.items()}, indent=1))
+        return res
+    if args.sink_mass:
+        res = sink_mass(ctx.original, ctx.tok, ctx.held, args.eval_length)
+        for i, r in enumerate(res):
+            print(f"layer {i}: [CLS] {r['cls']:.3f}  [SEP] {r['sep']:.3f}")
         return res
     print(f"calibration: {', '.join(f'{k} {len(v)}' for k, v in ctx.calib.items())} paragraphs; "
           f"held out: {len(ctx.held)} numpy/torch paragraphs; device {args.device}, {args.dtype}", flush=True)
