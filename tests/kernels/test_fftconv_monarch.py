@@ -242,28 +242,31 @@ def test_dv_dk_four_step_equals_the_separate_calls(dtype):
 
 
 @settings(max_examples=200, deadline=None)
-@given(B=st.integers(1, 100), H=st.integers(1, 2048), logn=st.integers(8, 22), budget=st.integers(1, 1 << 32))
-def test_batch_slices_cover_the_batch_in_whole_pairs_within_the_scratch_budget(B, H, logn, budget):
+@given(B=st.integers(1, 40), H=st.integers(1, 300), logn=st.integers(8, 22), budget=st.integers(1, 1 << 32))
+def test_slices_cover_every_row_once_in_whole_pairs_within_the_scratch_budget(B, H, logn, budget):
     from hhfft.kernels.fftconv import monarch
 
     N = 1 << logn
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(monarch, "_SCRATCH_BYTES", budget)
-        slices = monarch._batch_slices(B, H, N)
-    assert [b0 for b0, _ in slices] == [0] + [b1 for _, b1 in slices[:-1]] and slices[-1][1] == B
-    for b0, b1 in slices[:-1]:
-        assert (b1 - b0) % 2 == 0
-    for b0, b1 in slices:
-        scratch = (b1 - b0 + 1) // 2 * H * 2 * N * 4
-        assert scratch <= budget or b1 - b0 <= 2, (b0, b1, scratch)  # at least one pair, whatever the budget
+        slices = monarch._slices(B, H, N)
+    seen = torch.zeros(B, H, dtype=torch.int64)
+    for sl in slices:
+        assert sl.b0 % 2 == 0 and ((sl.b1 - sl.b0) % 2 == 0 or sl.b1 == B), sl  # whole pairs of rows
+        seen[sl.b0:sl.b1, sl.h0:sl.h1] += 1
+        scratch = (sl.b1 - sl.b0 + 1) // 2 * (sl.h1 - sl.h0) * 2 * N * 4
+        assert scratch <= budget or (sl.b1 - sl.b0 <= 2 and sl.h1 - sl.h0 == 1), (sl, scratch)  # at least one row
+    assert (seen == 1).all()
 
 
+@pytest.mark.parametrize("budget, rows", [(2 * 2 * 4096 * 4, 2), (1, 1)], ids=["batch-slices", "channel-slices"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-fp16dots"])
-def test_four_step_paths_take_the_batch_in_slices(dtype, monkeypatch):
-    """With a scratch budget of one pair of rows, the three-kernel forward (gates, bias, skip), dv_dk and dk run
-    slice after slice (B = 5: two whole pairs, then a half-empty one), each column pass on a scratch of one pair:
-    y and dv bit for bit what one slice gives (the same arithmetic per pair), dk within the 2x rule of the fp64
-    reference (its slices' lags are added)."""
+def test_four_step_paths_take_the_rows_in_slices(dtype, budget, rows, monkeypatch):
+    """With a scratch budget of one pair of rows over the H = 2 channels (batch slices), or of one row (one pair,
+    one channel at a time), the three-kernel forward (gates, bias, skip), dv_dk and dk run slice after slice (B = 5:
+    the last pair half-empty), each column pass on a scratch of that size: y and dv bit for bit what one slice gives
+    (the same arithmetic per pair), dk within the 2x rule of the fp64 reference (its batch slices' lags are added).
+    N = 4096 for all three (P16 x Q256 with max_fused_n = 256)."""
     from hhfft.kernels.fftconv import monarch
     from hhfft.kernels.fftconv.monarch import fftconv_dv_dk
 
@@ -273,22 +276,24 @@ def test_four_step_paths_take_the_batch_in_slices(dtype, monkeypatch):
     u_d, k_d, extra_d, g = u.to(DEVICE, dtype), k.to(DEVICE, torch.float32), _cast(extra, dtype), dy.to(DEVICE, dtype)
     opts = dict(precision=PREC[dtype], max_fused_n=256)
     whole = (fftconv_fwd(u_d, k_d, shift, L, **extra_d, **opts), *fftconv_dv_dk(g, u_d, k_d.flip(-1), shift, **opts))
-    rows, col_fwd = [], monarch._col_fwd
+    sizes, col_fwd = [], monarch._col_fwd
 
     def counted(*a, **kw):
         s = col_fwd(*a, **kw)
-        rows.append(s.shape[0])
+        sizes.append(s.shape[0])
         return s
     monkeypatch.setattr(monarch, "_col_fwd", counted)
-    monkeypatch.setattr(monarch, "_SCRATCH_BYTES", 1)
+    monkeypatch.setattr(monarch, "_SCRATCH_BYTES", budget)
     y = fftconv_fwd(u_d, k_d, shift, L, **extra_d, **opts)
     dv, dk = fftconv_dv_dk(g, u_d, k_d.flip(-1), shift, **opts)
     dk_corr = fftconv_corr_fwd(g, u_d, shift, K, **opts)
-    assert rows == [H] * 3 * 5, rows  # 3 slices: forward 1 column pass each, dv_dk and dk 2 each
+    slices = 3 * H // rows  # 3 pairs, over all channels or one channel at a time
+    assert sizes == [rows] * slices * 5, sizes  # forward 1 column pass a slice, dv_dk and dk 2 each
     assert torch.equal(y, whole[0]) and torch.equal(dv, whole[1])
     u_, k_ = u.clone().requires_grad_(), k.clone().requires_grad_()
     dk_ref = torch.autograd.grad(fftconv_naive(u_, k_, shift, L), k_, dy)[0]
     for got in (dk, dk_corr):
+        assert got.shape == (H, K)
         assert_within_torch_error(got.cpu(), dk_ref, _fftconv_corr_torch(g, u_d, shift, K).cpu(), "dk in slices")
 
 

@@ -18,7 +18,7 @@ Paths:
 - four-step (N up to 512K for bf16): N = P * Q. A column pass does the size-P DFTs of the [P, Q] view (plus
   twiddles) into an fp32 scratch, the fused row machinery does FFT_Q, spectrum product and inverse on each of
   the P rows, and a second column pass does the inverse size-P DFTs and the epilogue; the batch goes through in
-  slices whose scratch fits _SCRATCH_BYTES (_batch_slices).
+  slices whose scratch fits _SCRATCH_BYTES (_slices: pairs of rows, or one pair by channel slices).
 - dk (``fftconv_corr``): one program per (channel, batch slice) accumulates conj(G) * V over its pairs of rows in
   registers, inverse-transforms once and writes its partial sum of lags; the slices are summed on the host. Above
   the fused limit: the four-step column pass on g and on v, one program per (channel, row) accumulating the rows'
@@ -607,18 +607,19 @@ def _col_inv_tile(
 @triton.jit
 def fftconv_col_fwd_kernel(
     p_u, p_pre, p_fp, p_tw, p_s,
-    B, H, L,
+    B, H, L, B0, H0, HS,
     P: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, NQB: tl.constexpr,
     HAS_PRE: tl.constexpr, PREC: tl.constexpr,
 ):
-    # the column pass of pair i_p = i_r // H, channel i_h into scratch row i_r: NQB programs per row, each taking
-    # every NQB-th block of BQ columns
+    # the column pass of the slice's pair i_r // H (batch rows B0 + 2 (i_r // H) and the next, below B) and channel
+    # H0 + i_r % H of u [., HS, L] into scratch row i_r: NQB programs per row, each taking every NQB-th block of BQ
+    # columns
     i_r, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_h = i_r % H
-    i_b0 = 2 * (i_r // H)
+    i_h = H0 + i_r % H
+    i_b0 = B0 + 2 * (i_r // H)
     f_r, f_i = _load_plane(p_fp, P, P)
     for i_q in range(i_s, Q // BQ, NQB):
-        _col_fwd_tile(p_u, p_pre, p_tw, p_s + i_r * 2 * P * Q, f_r, f_i, i_b0 * H + i_h, (i_b0 + 1) * H + i_h,
+        _col_fwd_tile(p_u, p_pre, p_tw, p_s + i_r * 2 * P * Q, f_r, f_i, i_b0 * HS + i_h, (i_b0 + 1) * HS + i_h,
                       i_b0 + 1 < B, i_q, L, P, Q, BQ, HAS_PRE, PREC)
 
 
@@ -648,20 +649,20 @@ def fftconv_row_kernel(
 @triton.jit
 def fftconv_col_inv_kernel(
     p_s, p_u, p_post, p_bias, p_skip, p_fp, p_tw, p_y,
-    B, H, L, T, LO, HI,
+    B, H, L, T, LO, HI, B0, H0, HS,
     P: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, NQB: tl.constexpr,
     HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, PREC: tl.constexpr,
 ):
-    # the inverse column pass of scratch row i_r and the epilogue, NQB programs per row as in the forward one
+    # the inverse column pass of scratch row i_r and the epilogue, rows and channels as in the forward one
     i_r, i_s = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_h = i_r % H
-    i_b0 = 2 * (i_r // H)
+    i_h = H0 + i_r % H
+    i_b0 = B0 + 2 * (i_r // H)
     f_r, f_i = _load_plane(p_fp, P, P)
     b_bias = tl.load(p_bias + i_h).to(tl.float32) if HAS_BIAS else 0.0
     b_skip = tl.load(p_skip + i_h).to(tl.float32) if HAS_SKIP else 0.0
     for i_q in range(i_s, Q // BQ, NQB):
-        _col_inv_tile(p_s + i_r * 2 * P * Q, p_u, p_post, p_tw, p_y, f_r, f_i, b_bias, b_skip, i_b0 * H + i_h,
-                      (i_b0 + 1) * H + i_h, i_b0 + 1 < B, i_q, L, T, LO, HI, P, Q, BQ, HAS_POST, HAS_BIAS, HAS_SKIP,
+        _col_inv_tile(p_s + i_r * 2 * P * Q, p_u, p_post, p_tw, p_y, f_r, f_i, b_bias, b_skip, i_b0 * HS + i_h,
+                      (i_b0 + 1) * HS + i_h, i_b0 + 1 < B, i_q, L, T, LO, HI, P, Q, BQ, HAS_POST, HAS_BIAS, HAS_SKIP,
                       PREC)
 
 
@@ -1046,18 +1047,44 @@ _MIN_TUNE_WORK = 2048  # pairs of rows x channels below which the static choice 
 # kernels until `fftconv_tune.py --dv-dk` says otherwise
 _DV_DK_MAX_FUSED = 512
 # The three-kernel four-step paths (fftconv_fwd below _PERSISTENT_MIN_N, dk and dv_dk at every four-step size) take
-# the batch in slices whose fp32 scratch (4 B H N bytes for the whole batch: 1 GiB at 2^27 elements and N = 2L) is at
+# the rows in slices whose fp32 scratch (4 B H N bytes for the whole batch: 1 GiB at 2^27 elements and N = 2L) is at
 # most this large, so that peak memory stays near the inputs' and outputs' (#6: <= 1/3 of the torch reference's).
-# Each slice of dk adds a write and a read of its [H, 2, N] fp32 row sums: 512 MiB keeps that to 2 extra at 16K
+# Each batch slice of dk adds a write and a read of its [H, 2, N] fp32 row sums: 512 MiB keeps that to 2 extra at 16K
 # (3 slices), about 3% of the fwd+bwd time by the bytes; untimed (fftconv_check.sh step 5 weighs it)
 _SCRATCH_BYTES = 512 << 20
 
 
-def _batch_slices(B: int, H: int, N: int) -> list[tuple[int, int]]:
-    """[b0, b1) slices of the batch, of an even size (whole pairs of rows) but the last, whose column-pass scratch
-    [(b1 - b0 + 1) // 2 H, 2, P, Q] fp32 fits _SCRATCH_BYTES; at least one pair each."""
-    step = 2 * max(1, _SCRATCH_BYTES // (H * 2 * N * 4))
-    return [(b, min(B, b + step)) for b in range(0, B, step)]
+class _Slice(NamedTuple):
+    """Batch rows [b0, b1) x channels [h0, h1) of the three-kernel four-step path: whole pairs of rows (b1 - b0 even
+    unless b1 = B)."""
+
+    b0: int
+    b1: int
+    h0: int
+    h1: int
+
+
+def _slices(B: int, H: int, N: int) -> list[_Slice]:
+    """Slices whose column-pass scratch [(b1 - b0 + 1) // 2 (h1 - h0), 2, P, Q] fp32 fits _SCRATCH_BYTES: batch
+    slices over every channel where one pair of rows fits, else one pair at a time by channel slices (one channel at
+    least)."""
+    row = 2 * N * 4  # one pair of rows of one channel
+    if H * row <= _SCRATCH_BYTES:
+        step = 2 * (_SCRATCH_BYTES // (H * row))
+        return [_Slice(b, min(B, b + step), 0, H) for b in range(0, B, step)]
+    hc = max(1, _SCRATCH_BYTES // row)
+    return [_Slice(b, min(B, b + 2), h, min(H, h + hc)) for b in range(0, B, 2) for h in range(0, H, hc)]
+
+
+def _channels(x: Tensor, sl: _Slice) -> Tensor:
+    """x [H, ...] (a spectrum, its scales) for the slice's channels; x itself where they are all of them (no view op
+    in a traced graph)."""
+    return x if sl.h0 == 0 and sl.h1 == x.shape[0] else x[sl.h0:sl.h1]
+
+
+def _dk_of_slices(parts: dict) -> Tensor:
+    """dk [H, K] from the per-slice lags {(h0, h1): [h1 - h0, K]} (already summed over the batch slices)."""
+    return torch.cat([parts[key] for key in sorted(parts)]) if len(parts) > 1 else next(iter(parts.values()))
 
 
 def _choose(N: int, prec: str, pairs: int, H: int, u: Tensor, run) -> FusedConfig:
@@ -1196,12 +1223,10 @@ def fftconv_fwd(
         _persistent(fs, kf, ks / fs.P, conj_k, programs, num_warps, NP=pairs, **common,
                     p_pre=_empty_if_none(pregate, u), HAS_PRE=pregate is not None, **flags)
         return y
-    for b0, b1 in _batch_slices(B, H, N):  # views along B stay contiguous; each slice has its own scratch
-        part = lambda x: x if x is None else x[b0:b1]  # noqa: E731
-        s = _col_fwd(fs, u[b0:b1], b1 - b0, H, prec, part(pregate))
-        _row_pass(fs, s, kf, ks, conj_k, (b1 - b0 + 1) // 2, H, prec)
-        _col_inv(fs, s, **dict(common, p_u=u[b0:b1], p_post=_empty_if_none(part(postgate), u), p_y=y[b0:b1],
-                                B=b1 - b0), **flags)
+    for sl in _slices(B, H, N):  # each slice has its own scratch; the kernels index the whole tensors
+        s = _col_fwd(fs, u, B, H, prec, pregate, sl)
+        _row_pass(fs, s, _channels(kf, sl), _channels(ks, sl), conj_k, (sl.b1 - sl.b0 + 1) // 2, sl.h1 - sl.h0, prec)
+        _col_inv(fs, s, sl, **common, **flags)
     return y
 
 
@@ -1266,14 +1291,16 @@ def _persistent(fs: _FourStep, kf: Tensor, ks: Tensor, conj_k: bool, programs: i
     )
 
 
-def _col_fwd(fs: _FourStep, x: Tensor, B: int, H: int, prec: str, pregate: Optional[Tensor] = None) -> Tensor:
-    """The forward column pass of x [B, H, n] (contiguous; times pregate [B, H, n] if given) into a new fp32 scratch
-    [(B+1)//2 H, 2, P, Q]."""
-    s = torch.empty((B + 1) // 2 * H, 2, fs.P, fs.Q, device=x.device, dtype=torch.float32)
+def _col_fwd(fs: _FourStep, x: Tensor, B: int, H: int, prec: str, pregate: Optional[Tensor] = None,
+             sl: Optional[_Slice] = None) -> Tensor:
+    """The forward column pass of the slice ``sl`` (default: all) of x [B, H, n] (contiguous; times pregate [B, H, n]
+    if given) into a new fp32 scratch [(b1 - b0 + 1) // 2 (h1 - h0), 2, P, Q]."""
+    sl = sl or _Slice(0, B, 0, H)
+    s = torch.empty((sl.b1 - sl.b0 + 1) // 2 * (sl.h1 - sl.h0), 2, fs.P, fs.Q, device=x.device, dtype=torch.float32)
     _launch(
         fftconv_col_fwd_kernel, (s.shape[0], fs.nqb), x, p_u=x, p_pre=_empty_if_none(pregate, x), p_fp=fs.fp,
-        p_tw=fs.tw, p_s=s, B=B, H=H, L=x.shape[-1], P=fs.P, Q=fs.Q, BQ=fs.bq, NQB=fs.nqb,
-        HAS_PRE=pregate is not None, PREC=prec, num_warps=fs.nw,
+        p_tw=fs.tw, p_s=s, B=sl.b1, H=sl.h1 - sl.h0, L=x.shape[-1], B0=sl.b0, H0=sl.h0, HS=H, P=fs.P, Q=fs.Q,
+        BQ=fs.bq, NQB=fs.nqb, HAS_PRE=pregate is not None, PREC=prec, num_warps=fs.nw,
     )
     return s
 
@@ -1288,12 +1315,14 @@ def _row_pass(fs: _FourStep, s: Tensor, kf: Tensor, ks: Tensor, conj_k: bool, pa
     )
 
 
-def _col_inv(fs: _FourStep, s: Tensor, **epilogue) -> None:
-    """The inverse column pass of the scratch s and the epilogue (fftconv_col_inv_kernel's p_u, p_post, p_bias,
-    p_skip, p_y, B, H, L, T, LO, HI, HAS_POST, HAS_BIAS, HAS_SKIP, PREC) into p_y."""
+def _col_inv(fs: _FourStep, s: Tensor, sl: Optional[_Slice] = None, *, B: int, H: int, **epilogue) -> None:
+    """The inverse column pass of the scratch s of slice ``sl`` (default: all of B x H) and the epilogue
+    (fftconv_col_inv_kernel's p_u, p_post, p_bias, p_skip, p_y, L, T, LO, HI, HAS_POST, HAS_BIAS, HAS_SKIP, PREC)
+    into p_y [B, H, T]."""
+    sl = sl or _Slice(0, B, 0, H)
     _launch(
-        fftconv_col_inv_kernel, (s.shape[0], fs.nqb), s, p_s=s, p_fp=fs.fp, p_tw=fs.tw, P=fs.P, Q=fs.Q, BQ=fs.bq,
-        NQB=fs.nqb, num_warps=fs.nw, **epilogue,
+        fftconv_col_inv_kernel, (s.shape[0], fs.nqb), s, p_s=s, p_fp=fs.fp, p_tw=fs.tw, B=sl.b1, H=sl.h1 - sl.h0,
+        B0=sl.b0, H0=sl.h0, HS=H, P=fs.P, Q=fs.Q, BQ=fs.bq, NQB=fs.nqb, num_warps=fs.nw, **epilogue,
     )
 
 
@@ -1371,17 +1400,18 @@ def fftconv_corr_fwd(
     g, v = g.contiguous(), v.contiguous()
     if N > max_fused:
         fs = _FourStep.make(N, max_fused, g)
-        dk = None
-        for b0, b1 in _batch_slices(B, H, N):  # dk is linear in the pairs: the slices' lags add up
-            c = _corr_rows(fs, _col_fwd(fs, g[b0:b1], b1 - b0, H, prec), _col_fwd(fs, v[b0:b1], b1 - b0, H, prec),
-                           H, prec)
-            dk = _add(dk, _corr_col(fs, c, T, L, K, shift, prec))
-        return dk
+        parts: dict = {}
+        for sl in _slices(B, H, N):  # dk is linear in the pairs: a channel slice's lags add up over batch slices
+            c = _corr_rows(fs, _col_fwd(fs, g, B, H, prec, sl=sl), _col_fwd(fs, v, B, H, prec, sl=sl),
+                           sl.h1 - sl.h0, prec)
+            _add(parts, sl, _corr_col(fs, c, T, L, K, shift, prec))
+        return _dk_of_slices(parts)
     return _corr_fused(g, v, K, shift, prec)
 
 
-def _add(total: Optional[Tensor], part: Tensor) -> Tensor:
-    return part if total is None else total.add_(part)
+def _add(parts: dict, sl: _Slice, dk: Tensor) -> None:
+    key = (sl.h0, sl.h1)
+    parts[key] = dk if key not in parts else parts[key].add_(dk)
 
 
 def dv_dk_shared(g: Tensor, v: Tensor, K: int) -> bool:
@@ -1444,15 +1474,15 @@ def fftconv_dv_dk(
         return dv, _corr_fused(g, v, K, shift, prec, (dv, kf, ks, conj_k, shift_dv))
     fs = _FourStep.make(N, max_fused, g)
     kf, ks, conj_k = _spectrum_for(k_flipped, shift_dv, N, (fs.P, fs.q1, fs.q2))
-    dk = None
-    for b0, b1 in _batch_slices(B, H, N):  # each slice has its own scratches; its dv rows and dk lags are final
-        gb = g[b0:b1]
-        sg, sv = _col_fwd(fs, gb, b1 - b0, H, prec), _col_fwd(fs, v[b0:b1], b1 - b0, H, prec)
-        c = _corr_rows(fs, sg, sv, H, prec, (kf, ks / fs.P, conj_k))
+    ks = ks / fs.P
+    parts: dict = {}
+    for sl in _slices(B, H, N):  # each slice has its own scratches; its dv rows are final, its dk lags add up
+        sg, sv = _col_fwd(fs, g, B, H, prec, sl=sl), _col_fwd(fs, v, B, H, prec, sl=sl)
+        c = _corr_rows(fs, sg, sv, sl.h1 - sl.h0, prec, (_channels(kf, sl), _channels(ks, sl), conj_k))
         del sv
-        dk = _add(dk, _corr_col(fs, c, T, L, K, shift, prec))
+        _add(parts, sl, _corr_col(fs, c, T, L, K, shift, prec))
         _col_inv(
-            fs, sg, p_u=gb, p_post=gb, p_bias=gb, p_skip=gb, p_y=dv[b0:b1], B=b1 - b0, H=H, L=T, T=L, LO=-shift_dv,
+            fs, sg, sl, p_u=g, p_post=g, p_bias=g, p_skip=g, p_y=dv, B=B, H=H, L=T, T=L, LO=-shift_dv,
             HI=T + K - 2 - shift_dv, HAS_POST=False, HAS_BIAS=False, HAS_SKIP=False, PREC=prec,
         )
-    return dv, dk
+    return dv, _dk_of_slices(parts)
