@@ -1065,14 +1065,19 @@ class _Slice(NamedTuple):
 
 
 def _slices(B: int, H: int, N: int) -> list[_Slice]:
-    """Slices whose column-pass scratch [(b1 - b0 + 1) // 2 (h1 - h0), 2, P, Q] fp32 fits _SCRATCH_BYTES: batch
-    slices over every channel where one pair of rows fits, else one pair at a time by channel slices (one channel at
-    least)."""
+    """The fewest slices whose column-pass scratch [(b1 - b0 + 1) // 2 (h1 - h0), 2, P, Q] fp32 fits
+    _SCRATCH_BYTES, of even sizes (no small last slice: each slice costs its fixed work again): batch slices over
+    every channel where one pair of rows fits, else one pair at a time by channel slices (one channel at least)."""
+    def even(n: int, most: int) -> int:  # the size of ceil(n / most) equal parts of n
+        parts = -(-n // max(1, most))
+        return -(-n // parts)
+
     row = 2 * N * 4  # one pair of rows of one channel
+    pairs = (B + 1) // 2
     if H * row <= _SCRATCH_BYTES:
-        step = 2 * (_SCRATCH_BYTES // (H * row))
+        step = 2 * even(pairs, _SCRATCH_BYTES // (H * row))
         return [_Slice(b, min(B, b + step), 0, H) for b in range(0, B, step)]
-    hc = max(1, _SCRATCH_BYTES // row)
+    hc = even(H, _SCRATCH_BYTES // row)
     return [_Slice(b, min(B, b + 2), h, min(H, h + hc)) for b in range(0, B, 2) for h in range(0, H, hc)]
 
 
@@ -1227,6 +1232,7 @@ def fftconv_fwd(
         s = _col_fwd(fs, u, B, H, prec, pregate, sl)
         _row_pass(fs, s, _channels(kf, sl), _channels(ks, sl), conj_k, (sl.b1 - sl.b0 + 1) // 2, sl.h1 - sl.h0, prec)
         _col_inv(fs, s, sl, **common, **flags)
+        del s  # before the next slice's scratch is made
     return y
 
 
@@ -1405,6 +1411,7 @@ def fftconv_corr_fwd(
             c = _corr_rows(fs, _col_fwd(fs, g, B, H, prec, sl=sl), _col_fwd(fs, v, B, H, prec, sl=sl),
                            sl.h1 - sl.h0, prec)
             _add(parts, sl, _corr_col(fs, c, T, L, K, shift, prec))
+            del c
         return _dk_of_slices(parts)
     return _corr_fused(g, v, K, shift, prec)
 
@@ -1485,4 +1492,5 @@ def fftconv_dv_dk(
             fs, sg, sl, p_u=g, p_post=g, p_bias=g, p_skip=g, p_y=dv, B=B, H=H, L=T, T=L, LO=-shift_dv,
             HI=T + K - 2 - shift_dv, HAS_POST=False, HAS_BIAS=False, HAS_SKIP=False, PREC=prec,
         )
+        del sg, c  # before the next slice's scratches are made (else two slices' are alive at once)
     return dv, _dk_of_slices(parts)
