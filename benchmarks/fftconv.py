@@ -111,7 +111,8 @@ def run_length(L: int, ceil: dict, inductor) -> dict:
     k = torch.randn(H, L, device="cuda", generator=g) / math.sqrt(L)
     dy = torch.randn(B, H, L, device="cuda", dtype=torch.bfloat16, generator=g)
     row = {"L": L, "B": B, "H": H, "N": N, "path": "fused" if N <= monarch.MAX_FUSED_N else
-           "four-step" if N <= monarch.MAX_FOURSTEP_N else "torch.fft fallback"}
+           "four-step" if N <= monarch.MAX_FOURSTEP_N else "nested four-step" if N <= monarch._NESTED_MAX_N
+           else "torch.fft fallback"}
     # correctness first: forward and both gradients against the reference
     y_ref, y = torch_ref(u, k), hhfft_fn(u, k)
     row["fwd_rel_err"] = rel_err(y, y_ref)

@@ -96,11 +96,11 @@ def test_fftconv_all_sizes(N, dtype, nan_memory, monkeypatch):
     for n in ([8192, 32768, 131072, 524288, 1 << 21, 1 << 23] if d == torch.bfloat16 else [8192, 65536])
 ])
 def test_four_step_persistent_kernel(N, dtype, programs, nan_memory):
-    """The persistent four-step kernel (the CUDA default from N = 128K) against the fp64 reference: 5 x 7
+    """The persistent four-step kernel (the CUDA default at N = 128K and 256K) against the fp64 reference: 5 x 7
     rows make 21 (channel, pair) items, so 3 programs reuse their scratch slots 7 times (a missing barrier between
     the passes shows up here); gates, bias, skip and an odd batch. Also the three-kernel path (programs=0). Above
     the four-step limit (bf16: N > 512K) fftconv_fwd takes the nested path (the persistent kernel on the rows of an
-    outer column pass; programs=0 gives it 4 programs), which the op does not route to yet."""
+    outer column pass; programs=0 gives it 4 programs), which the op takes for bf16 up to N = 2M."""
     from hhfft.kernels.fftconv.monarch import fftconv_fwd
     from hhfft.lowering.fftconv import _fftconv_torch
 
@@ -288,7 +288,7 @@ def test_compile_fx_four_step_backward_calls_the_kernels(K):
     four-step correlation kernels for dk, du and dk by separate ops (their FFT sizes differ) or by fftconv_dv_dk (one
     size), told apart by the column passes launched: g's for du and g's and v's for dk, where fftconv_dv_dk does g's
     once (2 instead of 3; the postgate's gradient reads the y that the forward saved); nothing is kept across calls.
-    (Below N = 128K the four-step path is the three kernels; above, the forward's is the persistent one.)"""
+    (Below N = 128K the four-step path is the three kernels; at 128K and 256K the forward's is the persistent one.)"""
     from hhfft.kernels.fftconv import monarch
 
     B, H, L = 3, 4, 5000  # dk: N = plan(L, L, 0) = 16384; y, du: plan(L, K, L) = 8192 (K = 3000) or 16384

@@ -89,13 +89,14 @@ def precision_for(dtype: torch.dtype) -> str:
 def supported(u: Tensor, N: int) -> bool:
     """Whether the op sends this forward to the Triton kernels (else it uses its torch.fft implementation).
 
-    bf16 and fp16 inputs, FFT sizes up to the precision's limit. fp32 inputs stay on torch.fft (cuFFT): the split
-    precision dots reach about 4e-5 relative error, 2-3x cuFFT's fp32 error (fftconv_fwd still takes them).
+    bf16 and fp16 inputs, FFT sizes up to the precision's four-step limit, and for bf16 (fp16 dots) the nested path
+    up to _NESTED_MAX_N. fp32 inputs stay on torch.fft (cuFFT): the split precision dots reach about 4e-5 relative
+    error, 2-3x cuFFT's fp32 error (fftconv_fwd still takes them).
     """
     if u.dtype not in (torch.float16, torch.bfloat16):
         return False
     prec = precision_for(u.dtype)
-    return N <= _MAX_FUSED[prec] * _MAX_P[prec]
+    return N <= _MAX_FUSED[prec] * _MAX_P[prec] or (prec == "fp16" and N <= _NESTED_MAX_N)
 
 
 def corr_supported(g: Tensor, v: Tensor, N: int) -> bool:
@@ -1033,10 +1034,15 @@ def _candidates(N: int, prec: str) -> list[FusedConfig]:
 _FUSED_KERNELS = dict(loop=fftconv_fwd_kernel, stacked=fftconv_fwd_stacked_kernel, t=fftconv_fwd_t_kernel)
 _CHOICE: dict = {}
 # The persistent four-step kernel: its program count per SM (2 x 4 warps fit an SM's registers at Q = 2048), and the
-# smallest N it is the default for. H100, fwd at 2^27 bf16 elements (benchmarks/RESULTS.md, tenth session): three
-# kernels 2.48 / 3.11 / 5.06 ms at N = 8K / 32K / 128K, persistent 2.77 / 3.14 / 4.77 ms.
+# sizes N it is the default for, with its warp count there. H100, fwd at 2^27 bf16 elements (benchmarks/RESULTS.md):
+# three kernels 2.48 / 3.11 ms at N = 8K / 32K, persistent 2.77 / 3.14 (tenth session); three kernels / persistent at
+# 4 warps / at 8 warps, 264 programs: 5.08 / 4.81 / 5.77 ms at 128K, 4.44 / 4.67 / 4.03 at 256K, 5.44 / 5.93 / 6.57
+# at 512K (twelfth session, `fftconv_tune.py --four-step`)
 _PROGRAMS_PER_SM = 2
-_PERSISTENT_MIN_N = 1 << 17
+_PERSISTENT_WARPS = {1 << 17: 4, 1 << 18: 8}
+# Largest N the op sends to the nested four-step path (bf16, fp16 dots; beyond the four-step limit): fwd at 2^27
+# elements 8.50 ms against torch.fft's 11.02 at N = 2M, but 41.8 against 29.1 at 8M (H100, twelfth session)
+_NESTED_MAX_N = 1 << 21
 # Largest row of the four-step path where N / P_max allows a shorter one: at N = 128K, Q = 4096 rows spill (186
 # bytes) and take 5.50 ms against 5.06 ms for Q = 2048 (H100, same run)
 _ROW_Q = 2048
@@ -1046,7 +1052,7 @@ _MIN_TUNE_WORK = 2048  # pairs of rows x channels below which the static choice 
 # fused and dk kernels it replaces spill 16 + 112 / 248 + 280 / 1424 + 1400: untimed, so the larger sizes keep the two
 # kernels until `fftconv_tune.py --dv-dk` says otherwise
 _DV_DK_MAX_FUSED = 512
-# The three-kernel four-step paths (fftconv_fwd below _PERSISTENT_MIN_N, dk and dv_dk at every four-step size) take
+# The three-kernel four-step paths (fftconv_fwd off _PERSISTENT_WARPS' sizes, dk and dv_dk at every four-step size) take
 # the rows in slices whose fp32 scratch (4 B H N bytes for the whole batch: 1 GiB at 2^27 elements and N = 2L) is at
 # most this large, so that peak memory stays near the inputs' and outputs' (#6: <= 1/3 of the torch reference's).
 # Each batch slice of dk adds a write and a read of its [H, 2, N] fp32 row sums: 512 MiB keeps that to 2 extra at 16K
@@ -1144,9 +1150,9 @@ def fftconv_fwd(
         half_tables: fused kernel reads its DFT tables in fp16; only with precision "fp16" (default: _fused_config,
             which applies only to the fp16 dots)
         num_warps: override the fused or the persistent four-step kernel's warp count (for tuning)
-        programs: four-step sizes: the persistent kernel's program count (default on CUDA from N = 128K:
-            _PROGRAMS_PER_SM per SM); 0 runs the three-kernel path (a column pass, the row pass and the inverse
-            column pass through an fp32 scratch of the whole batch), the default below 128K and off CUDA. Above the
+        programs: four-step sizes: the persistent kernel's program count (default on CUDA at N = 128K and 256K,
+            _PERSISTENT_WARPS: _PROGRAMS_PER_SM per SM); 0 runs the three-kernel path (a column pass, the row pass
+            and the inverse column pass through fp32 scratches, by slices), the default elsewhere. Above the
             four-step limit (max_fused * P_max) the nested path runs: an outer column pass of P_o <= P_max into an
             fp32 scratch, the persistent kernel on each of its rows (a circular convolution of length N / P_o with
             that row's spectrum; programs=0 means 4 there) and the outer inverse column pass with the epilogue
@@ -1208,7 +1214,7 @@ def fftconv_fwd(
         return y
     cap = max_fused * _MAX_P[prec]
     if programs is None:
-        programs = _default_programs(u) if N >= _PERSISTENT_MIN_N or N > cap else 0
+        programs = _default_programs(u) if N in _PERSISTENT_WARPS or N > cap else 0
     if N > cap:  # nested: an outer column pass, the persistent kernel on each row of its scratch, the outer inverse
         fo = _FourStep.make(N, cap, u, rows=False)
         fi = _FourStep.make(fo.Q, max_fused, u)
@@ -1225,7 +1231,7 @@ def fftconv_fwd(
     fs = _FourStep.make(N, max_fused, u)
     kf, ks, conj_k = _spectrum_for(k, shift, N, (fs.P, fs.q1, fs.q2))
     if programs:  # one persistent kernel, a scratch slot per program
-        _persistent(fs, kf, ks / fs.P, conj_k, programs, num_warps, NP=pairs, **common,
+        _persistent(fs, kf, ks / fs.P, conj_k, programs, num_warps or _PERSISTENT_WARPS.get(N), NP=pairs, **common,
                     p_pre=_empty_if_none(pregate, u), HAS_PRE=pregate is not None, **flags)
         return y
     for sl in _slices(B, H, N):  # each slice has its own scratch; the kernels index the whole tensors
