@@ -199,11 +199,12 @@ def sink_mass(model, tok, texts: list, length: int) -> list:
     from hhfft.convert.hf import encode
 
     enc = encode(tok, texts, length)
+    before = model.config._attn_implementation
     model.set_attn_implementation("eager")  # SDPA does not return the weights
     try:
         attentions = model(**enc, output_attentions=True).attentions
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(before)
     keep = enc["attention_mask"].bool()
     last = (keep.sum(1) - 1).view(-1, 1, 1, 1)
     out = []
@@ -316,7 +317,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-weights-lr", type=float, default=None,
                    help="diagnostic: tune every weight too, the original ones at this rate (not a conversion)")
     p.add_argument("--save-maps", default=None, metavar="DIR", help="save the distilled maps (hhfft.save_converted)")
-    p.add_argument("--save-tuned", default=None, metavar="DIR", help="save the maps after tuning (hhfft.save_converted)")
+    p.add_argument("--save-tuned", default=None, metavar="DIR",
+                   help="save the maps after tuning (hhfft.save_converted)")
     p.add_argument("--load-maps", default=None, metavar="DIR",
                    help="start from maps saved by --save-maps instead of distilling (--steps is ignored)")
     p.add_argument("--seed", type=int, default=0, help="order of the calibration batches")
@@ -430,7 +432,8 @@ def run(ctx: Context, args, stream=sys.stdout) -> dict:
     cos1, agree1 = compare(ctx.ref, ctx.embed(model))
     print(f"after distillation: cosine {cos1:.4f}, top-1 agreement {agree1:.3f}", file=stream, flush=True)
     row = {"command": None, "kind": args.kind, "feature_dim": args.feature_dim, "layers": args.layers,
-           "window": args.window, "sinks": args.sinks, "steps": args.steps, "sites_converted": report.count("hedgehog", "rewritten"),
+           "window": args.window, "sinks": args.sinks, "steps": args.steps,
+           "sites_converted": report.count("hedgehog", "rewritten"),
            "cos_before": cos0, "agree_before": agree0, "cos_distilled": cos1, "agree_distilled": agree1,
            "loss_before": _mean(res.before), "loss_after": _mean(res.after),
            "convert_s": t_convert, "distill_s": t_distill}

@@ -597,8 +597,7 @@ def hedgehog_linear_attention(
     if not with_den:
         return linear_attention(pq, pk, v, causal=causal, key_mask=key_mask)
     _check_inputs(pq, pk, v, key_mask)
-    o, den = _LinearAttention.apply(pq, pk, v, bool(causal), key_mask)
-    return o, den
+    return tuple(_LinearAttention.apply(pq, pk, v, bool(causal), key_mask))
 
 
 # ------------------------------------------------------------------------------------------------------- decoding

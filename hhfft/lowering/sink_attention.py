@@ -1,11 +1,12 @@
 """Hedgehog attention with softmax attention sinks (``HedgehogConfig(sinks=n)``).
 
 The first n keys of the sequence (BERT's [CLS], a decoder's first token) take a large share of softmax attention in
-trained models: 45-53% of it in layers 1-4 of all-MiniLM-L6-v2 on short sentences. A normalised feature map follows
-such a spike badly, so these keys get exact softmax terms, and every other key Hedgehog's linear terms, in one
-normalisation. A learned per-query log-normaliser lam_i = q_i . u + beta (per head; ``lse`` = [u, beta]) puts the
-linear terms on the scale of exp(q . k * scale), so the sinks' share follows their own scores (the formula is in
-``hhfft/kernels/linear_attention/naive.py``, the reference this is tested against).
+trained models: 45-53% of it in layers 1-4 of all-MiniLM-L6-v2 on short sentences. Here these keys get exact
+softmax terms, and every other key Hedgehog's linear terms, in one normalisation. A learned per-query
+log-normaliser lam_i = q_i . u + beta (per head; ``lse`` = [u, beta]) puts the linear terms on the scale of
+exp(q . k * scale), so the sinks' share follows their own scores (the formula is in
+``hhfft/kernels/linear_attention/naive.py``, the reference this is tested against). On MiniLM it lowers the
+attention-transfer loss but not the embeddings' error (benchmarks/RESULTS.md, twelfth session).
 
 Cost: the linear part is ``hedgehog_linear_attention`` on the non-sink keys (the Triton kernels on CUDA), which
 also gives its denominator; the sinks add n scores per query. Time and memory stay linear in L.

@@ -94,8 +94,8 @@ def _decode(q, k, v, wq, bq, wk, bk, kind: str, state, normalizer, keep):
 def rewrite(g: fx.Graph, site: Any, parts: dict, maps: tuple, path: str, report_fn: Any) -> bool:
     """Rewrite the SDPA of ``site`` if it reads a HedgehogCache layer; False when it does not (nothing changed).
 
-    ``parts``: the SDPA's q, k, v, mask, is_causal; ``maps``: (wq, bq, wk, bk, kind, window, sinks); ``report_fn(decision,
-    reason)`` records the outcome."""
+    ``parts``: the SDPA's q, k, v, mask, is_causal; ``maps``: (wq, bq, wk, bk, kind, window, sinks);
+    ``report_fn(decision, reason)`` records the outcome."""
     marker = cache_marker(parts["k"], parts["v"])
     if marker is None:
         return False

@@ -3,9 +3,9 @@
 Runs after the attention pass, on the sites it recorded (every softmax attention is then one SDPA node). A
 converted owner module (``hhfft.convert``) announces its feature maps with a marker node
 ``hhfft::hedgehog_site(wq, bq, wk, bk, kind, index, window, mix, sinks, lse)`` traced from its forward; the
-marker's inputs are the maps' parameters (graph inputs under Dynamo). The pass pairs marker ``index`` of an owner with that owner's ``index``-th
-attention site (graph order) and, when the site's mask was proved to be none / causal / key padding / both and the
-query and key lengths are equal, replaces the SDPA call by
+marker's inputs are the maps' parameters (graph inputs under Dynamo). The pass pairs marker ``index`` of an owner
+with that owner's ``index``-th attention site (graph order) and, when the site's mask was proved to be none /
+causal / key padding / both and the query and key lengths are equal, replaces the SDPA call by
 
     hedgehog_attention(q, k, v, wq, bq, wk, bk, kind, causal, key_mask, window, mix, scale, sinks, lse)
 

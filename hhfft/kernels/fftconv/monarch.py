@@ -1055,8 +1055,10 @@ _DV_DK_MAX_FUSED = 512
 # The three-kernel four-step paths (fftconv_fwd off _PERSISTENT_WARPS' sizes, dk and dv_dk at every four-step size) take
 # the rows in slices whose fp32 scratch (4 B H N bytes for the whole batch: 1 GiB at 2^27 elements and N = 2L) is at
 # most this large, so that peak memory stays near the inputs' and outputs' (#6: <= 1/3 of the torch reference's).
-# Each batch slice of dk adds a write and a read of its [H, 2, N] fp32 row sums: 512 MiB keeps that to 2 extra at 16K
-# (3 slices), about 3% of the fwd+bwd time by the bytes; untimed (fftconv_check.sh step 5 weighs it)
+# Each batch slice repeats dk's fixed work (its [H, 2, N] fp32 row sums' inverse transform, write and read): H100,
+# 2^27 bf16 elements, fwd+bwd peak / time against one whole-batch scratch: -21% / +6% at L = 4K, -25% / +15% at 16K,
+# -14% / +6% at 256K (benchmarks/RESULTS.md, twelfth session; before each slice's scratches were freed ahead of the
+# next one's, which lowers the peak further)
 _SCRATCH_BYTES = 512 << 20
 
 
@@ -1416,13 +1418,14 @@ def fftconv_corr_fwd(
         for sl in _slices(B, H, N):  # dk is linear in the pairs: a channel slice's lags add up over batch slices
             c = _corr_rows(fs, _col_fwd(fs, g, B, H, prec, sl=sl), _col_fwd(fs, v, B, H, prec, sl=sl),
                            sl.h1 - sl.h0, prec)
-            _add(parts, sl, _corr_col(fs, c, T, L, K, shift, prec))
+            _add_lags(parts, sl, _corr_col(fs, c, T, L, K, shift, prec))
             del c
         return _dk_of_slices(parts)
     return _corr_fused(g, v, K, shift, prec)
 
 
-def _add(parts: dict, sl: _Slice, dk: Tensor) -> None:
+def _add_lags(parts: dict, sl: _Slice, dk: Tensor) -> None:
+    """parts[(h0, h1)] += the slice's lags dk [h1 - h0, K] (see _dk_of_slices)."""
     key = (sl.h0, sl.h1)
     parts[key] = dk if key not in parts else parts[key].add_(dk)
 
@@ -1493,7 +1496,7 @@ def fftconv_dv_dk(
         sg, sv = _col_fwd(fs, g, B, H, prec, sl=sl), _col_fwd(fs, v, B, H, prec, sl=sl)
         c = _corr_rows(fs, sg, sv, sl.h1 - sl.h0, prec, (_channels(kf, sl), _channels(ks, sl), conj_k))
         del sv
-        _add(parts, sl, _corr_col(fs, c, T, L, K, shift, prec))
+        _add_lags(parts, sl, _corr_col(fs, c, T, L, K, shift, prec))
         _col_inv(
             fs, sg, sl, p_u=g, p_post=g, p_bias=g, p_skip=g, p_y=dv, B=B, H=H, L=T, T=L, LO=-shift_dv,
             HI=T + K - 2 - shift_dv, HAS_POST=False, HAS_BIAS=False, HAS_SKIP=False, PREC=prec,
