@@ -23,7 +23,9 @@ def _parser(prog: str, text_required: bool) -> argparse.ArgumentParser:
     p.add_argument("model", help="Hugging Face model directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="directory for the converted checkpoint")
     p.add_argument("--text", required=text_required, help="UTF-8 text file: one sentence or paragraph per line")
-    from hhfft.cli import _positive_int
+    from hhfft.cli import _int_at_least, _positive_int
+
+    _non_negative_int = _int_at_least(0, "an integer >= 0")
 
     p.add_argument("--steps", type=_positive_int, default=200, help="distillation steps (with --text)")
     p.add_argument("--lr", type=float, default=1e-2)
@@ -55,16 +57,6 @@ def _site_indices(text: str) -> tuple:
         return tuple(int(i) for i in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated site indices such as 1,2,3, got {text!r}") from None
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _hidden_state_loss(original):

@@ -1095,11 +1095,6 @@ def _channels(x: Tensor, sl: _Slice) -> Tensor:
     return x if sl.h0 == 0 and sl.h1 == x.shape[0] else x[sl.h0:sl.h1]
 
 
-def _dk_of_slices(parts: dict) -> Tensor:
-    """dk [H, K] from the per-slice lags {(h0, h1): [h1 - h0, K]} (already summed over the batch slices)."""
-    return torch.cat([parts[key] for key in sorted(parts)]) if len(parts) > 1 else next(iter(parts.values()))
-
-
 def _choose(N: int, prec: str, pairs: int, H: int, u: Tensor, run) -> FusedConfig:
     """The fused variant for this size: timed once per (N, precision, work size, device) on the first eager CUDA
     call, like triton.autotune (a candidate that fails to compile is skipped); the static choice otherwise."""
@@ -1413,21 +1408,33 @@ def fftconv_corr_fwd(
         )
     g, v = g.contiguous(), v.contiguous()
     if N > max_fused:
-        fs = _FourStep.make(N, max_fused, g)
-        parts: dict = {}
-        for sl in _slices(B, H, N):  # dk is linear in the pairs: a channel slice's lags add up over batch slices
-            c = _corr_rows(fs, _col_fwd(fs, g, B, H, prec, sl=sl), _col_fwd(fs, v, B, H, prec, sl=sl),
-                           sl.h1 - sl.h0, prec)
-            _add_lags(parts, sl, _corr_col(fs, c, T, L, K, shift, prec))
-            del c
-        return _dk_of_slices(parts)
+        return _corr_four_step(_FourStep.make(N, max_fused, g), g, v, K, shift, prec)
     return _corr_fused(g, v, K, shift, prec)
 
 
-def _add_lags(parts: dict, sl: _Slice, dk: Tensor) -> None:
-    """parts[(h0, h1)] += the slice's lags dk [h1 - h0, K] (see _dk_of_slices)."""
-    key = (sl.h0, sl.h1)
-    parts[key] = dk if key not in parts else parts[key].add_(dk)
+def _corr_four_step(fs: _FourStep, g: Tensor, v: Tensor, K: int, shift: int, prec: str,
+                    dv: Optional[tuple] = None) -> Tensor:
+    """dk [H, K] fp32 by the four-step correlation kernels, slice after slice (_slices; the lags of a channel slice
+    add up over the batch slices, dk being linear in the pairs). With dv = (out, kf, ks, conj_k, shift_dv)
+    (fftconv_dv_dk; ks already holds the 1/P) the row kernel also writes dv = conv(g, k_flipped) over g's scratch,
+    whose inverse column pass puts it into out."""
+    B, H, T = g.shape
+    L = v.shape[-1]
+    parts: dict = {}  # (h0, h1) -> [h1 - h0, K]
+    for sl in _slices(B, H, fs.P * fs.Q):
+        sg, sv = _col_fwd(fs, g, B, H, prec, sl=sl), _col_fwd(fs, v, B, H, prec, sl=sl)
+        spectrum = None if dv is None else (_channels(dv[1], sl), _channels(dv[2], sl), dv[3])
+        c = _corr_rows(fs, sg, sv, sl.h1 - sl.h0, prec, spectrum)
+        del sv
+        lags = _corr_col(fs, c, T, L, K, shift, prec)
+        key = (sl.h0, sl.h1)
+        parts[key] = lags if key not in parts else parts[key].add_(lags)
+        if dv is not None:
+            out, shift_dv = dv[0], dv[4]
+            _col_inv(fs, sg, sl, p_u=g, p_post=g, p_bias=g, p_skip=g, p_y=out, B=B, H=H, L=T, T=L, LO=-shift_dv,
+                     HI=T + K - 2 - shift_dv, HAS_POST=False, HAS_BIAS=False, HAS_SKIP=False, PREC=prec)
+        del sg, c  # before the next slice's scratches are made (else two slices' are alive at once)
+    return torch.cat([parts[key] for key in sorted(parts)]) if len(parts) > 1 else next(iter(parts.values()))
 
 
 def dv_dk_shared(g: Tensor, v: Tensor, K: int) -> bool:
@@ -1490,16 +1497,5 @@ def fftconv_dv_dk(
         return dv, _corr_fused(g, v, K, shift, prec, (dv, kf, ks, conj_k, shift_dv))
     fs = _FourStep.make(N, max_fused, g)
     kf, ks, conj_k = _spectrum_for(k_flipped, shift_dv, N, (fs.P, fs.q1, fs.q2))
-    ks = ks / fs.P
-    parts: dict = {}
-    for sl in _slices(B, H, N):  # each slice has its own scratches; its dv rows are final, its dk lags add up
-        sg, sv = _col_fwd(fs, g, B, H, prec, sl=sl), _col_fwd(fs, v, B, H, prec, sl=sl)
-        c = _corr_rows(fs, sg, sv, sl.h1 - sl.h0, prec, (_channels(kf, sl), _channels(ks, sl), conj_k))
-        del sv
-        _add_lags(parts, sl, _corr_col(fs, c, T, L, K, shift, prec))
-        _col_inv(
-            fs, sg, sl, p_u=g, p_post=g, p_bias=g, p_skip=g, p_y=dv, B=B, H=H, L=T, T=L, LO=-shift_dv,
-            HI=T + K - 2 - shift_dv, HAS_POST=False, HAS_BIAS=False, HAS_SKIP=False, PREC=prec,
-        )
-        del sg, c  # before the next slice's scratches are made (else two slices' are alive at once)
-    return dv, _dk_of_slices(parts)
+    return dv, _corr_four_step(fs, g, v, K, shift, prec, (dv, kf, ks / fs.P, conj_k, shift_dv))
+
