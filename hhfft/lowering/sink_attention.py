@@ -78,14 +78,15 @@ def hedgehog_sink_attention(
         ct = torch.float64 if q.dtype == torch.float64 else torch.float32
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
         g = Hq // Hkv
-        qf = q.to(ct).reshape(B, Hkv, g, L, D)
+        qc = q.to(ct)
+        qf = qc.reshape(B, Hkv, g, L, D)
         seen = keep[:, None, None, None, :sinks]  # [B, 1, 1, 1, n]; n = min(sinks, L)
         # a masked sink is nothing: zeros, so that NaN in padding reaches neither o nor the gradients
         ks, vs = (torch.where(keep[:, None, :sinks, None], x[:, :, :sinks].to(ct), 0)[:, :, None] for x in (k, v))
         s = (qf @ ks.transpose(-1, -2)) * scale  # [B, Hkv, g, L, n]
         if causal:
             seen = seen & (pos[:sinks][None, :] <= pos[:, None])
-        lam = (torch.einsum("bhld,hd->bhl", q.to(ct), lse[:, :D].to(ct)) + lse[:, D].to(ct)[None, :, None])
+        lam = torch.einsum("bhld,hd->bhl", qc, lse[:, :D].to(ct)) + lse[:, D].to(ct)[None, :, None]
         den = den.to(ct)
         lin_logit = torch.where(den > 0, lam + torch.log(den.clamp_min(torch.finfo(ct).tiny)), float("-inf"))
         lin_logit = lin_logit.reshape(B, Hkv, g, L, 1)
